@@ -1,0 +1,43 @@
+"""Noise-level embeddings: sinusoidal (DDPM, Vaswani et al.) and Gaussian Fourier (NCSN++)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class SinusoidalEmbedding(nn.Module):
+    """emb(t) = [sin(s t w_i), cos(s t w_i)], w_i = 10000^(-i / (dim/2)), scale s = 1000."""
+
+    def __init__(self, dim: int, scale: float = 1000.0) -> None:
+        super().__init__()
+        half = dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.scale = scale
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        arg = self.scale * t.float()[:, None] * self.freqs[None]
+        return torch.cat([arg.sin(), arg.cos()], dim=1)
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features of t (Tancik et al. 2020), fixed after initialisation."""
+
+    def __init__(self, dim: int, std: float = 16.0) -> None:
+        super().__init__()
+        self.register_buffer("w", torch.randn(dim // 2) * std)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        arg = 2 * math.pi * t.float()[:, None] * self.w[None]
+        return torch.cat([arg.sin(), arg.cos()], dim=1)
+
+
+def make_embedding(kind: str, dim: int) -> nn.Module:
+    if kind == "sinusoidal":
+        return SinusoidalEmbedding(dim)
+    if kind == "fourier":
+        return FourierEmbedding(dim)
+    raise ValueError(f"unknown time embedding {kind!r}; allowed: sinusoidal, fourier")

@@ -1,0 +1,7 @@
+"""Forward SDEs for score-based generative modelling: VP, sub-VP and VE."""
+
+from .base import SDE, ReverseSDE, ScoreFn, append_dims
+from .ve import VESDE
+from .vp import VPSDE, subVPSDE
+
+__all__ = ["SDE", "ReverseSDE", "ScoreFn", "append_dims", "VPSDE", "subVPSDE", "VESDE"]
