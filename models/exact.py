@@ -74,7 +74,9 @@ class GaussianMixture:
         logn = -0.5 * ((xf - mean).square() / var + torch.log(2 * math.pi * var)).sum(-1)
         return logn + self.weights.to(xf.device).log(), xf, mean, var
 
-    def log_prob_at(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def log_prob_at(
+        self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+    ) -> torch.Tensor:
         """log p_t(x), (B,), for the law of alpha x_0 + sigma z (alpha, sigma: (B,))."""
         logj, *_ = self._components(x, alpha, sigma)
         return torch.logsumexp(logj, dim=1).to(x.dtype)
@@ -97,9 +99,7 @@ class GaussianMixture:
         var_k = self.variances[:, m]
         logn = -0.5 * ((xk - self.means[:, m]).square() / var_k + torch.log(2 * math.pi * var_k))
         logw = self.weights.log() + logn.sum(-1)
-        return GaussianMixture(
-            torch.softmax(logw, 0), self.means[:, ~m], self.variances[:, ~m]
-        )
+        return GaussianMixture(torch.softmax(logw, 0), self.means[:, ~m], self.variances[:, ~m])
 
 
 class MixtureScore(nn.Module):

@@ -25,7 +25,8 @@ class ScoreModel(nn.Module):
         super().__init__()
         if parameterisation not in PARAMETERISATIONS:
             raise ValueError(
-                f"unknown parameterisation {parameterisation!r}; allowed: {', '.join(PARAMETERISATIONS)}"
+                f"unknown parameterisation {parameterisation!r}; "
+                f"allowed: {', '.join(PARAMETERISATIONS)}"
             )
         self.net = net
         self.sde = sde

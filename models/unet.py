@@ -59,7 +59,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        out = F.scaled_dot_product_attention(
+            q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
+        )
         out = out.transpose(-1, -2).reshape(b, c, h, w)
         return (x + self.proj(out)) * _SKIP_SCALE
 
@@ -83,8 +85,11 @@ class UNet(nn.Module):
             )
         emb_dim = 4 * ch
         self.embed = nn.Sequential(
-            make_embedding(embedding, ch), nn.Linear(ch, emb_dim), nn.SiLU(),
-            nn.Linear(emb_dim, emb_dim), nn.SiLU(),
+            make_embedding(embedding, ch),
+            nn.Linear(ch, emb_dim),
+            nn.SiLU(),
+            nn.Linear(emb_dim, emb_dim),
+            nn.SiLU(),
         )
         self.conv_in = nn.Conv2d(c_img, ch, 3, padding=1)
         self.down = nn.ModuleList()
@@ -101,7 +106,11 @@ class UNet(nn.Module):
                 res //= 2
                 skips.append(cur)
         self.mid = nn.ModuleList(
-            [ResBlock(cur, cur, emb_dim, dropout), Attention(cur), ResBlock(cur, cur, emb_dim, dropout)]
+            [
+                ResBlock(cur, cur, emb_dim, dropout),
+                Attention(cur),
+                ResBlock(cur, cur, emb_dim, dropout),
+            ]
         )
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
@@ -111,7 +120,9 @@ class UNet(nn.Module):
                 if res in attn_resolutions:
                     self.up.append(Attention(cur))
             if level != 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2.0), nn.Conv2d(cur, cur, 3, padding=1)))
+                self.up.append(
+                    nn.Sequential(nn.Upsample(scale_factor=2.0), nn.Conv2d(cur, cur, 3, padding=1))
+                )
                 res *= 2
         self.out = nn.Sequential(_norm(cur), nn.SiLU(), _zero(nn.Conv2d(cur, c_img, 3, padding=1)))
 

@@ -75,8 +75,8 @@ class SDE(abc.ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward step from t to t + dt: x_{t+dt} = x + f + G * z, z ~ N(0, I).
 
-        Returns (f: (B, *D), G: (B,)). This default is the exact Gaussian transition of a linear SDE,
-        derived from the marginal: a = alpha(t+dt)/alpha(t), G^2 = sigma(t+dt)^2 - a^2 sigma(t)^2.
+        Returns (f: (B, *D), G: (B,)). This default is the exact Gaussian transition of a linear
+        SDE, derived from the marginal: a = alpha(t+dt)/alpha(t), G^2 = sigma(t+dt)^2 - a^2 sigma(t)^2.
         For VP this is the DDPM step with 1 - beta_i = alpha_i^2 / alpha_{i-1}^2; for VE it is the
         SMLD step G^2 = sigma_i^2 - sigma_{i-1}^2. The coefficients are computed in float64.
         """
@@ -95,7 +95,7 @@ class SDE(abc.ABC):
 
 
 class ReverseSDE:
-    """Reverse-time SDE / probability-flow ODE of `forward`, derived from drift, diffusion and score.
+    """Reverse-time SDE / probability-flow ODE of `forward`, derived from drift, diffusion, score.
 
     `sde(x, t)` returns the drift and diffusion of the process run backwards in time (dt < 0):
     drift = f - c g^2 score with c = 1 (SDE) or 1/2 (ODE); diffusion = g (SDE) or 0 (ODE).

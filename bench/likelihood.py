@@ -1,0 +1,181 @@
+"""Cost and accuracy of the PF-ODE log-likelihood and of the ELBO, on gmm8 (VP SDE).
+
+    python bench/likelihood.py [--points 256] [--threads 1]
+
+Part 1 uses the exact score, so the reference is the true log-density log p_0(x). Part 2 trains an
+MLP score model briefly (denoising score matching) and takes as reference the same model's
+exact-trace log-likelihood at rtol = atol = 1e-7. Each row is one solve over the whole batch
+(float64): field evaluations (NFE), wall time, wall time per NFE, the part of it spent outside
+the field ("solver": per-NFE wall minus the separately timed field evaluation), and the mean
+|error| and mean error against the reference. Each part ends with the ELBO for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import scipy
+import torch
+import torchdiffeq
+
+from data.mixtures import gmm8
+from likelihood import (
+    draw_probes,
+    elbo,
+    exact_divergence,
+    hutchinson_divergence,
+    log_likelihood_stats,
+)
+from models import MLP, MixtureScore, ScoreModel
+from sde_lib import SDE, VPSDE, ScoreFn
+
+TOLERANCES = (1e-3, 1e-4, 1e-5)
+EPS = 1e-5
+
+
+def field_seconds(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, divergence: str) -> float:
+    """Seconds for one evaluation of the augmented field (velocity + divergence) at t = 0.5:
+    the median over 5 blocks of 10 calls, so that a busy machine disturbs it less."""
+    pf = sde.reverse(score_fn, probability_flow=True)
+    t = torch.full((x.shape[0],), 0.5, dtype=x.dtype)
+
+    def velocity(y: torch.Tensor) -> torch.Tensor:
+        return pf.sde(y, t)[0]
+
+    probes = draw_probes("rademacher", 1, x)
+
+    def evaluate() -> None:
+        if divergence == "exact":
+            exact_divergence(velocity, x)
+        else:
+            hutchinson_divergence(velocity, x, probes)
+
+    blocks = []
+    with torch.no_grad():
+        evaluate()  # warm-up
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(10):
+                evaluate()
+            blocks.append((time.perf_counter() - start) / 10)
+    return statistics.median(blocks)
+
+
+def table(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, reference: torch.Tensor) -> None:
+    head = f"{'backend':12s} {'divergence':16s} {'tol':>6s} {'NFE':>5s} {'wall s':>7s}"
+    print(head + f" {'ms/NFE':>7s} {'solver':>7s} {'mean|err|':>10s} {'mean err':>10s}")
+    for divergence in ("exact", "hutchinson"):
+        per_field = field_seconds(sde, score_fn, x, divergence)
+        print(f"  one field evaluation ({divergence}): {1e3 * per_field:.2f} ms")
+        for backend in ("torchdiffeq", "scipy"):
+            for tol in TOLERANCES:
+                start = time.perf_counter()
+                res = log_likelihood_stats(
+                    sde, score_fn, x, divergence=divergence, probe="rademacher",
+                    rtol=tol, atol=tol, backend=backend, eps=EPS,
+                    generator=torch.Generator().manual_seed(0),
+                )  # fmt: skip
+                wall = time.perf_counter() - start
+                err = res.logp - reference
+                name = "exact" if divergence == "exact" else "hutch (1 rad.)"
+                per_nfe = 1e3 * wall / res.nfe
+                print(
+                    f"{backend:12s} {name:16s} {tol:6.0e} {res.nfe:5d} {wall:7.2f} {per_nfe:7.2f}"
+                    f" {per_nfe - 1e3 * per_field:7.2f}"
+                    f" {err.abs().mean().item():10.2e} {err.mean().item():+10.2e}"
+                )
+
+
+def train_mlp(sde: SDE, steps: int, seed: int = 0) -> ScoreModel:
+    """Denoising score matching on gmm8: mean |sigma score(x_t, t) + z|^2, t ~ U(eps, 1)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    law = gmm8()
+    model = ScoreModel(MLP((2,), hidden=128, depth=3), sde)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for step in range(steps):
+        x0 = law.sample(512, gen)
+        t = EPS + (1 - EPS) * torch.rand(512, generator=gen)
+        z = torch.randn(x0.shape, generator=gen)
+        alpha, sigma = (c[:, None] for c in sde.alpha_sigma(t))
+        loss = (sigma * model(alpha * x0 + sigma * z, t) + z).square().sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == steps - 1:
+            print(f"  step {step:4d}  DSM loss {loss.item():.3f}")
+    return model.double().eval().requires_grad_(False)
+
+
+def elbo_rows(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, ode_logp: torch.Tensor) -> None:
+    print(f"ELBO (upper bound on the reverse-SDE model's NLL); ODE NLL {-ode_logp.mean():.4f}")
+    runs = [("mixed", 256), *((kind, 1024) for kind in ("mixed", "logistic", "log_snr", "uniform"))]
+    for kind, n in runs:
+        start = time.perf_counter()
+        gen = torch.Generator().manual_seed(1)
+        bound, se = elbo(sde, score_fn, x, n_samples=n, time_sampling=kind, generator=gen)
+        wall = time.perf_counter() - start
+        se_mean = se.square().sum().sqrt() / len(se)
+        print(
+            f"  {kind:8s} n_samples={n:5d}: mean bound {bound.mean():.4f} +- {se_mean:.4f},"
+            f" per-point SE {se.mean():.3f}, {n * len(x)} score calls, {wall:.2f} s"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=1500)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sde = VPSDE()
+    law = gmm8()
+    x = law.sample(args.points, torch.Generator().manual_seed(123)).double()
+    true = law.log_prob(x)
+
+    print(f"== 1. gmm8, VP, exact score, {args.points} points; reference: true log p_0(x)")
+    exact = MixtureScore(sde, law)
+    table(sde, exact, x, true)
+    ode = log_likelihood_stats(sde, exact, x, rtol=1e-5, atol=1e-5)
+    elbo_rows(sde, exact, x, ode.logp)
+    print(f"  true NLL {-true.mean():.4f}")
+
+    print(f"\n== 2. gmm8, VP, MLP score model trained {args.steps} steps (batch 512)")
+    start = time.perf_counter()
+    model = train_mlp(sde, args.steps)
+    print(f"  training {time.perf_counter() - start:.1f} s")
+    start = time.perf_counter()
+    ref = log_likelihood_stats(sde, model, x, rtol=1e-7, atol=1e-7)
+    print(
+        f"reference: exact trace, tol 1e-7: NFE {ref.nfe}, {time.perf_counter() - start:.1f} s;"
+        f" model NLL {-ref.logp.mean():.4f} vs true NLL {-true.mean():.4f},"
+        f" mean |log p_model - log p_0| {(ref.logp - true).abs().mean():.3f}"
+    )
+    table(sde, model, x, ref.logp)
+    elbo_rows(sde, model, x, ref.logp)
+
+    print("\n== machine")
+    print(
+        f"cpu_count {os.cpu_count()}, torch threads {torch.get_num_threads()}, "
+        f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}"
+    )
+    print(
+        f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"torchdiffeq {torchdiffeq.__version__}, scipy {scipy.__version__}, "
+        f"{platform.machine()} {platform.processor() or platform.system()}"
+    )
+
+
+if __name__ == "__main__":
+    main()

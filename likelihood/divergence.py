@@ -1,0 +1,74 @@
+"""Divergence of a vector field x -> v(x), exactly or by Hutchinson's estimator.
+
+Both read the divergence off vector-Jacobian products u^T (dv/dx), computed once per field
+evaluation with `torch.func.vjp` and batched over cotangents u with `torch.func.vmap`:
+
+    exact:       div v(x) = sum_i e_i^T J e_i               (D products, one per basis vector)
+    Hutchinson:  div v(x) = E_u[u^T J u],  E[u u^T] = I     (Hutchinson 1989; Grathwohl 2019)
+
+Probes u are Gaussian N(0, I) or Rademacher (+-1 with equal odds). With S = (J + J^T) / 2 the
+variance of one estimate is 2 ||S||_F^2 (Gaussian) or 2 (||S||_F^2 - sum_i S_ii^2) (Rademacher),
+so Rademacher probes are never worse.
+A field maps (B, *D) -> (B, *D) and must treat the B examples independently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch.func import vjp, vmap
+
+Field = Callable[[torch.Tensor], torch.Tensor]
+PROBES = ("gaussian", "rademacher")
+
+
+def _vjps(
+    fn: Field, x: torch.Tensor, cotangents: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """v = fn(x): (B, *D) and u^T (dv/dx) for each of the P cotangents u: (P, B, *D)."""
+    with torch.enable_grad():
+        v, pullback = vjp(fn, x)
+        (products,) = vmap(pullback)(cotangents)
+    return v, products
+
+
+def exact_divergence(fn: Field, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fn(x): (B, *D) and its exact divergence tr(d fn / dx) per example: (B,).
+
+    Costs one evaluation and D batched vector-Jacobian products, so it suits low-dimensional data.
+    """
+    b, d = x.shape[0], math.prod(x.shape[1:])
+    basis = torch.eye(d, dtype=x.dtype, device=x.device).reshape(d, 1, *x.shape[1:])
+    v, rows = _vjps(fn, x, basis.expand(d, b, *x.shape[1:]))  # rows[i, b] = e_i^T J_b
+    return v, torch.diagonal(rows.reshape(d, b, d), dim1=0, dim2=2).sum(-1)
+
+
+def hutchinson_divergence(
+    fn: Field, x: torch.Tensor, probes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fn(x): (B, *D) and one estimate u^T J u per probe u: (P, B, *D), so (P, B)."""
+    if probes.shape[1:] != x.shape:
+        raise ValueError(f"probes must be (P, *{tuple(x.shape)}), got {tuple(probes.shape)}")
+    v, products = _vjps(fn, x, probes)
+    return v, (products * probes).flatten(2).sum(-1)
+
+
+def draw_probes(
+    kind: str,
+    n_probes: int,
+    like: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """n_probes probes per example of `like` (B, *D): (n_probes, B, *D), with E[u u^T] = I."""
+    if kind not in PROBES:
+        raise ValueError(f"unknown probe {kind!r}; allowed: {', '.join(PROBES)}")
+    if n_probes < 1:
+        raise ValueError(f"n_probes must be >= 1, got {n_probes}")
+    shape = (n_probes, *like.shape)
+    if kind == "gaussian":
+        return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
+    bits = torch.randint(0, 2, shape, generator=generator, device=like.device)
+    return bits.to(like.dtype) * 2 - 1

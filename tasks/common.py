@@ -1,0 +1,228 @@
+"""Building blocks shared by the three modes: objects from config, checkpoint lookup, user errors.
+
+The config arrives as a plain dict (resolved from Hydra by run.py); nothing here imports Hydra.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from data.datasets import (
+    DataError,
+    Dataset,
+    digits,
+    folder_dataset,
+    mixture_dataset,
+    mnist,
+    npz_dataset,
+    toy,
+)
+from data.mixtures import mixture5d
+from models import MLP, MixtureScore, ScoreModel, UNet
+from sde_lib import SDE, VESDE, VPSDE, subVPSDE
+from training import checkpoint as ckpt
+
+
+class UserError(Exception):
+    """Bad input from the user: run.py prints it as one line and exits with code 2."""
+
+
+SDE_CLASSES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
+TOY_DATA = ("gmm8", "checkerboard", "swissroll", "moons")
+DATA_NAMES = (*TOY_DATA, "mix5d", "digits", "mnist", "npz", "folder")
+MODEL_NAMES = ("auto", "mlp", "unet", "exact")
+
+
+def build_sde(c: dict) -> SDE:
+    name = c.get("name")
+    if name not in SDE_CLASSES:
+        raise UserError(f"sde={name!r} is not known; allowed: {', '.join(SDE_CLASSES)}")
+    params = {k: v for k, v in c.items() if k != "name"}
+    try:
+        return SDE_CLASSES[name](**params)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"sde={name}: {e}") from None
+
+
+def build_dataset(c: dict) -> Dataset:
+    name = c.get("name")
+    try:
+        if name in TOY_DATA:
+            return toy(name)
+        if name == "mix5d":
+            return mixture_dataset("mix5d", mixture5d())
+        if name == "digits":
+            return digits(int(c.get("levels", 17)))
+        if name == "mnist":
+            return mnist()
+        if name == "npz":
+            rng = c.get("range")
+            return npz_dataset(
+                c["path"], c.get("key"), tuple(rng) if rng is not None else None, c.get("levels")
+            )
+        if name == "folder":
+            return folder_dataset(c["path"], int(c.get("channels", 1)))
+    except DataError as e:
+        raise UserError(str(e)) from None
+    raise UserError(f"data={name!r} is not known; allowed: {', '.join(DATA_NAMES)}")
+
+
+def _unet_defaults(shape: tuple[int, ...]) -> dict:
+    res = shape[-1]
+    ch_mult = [1, 2] if res <= 8 else [1, 2, 2] if res <= 28 else [1, 2, 2, 2]
+    while res % 2 ** (len(ch_mult) - 1):
+        ch_mult.pop()
+    lowest = res // 2 ** (len(ch_mult) - 1)
+    return {"ch_mult": ch_mult, "attn_resolutions": [lowest]}
+
+
+def build_network(c: dict, dataset: Dataset) -> torch.nn.Module:
+    name = c["name"]
+    if name == "auto":
+        name = "mlp" if dataset.kind == "points" else "unet"
+    emb = c.get("embedding", "sinusoidal")
+    if name == "mlp":
+        return MLP(
+            dataset.shape,
+            hidden=int(c.get("hidden", 256)),
+            depth=int(c.get("depth", 4)),
+            emb_dim=int(c.get("emb_dim", 64)),
+            embedding=emb,
+        )
+    if name == "unet":
+        if len(dataset.shape) != 3:
+            raise UserError(
+                f"model=unet needs images (C, H, W); data={dataset.name} has shape "
+                f"{dataset.shape}; use model=mlp"
+            )
+        auto = _unet_defaults(dataset.shape)
+        return UNet(
+            dataset.shape,
+            ch=int(c.get("ch", 32)),
+            ch_mult=c.get("ch_mult") or auto["ch_mult"],
+            num_res_blocks=int(c.get("num_res_blocks", 1)),
+            attn_resolutions=c.get("attn_resolutions") or auto["attn_resolutions"],
+            dropout=float(c.get("dropout", 0.0)),
+            embedding=emb,
+        )
+    raise UserError(f"model={name!r} is not known; allowed: {', '.join(MODEL_NAMES)}")
+
+
+def build_score_model(cfg: dict, sde: SDE, dataset: Dataset) -> torch.nn.Module:
+    """A trainable ScoreModel, or the exact MixtureScore for model=exact."""
+    c = cfg["model"]
+    if c["name"] == "exact":
+        if dataset.mixture is None:
+            raise UserError(
+                f"model=exact needs a data set with a known mixture density "
+                f"(data=gmm8 or data=mix5d); got data={dataset.name}"
+            )
+        return MixtureScore(sde, dataset.mixture)
+    torch.manual_seed(int(cfg.get("seed", 0)))
+    net = build_network(c, dataset)
+    sigma_data = c.get("sigma_data")
+    if sigma_data is None:
+        sigma_data = 1.0 if dataset.kind == "points" else 0.5
+    return ScoreModel(net, sde, c.get("parameterisation", "eps"), float(sigma_data))
+
+
+def run_identity(cfg: dict) -> dict:
+    """What a checkpoint must share with a run to be used by it: the SDE, data and model."""
+    return {"sde": cfg["sde"], "data": cfg["data"], "model": cfg["model"]}
+
+
+def find_checkpoint(cfg: dict, log=print) -> tuple[Path, dict]:
+    """The checkpoint to use: ckpt=PATH, else the newest matching run under outputs_root."""
+    if cfg.get("ckpt"):
+        path = Path(cfg["ckpt"]).expanduser()
+        if not path.is_file():
+            raise UserError(
+                f"ckpt={cfg['ckpt']} does not exist; pass the path of a checkpoint file "
+                "or leave ckpt unset to use the newest training run"
+            )
+        try:
+            state = ckpt.load(path)
+        except ckpt.CheckpointError as e:
+            raise UserError(str(e)) from None
+        return path, state
+    root = Path(cfg["outputs_root"])
+    want = {"sde": cfg["sde"], "data": cfg["data"]}
+    candidates = []
+    for run_json in root.glob("train/*/run.json"):
+        try:
+            meta = json.loads(run_json.read_text())
+        except (OSError, ValueError):
+            continue
+        if {"sde": meta.get("sde"), "data": meta.get("data")} != want:
+            continue
+        for p in ckpt.list_checkpoints(run_json.parent / "checkpoints"):
+            candidates.append((p.stat().st_mtime, p))
+    for _, path in sorted(candidates, reverse=True):
+        try:
+            state = ckpt.load(path)
+        except ckpt.CheckpointError as e:
+            log(f"warning: {e}; trying an older checkpoint")
+            continue
+        log(
+            f"using checkpoint {path} (newest sde={cfg['sde']['name']} "
+            f"data={cfg['data']['name']} training run under {root})"
+        )
+        return path, state
+    raise UserError(
+        f"no checkpoint for sde={cfg['sde']['name']} data={cfg['data']['name']} "
+        f"under {root}/train; "
+        f"train first (python run.py mode=train sde={cfg['sde']['name']} "
+        f"data={cfg['data']['name']}) or pass ckpt=PATH"
+    )
+
+
+def check_compatible(cfg: dict, saved: dict, path: Path) -> None:
+    """Refuse a checkpoint whose SDE, data or model config differs from the requested run."""
+    mine, theirs = run_identity(cfg), run_identity(saved)
+    diffs = []
+    for group in mine:
+        a, b = mine[group], theirs[group]
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                diffs.append(f"{group}.{key}: run={a.get(key)!r} checkpoint={b.get(key)!r}")
+    if diffs:
+        raise UserError(
+            f"checkpoint {path} does not match this run ({'; '.join(diffs)}); "
+            "use the checkpoint's settings or another ckpt"
+        )
+
+
+def load_score_model(cfg: dict, log=print):
+    """(sde, dataset, score model in eval mode, checkpoint path or None) for sample / nll."""
+    sde = build_sde(cfg["sde"])
+    dataset = build_dataset(cfg["data"])
+    if cfg["model"]["name"] == "exact":
+        return sde, dataset, build_score_model(cfg, sde, dataset).eval(), None
+    path, state = find_checkpoint(cfg, log)
+    saved = ckpt.config_of(state)
+    if cfg.get("ckpt"):  # an explicit checkpoint brings its own model; sde and data must match
+        cfg = {**cfg, "model": saved["model"]}
+    check_compatible(cfg, saved, path)
+    model = build_score_model(saved, sde, dataset)
+    weights = state["ema"] if cfg.get("use_ema", True) else state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UserError(
+            f"checkpoint {path} does not fit the model: {str(e).splitlines()[0]}"
+        ) from None
+    return sde, dataset, model.eval(), path
+
+
+def finite_positive(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name}={value!r} is not a number; give a positive number") from None
+    if not math.isfinite(v) or v <= 0:
+        raise UserError(f"{name}={value!r} must be a finite number > 0")
+    return v

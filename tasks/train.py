@@ -1,0 +1,138 @@
+"""mode=train: build everything from the config, train, write checkpoints and the loss curve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from training import checkpoint as ckpt
+from training.distributed import setup, teardown
+from training.loop import NonFiniteError, TrainSettings, train
+from training.losses import make_loss
+
+from .common import (
+    UserError,
+    build_dataset,
+    build_score_model,
+    build_sde,
+    check_compatible,
+    find_checkpoint,
+)
+from .logger import RunLogger
+
+
+def settings_from(cfg: dict, dataset) -> TrainSettings:
+    t, points = cfg["training"], dataset.kind == "points"
+    return TrainSettings(
+        steps=int(t["steps"] or cfg["data"]["train_steps"]),
+        batch_size=int(t["batch_size"] or (256 if points else 128)),
+        lr=float(t["lr"] or (2e-3 if points else 1e-3)),
+        warmup=int(t["warmup"]),
+        grad_clip=float(t["grad_clip"]),
+        ema_decay=float(t["ema_decay"]),
+        weight_decay=float(t["weight_decay"]),
+        seed=int(cfg["seed"]),
+        log_every=int(t["log_every"]),
+        ckpt_every=int(t["ckpt_every"]),
+        keep=int(t["keep"]),
+        max_bad_steps=int(t["max_bad_steps"]),
+    )
+
+
+def _resume_state(cfg: dict, log):
+    """The checkpoint to continue from (resume=true), checked against this run's config."""
+    if not cfg.get("resume"):
+        return None, None
+    if not cfg.get("ckpt"):
+        root = Path(cfg["outputs_root"]) / "train"
+        runs = sorted(root.glob("*/run.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for run_json in runs:
+            meta = json.loads(run_json.read_text())
+            if {k: meta.get(k) for k in ("sde", "data")} != {k: cfg[k] for k in ("sde", "data")}:
+                continue
+            found = ckpt.latest_valid(run_json.parent / "checkpoints", log)
+            if found:
+                path, state = found
+                break
+        else:
+            raise UserError(
+                f"resume=true but no readable checkpoint for sde={cfg['sde']['name']} "
+                f"data={cfg['data']['name']} under {root}; train without resume first"
+            )
+    else:
+        path, state = find_checkpoint(cfg, log)
+    check_compatible(cfg, ckpt.config_of(state), path)
+    log(f"resuming from {path} at step {state['step']}")
+    return path, state
+
+
+def run_train(cfg: dict, out_dir: Path, log=print) -> dict:
+    info = setup(cfg["device"])
+    try:
+        sde = build_sde(cfg["sde"])
+        dataset = build_dataset(cfg["data"])
+        model = build_score_model(cfg, sde, dataset)
+        settings = settings_from(cfg, dataset)
+        t = cfg["training"]
+        loss = make_loss(
+            t["loss"],
+            sde,
+            eps=float(t["eps"]),
+            likelihood_weighting=bool(t["likelihood_weighting"]),
+            n_projections=int(t["n_projections"]),
+            projection=t["projection"],
+            n_levels=int(t["n_levels"]),
+        )
+        _, state = _resume_state(cfg, log if info.is_main else (lambda *a: None))
+        out_dir = Path(out_dir)
+        if info.is_main:
+            ckpt.atomic_write_text(
+                out_dir / "run.json",
+                json.dumps(
+                    {k: cfg[k] for k in ("sde", "data", "model", "training", "seed")}, indent=2
+                ),
+            )
+            n_params = sum(p.numel() for p in model.parameters())
+            log(
+                f"training {type(model.net).__name__} ({n_params / 1e6:.2f}M params) on "
+                f"{dataset.name} with sde={cfg['sde']['name']} loss={t['loss']} for "
+                f"{settings.steps} steps (batch {settings.batch_size}, world size "
+                f"{info.world_size}, {info.device})"
+            )
+        logger = RunLogger(cfg["logger"], out_dir, cfg, "train") if info.is_main else None
+        try:
+            result = train(
+                model,
+                loss,
+                dataset,
+                settings,
+                out_dir,
+                config=cfg,
+                dist_info=info,
+                resume=state,
+                logger=logger,
+                progress=bool(cfg.get("progress", True)),
+                log=log,
+            )
+        except NonFiniteError as e:
+            raise UserError(str(e)) from None
+        finally:
+            if logger is not None:
+                logger.finish()
+    finally:
+        teardown(info)
+    summary = {
+        "status": result.status,
+        "step": result.step,
+        "final_loss": result.final_loss,
+        "skipped_steps": result.skipped_steps,
+        "seconds": round(result.seconds, 2),
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+    }
+    if info.is_main:
+        ckpt.atomic_write_text(out_dir / "train.json", json.dumps(summary, indent=2))
+        log(
+            f"{result.status} at step {result.step}: loss {result.final_loss:.4g}, "
+            f"{result.seconds:.1f} s; checkpoint {result.checkpoint}"
+        )
+    return summary

@@ -1,0 +1,118 @@
+"""Check every numeric and choice field of a run's config before any work starts.
+
+Each failure is a UserError whose one line names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .common import DATA_NAMES, MODEL_NAMES, SDE_CLASSES, UserError
+
+MODES = ("train", "sample", "nll")
+LOSSES = ("dsm", "ssm", "ddpm", "smld")
+
+
+def _num(cfg: dict, key: str, *, kind=float, lo=None, hi=None, lo_open=False, none_ok=False):
+    node = cfg
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if node is None:
+        if none_ok:
+            return None
+        raise UserError(f"{key} is missing; set {key}=VALUE")
+    if isinstance(node, bool) or not isinstance(node, (int, float)):
+        raise UserError(f"{key}={node!r} is not a number")
+    if kind is int and float(node) != int(node):
+        raise UserError(f"{key}={node!r} must be an integer")
+    v = kind(node)
+    bad = (
+        not math.isfinite(v)
+        or (lo is not None and (v <= lo if lo_open else v < lo))
+        or (hi is not None and v > hi)
+    )
+    if bad:
+        rng = (f"> {lo}" if lo_open else f">= {lo}") if lo is not None else ""
+        if hi is not None:
+            rng = f"{rng} and <= {hi}" if rng else f"<= {hi}"
+        raise UserError(f"{key}={node!r} is out of range; allowed: a finite number {rng}".rstrip())
+    return v
+
+
+def _choice(cfg: dict, key: str, allowed) -> str:
+    node = cfg
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if node not in allowed:
+        raise UserError(f"{key}={node!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
+    return node
+
+
+def validate_sde(cfg: dict) -> None:
+    name = _choice(cfg, "sde.name", tuple(SDE_CLASSES))
+    if name in ("vp", "subvp"):
+        lo = _num(cfg, "sde.beta_min", lo=0, lo_open=True)
+        hi = _num(cfg, "sde.beta_max", lo=0, lo_open=True)
+        if not lo < hi:
+            raise UserError(f"sde.beta_min={lo} must be < sde.beta_max={hi}")
+    else:
+        lo = _num(cfg, "sde.sigma_min", lo=0, lo_open=True)
+        hi = _num(cfg, "sde.sigma_max", lo=0, lo_open=True)
+        if not lo < hi:
+            raise UserError(f"sde.sigma_min={lo} must be < sde.sigma_max={hi}")
+
+
+def validate_common(cfg: dict) -> None:
+    _choice(cfg, "mode", MODES)
+    _choice(cfg, "device", ("auto", "cpu", "cuda"))
+    _num(cfg, "seed", kind=int, lo=0)
+    validate_sde(cfg)
+    _choice(cfg, "data.name", DATA_NAMES)
+    if cfg["data"]["name"] == "digits":
+        _choice(cfg, "data.levels", (17, 256))
+    _choice(cfg, "model.name", MODEL_NAMES)
+    _choice(cfg, "logger.mode", ("offline", "online", "disabled"))
+    if cfg["model"]["name"] != "exact":
+        _choice(cfg, "model.parameterisation", ("eps", "score"))
+        _choice(cfg, "model.embedding", ("sinusoidal", "fourier"))
+        _num(cfg, "model.sigma_data", lo=0, lo_open=True, none_ok=True)
+    if cfg["model"]["name"] == "mlp":
+        for k in ("hidden", "depth", "emb_dim"):
+            _num(cfg, f"model.{k}", kind=int, lo=1)
+    if cfg["model"]["name"] == "unet":
+        _num(cfg, "model.ch", kind=int, lo=1)
+        _num(cfg, "model.num_res_blocks", kind=int, lo=1)
+        _num(cfg, "model.dropout", lo=0, hi=0.99)
+
+
+def validate_training(cfg: dict) -> None:
+    if cfg["model"]["name"] == "exact":
+        raise UserError(
+            "model=exact is a closed-form score with nothing to train; "
+            "use mode=sample or mode=nll with it, or pick model=mlp/unet to train"
+        )
+    t = "training"
+    _num(cfg, f"{t}.steps", kind=int, lo=1, none_ok=True)
+    _num(cfg, "data.train_steps", kind=int, lo=1)
+    _num(cfg, f"{t}.batch_size", kind=int, lo=1, none_ok=True)
+    _num(cfg, f"{t}.lr", lo=0, lo_open=True, none_ok=True)
+    _num(cfg, f"{t}.warmup", kind=int, lo=0)
+    _num(cfg, f"{t}.grad_clip", lo=0, lo_open=True)
+    _num(cfg, f"{t}.ema_decay", lo=0, hi=0.999999)
+    _num(cfg, f"{t}.weight_decay", lo=0)
+    _choice(cfg, f"{t}.loss", LOSSES)
+    _choice(cfg, f"{t}.likelihood_weighting", (True, False))
+    _num(cfg, f"{t}.n_projections", kind=int, lo=1)
+    _choice(cfg, f"{t}.projection", ("rademacher", "gaussian"))
+    _num(cfg, f"{t}.n_levels", kind=int, lo=2)
+    _num(cfg, f"{t}.eps", lo=0, lo_open=True, hi=0.5)
+    for k in ("log_every", "ckpt_every", "keep", "max_bad_steps"):
+        _num(cfg, f"{t}.{k}", kind=int, lo=1)
+
+
+def validate(cfg: dict) -> None:
+    """Check the whole config for the requested mode; raise UserError on the first bad field."""
+    validate_common(cfg)
+    mode = cfg["mode"]
+    if mode == "train":
+        validate_training(cfg)

@@ -1,0 +1,130 @@
+"""Training objectives as small callables: loss(score_fn, x0, generator) -> per-example loss (B,).
+
+All are written with the SDE's marginal x_t = alpha(t) x_0 + sigma(t) z and the score only, so they
+work for every SDE and every network parameterisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sde_lib import SDE, ScoreFn, append_dims
+
+
+def _sum(v: torch.Tensor) -> torch.Tensor:
+    return v.flatten(1).sum(1)
+
+
+def _perturb(sde: SDE, x0: torch.Tensor, t: torch.Tensor, g: torch.Generator | None):
+    z = torch.randn(x0.shape, generator=g, dtype=x0.dtype, device=x0.device)
+    alpha, sigma = sde.alpha_sigma(t)
+    alpha, sigma = alpha.to(x0.dtype), sigma.to(x0.dtype)
+    return append_dims(alpha, x0.ndim) * x0 + append_dims(sigma, x0.ndim) * z, z, sigma
+
+
+def _uniform_t(n: int, sde: SDE, eps: float, x0: torch.Tensor, g: torch.Generator | None):
+    u = torch.rand(n, generator=g, dtype=x0.dtype, device=x0.device)
+    return eps + (sde.T - eps) * u
+
+
+class DSMLoss:
+    """Continuous-time denoising score matching (Song et al. 2021, eq. 7).
+
+    loss = 1/2 lambda(t) |s(x_t, t) + z / sigma(t)|^2 with t ~ U(eps, T);
+    lambda = sigma^2 (default) or g(t)^2 (`likelihood_weighting`, Song, Durkan et al. 2021).
+    """
+
+    def __init__(self, sde: SDE, eps: float = 1e-5, likelihood_weighting: bool = False) -> None:
+        self.sde, self.eps, self.likelihood_weighting = sde, eps, likelihood_weighting
+
+    def __call__(self, score_fn: ScoreFn, x0: torch.Tensor, g: torch.Generator | None = None):
+        t = _uniform_t(x0.shape[0], self.sde, self.eps, x0, g)
+        xt, z, sigma = _perturb(self.sde, x0, t, g)
+        s = score_fn(xt, t)
+        if self.likelihood_weighting:
+            g2 = self.sde.sde(torch.zeros_like(x0), t)[1].square().to(x0.dtype)
+            return 0.5 * g2 * _sum((s + z / append_dims(sigma, x0.ndim)).square())
+        return 0.5 * _sum((append_dims(sigma, x0.ndim) * s + z).square())
+
+
+class SSMLoss:
+    """Sliced score matching on the perturbed data, variance-reduced form (Song et al. 2019).
+
+    For x_t ~ p_t: loss = lambda(t) [1/2 |s|^2 + v^T (d s / d x) v], averaged over `n_projections`
+    probes v with E[v v^T] = I (Rademacher or Gaussian), lambda = sigma(t)^2. The minimiser is the
+    score of p_t, as for DSM, but no knowledge of the kernel's score is used: only samples x_t.
+    The 1/2 (v^T s)^2 term of plain SSM is replaced by its expectation 1/2 |s|^2 (SSM-VR).
+    """
+
+    def __init__(
+        self, sde: SDE, eps: float = 1e-5, n_projections: int = 1, projection: str = "rademacher"
+    ) -> None:
+        if projection not in ("rademacher", "gaussian"):
+            raise ValueError(f"unknown projection {projection!r}; allowed: rademacher, gaussian")
+        self.sde, self.eps, self.n, self.projection = sde, eps, n_projections, projection
+
+    def _probe(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        v = torch.randn((self.n, *x.shape), generator=g, dtype=x.dtype, device=x.device)
+        return v.sign() if self.projection == "rademacher" else v
+
+    def __call__(self, score_fn: ScoreFn, x0: torch.Tensor, g: torch.Generator | None = None):
+        t = _uniform_t(x0.shape[0], self.sde, self.eps, x0, g)
+        xt, _, sigma = _perturb(self.sde, x0, t, g)
+        xt = xt.detach().requires_grad_(True)
+        s = score_fn(xt, t)
+        vjv = 0.0
+        for v in self._probe(x0, g):
+            (jv,) = torch.autograd.grad(_sum(s * v).sum(), xt, create_graph=True)
+            vjv = vjv + _sum(jv * v) / self.n
+        return sigma.square() * (0.5 * _sum(s.square()) + vjv)
+
+
+class DiscreteDSMLoss:
+    """Denoising score matching on a fixed grid of N noise levels (the discrete-time models).
+
+    'ddpm': L_simple of Ho et al. 2020, |eps - eps_theta|^2 = |sigma s + z|^2 at t_i = i / N,
+            i ~ U{1..N} (N = 1000).
+    'smld': the NCSN objective of Song & Ermon 2019, 1/2 sigma_i^2 |s + z / sigma_i|^2 at
+            t_i = eps + (T - eps) i / (N - 1), i ~ U{0..N-1}; under VE the sigma_i are geometric.
+    """
+
+    def __init__(self, sde: SDE, kind: str, n_levels: int = 1000, eps: float = 1e-5) -> None:
+        if kind == "ddpm":
+            self.times = torch.arange(1, n_levels + 1, dtype=torch.float64) * (sde.T / n_levels)
+            self.scale = 1.0
+        elif kind == "smld":
+            self.times = torch.linspace(eps, sde.T, n_levels, dtype=torch.float64)
+            self.scale = 0.5
+        else:
+            raise ValueError(f"unknown discrete loss {kind!r}; allowed: ddpm, smld")
+        self.sde = sde
+
+    def __call__(self, score_fn: ScoreFn, x0: torch.Tensor, g: torch.Generator | None = None):
+        i = torch.randint(len(self.times), (x0.shape[0],), generator=g, device=x0.device)
+        t = self.times.to(x0.device)[i].to(x0.dtype)
+        xt, z, sigma = _perturb(self.sde, x0, t, g)
+        s = score_fn(xt, t)
+        return self.scale * _sum((append_dims(sigma, x0.ndim) * s + z).square())
+
+
+LOSSES = ("dsm", "ssm", "ddpm", "smld")
+
+
+def make_loss(
+    name: str,
+    sde: SDE,
+    *,
+    eps: float = 1e-5,
+    likelihood_weighting: bool = False,
+    n_projections: int = 1,
+    projection: str = "rademacher",
+    n_levels: int = 1000,
+):
+    """Build a loss by name: dsm, ssm, ddpm, smld."""
+    if name == "dsm":
+        return DSMLoss(sde, eps, likelihood_weighting)
+    if name == "ssm":
+        return SSMLoss(sde, eps, n_projections, projection)
+    if name in ("ddpm", "smld"):
+        return DiscreteDSMLoss(sde, name, n_levels, eps)
+    raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSSES)}")
