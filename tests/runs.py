@@ -1,0 +1,27 @@
+"""Compose run.py's config in-process (Hydra compose API) and run a mode through tasks.dispatch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_cfg(outputs_root: Path, *overrides: str) -> dict:
+    base = [f"outputs_root={outputs_root}", "logger.mode=disabled", "progress=false"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[*base, *overrides])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def run_mode(outputs_root: Path, name: str, *overrides: str) -> tuple[dict, Path]:
+    """Run a mode with its outputs in outputs_root/<mode>/<name> (as run.py would)."""
+    from tasks import dispatch
+
+    cfg = compose_cfg(outputs_root, *overrides)
+    out = Path(outputs_root) / cfg["mode"] / name
+    out.mkdir(parents=True, exist_ok=True)
+    return dispatch(cfg, out, log=lambda *a: None), out
