@@ -1,0 +1,70 @@
+"""run.py end to end in a subprocess: a real run, and bad input ending in one line with exit 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from runs import CONF, compose_cfg
+
+from tasks import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_train_then_find_checkpoint_end_to_end(tmp_path):
+    r = run_py("training.steps=30", "logger.mode=offline", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "outputs in" in r.stdout
+    ckpts = list((tmp_path / "outputs" / "train").glob("*_vp_gmm8/checkpoints/ckpt_00000030.pt"))
+    assert len(ckpts) == 1
+    run_dir = ckpts[0].parents[1]
+    assert (run_dir / "loss.png").is_file() and (run_dir / "train.json").is_file()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run not written"
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["sde=foo"], "sde=foo"),
+        (["sde.beta_min=30"], "sde.beta_min=30"),
+        (["training.lr=-1"], "training.lr=-1"),
+        (["training.batch_size=0"], "training.batch_size=0"),
+        (["training.loss=nope"], "training.loss='nope'"),
+        (["mode=sample", "ckpt=/nonexistent"], "ckpt=/nonexistent"),
+        (["mode=sample"], "train first"),
+        (["data=npz", "data.path=/nonexistent.npz"], "/nonexistent.npz"),
+        (["mode=fly"], "mode='fly'"),
+        (["training.nosuchkey=1"], "training.nosuchkey"),
+        (["model=exact"], "nothing to train"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
+    r = run_py(*args, "logger.mode=disabled", cwd=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+@pytest.mark.parametrize(
+    "group", sorted(p.name for p in CONF.iterdir() if p.is_dir())
+)
+def test_every_option_of_every_group_composes_and_validates(tmp_path, group):
+    for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        extra = []
+        if group == "data" and option in ("npz", "folder"):
+            extra = [f"data.path={tmp_path}"]
+        if group == "model" and option == "exact":
+            extra = ["mode=sample"]
+        cfg = compose_cfg(tmp_path, f"{group}={option}", *extra)
+        validate(cfg)
