@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from training import checkpoint as ckpt
-from training.distributed import setup, teardown
+from training.distributed import broadcast_object, setup, teardown
 from training.loop import NonFiniteError, TrainSettings, train
 from training.losses import make_loss
 
@@ -68,6 +68,7 @@ def _resume_state(cfg: dict, log):
 
 def run_train(cfg: dict, out_dir: Path, log=print) -> dict:
     info = setup(cfg["device"])
+    out_dir = Path(broadcast_object(str(out_dir), info))  # one run folder for all ranks
     try:
         sde = build_sde(cfg["sde"])
         dataset = build_dataset(cfg["data"])

@@ -68,3 +68,20 @@ def test_every_option_of_every_group_composes_and_validates(tmp_path, group):
             extra = ["mode=sample"]
         cfg = compose_cfg(tmp_path, f"{group}={option}", *extra)
         validate(cfg)
+
+
+def test_torchrun_two_processes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", "--master_port=29517", str(ROOT / "run.py"),
+         "training.steps=20", "logger.mode=disabled", "progress=false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world size 2" in r.stdout
+    from training import checkpoint as ckpt
+
+    runs = [p for p in (tmp_path / "outputs" / "train").iterdir() if (p / "checkpoints").is_dir()]
+    assert len(runs) == 1, "all ranks must share rank 0's run folder"
+    state = ckpt.load(ckpt.list_checkpoints(runs[0] / "checkpoints")[-1])
+    assert state["step"] == 20 and len(state["rng"]) == 2
