@@ -39,7 +39,7 @@ class Dataset:
     law: object | None = None  # callable (n, generator) -> (n, *shape) for infinite laws
     mixture: GaussianMixture | None = None  # exact density, when known
     levels: int | None = None
-    raw_range: tuple[float, float] = (0.0, 1.0)
+    raw_range: tuple[float, float] = (-1.0, 1.0)  # = model_range: identity scaler by default
     model_range: tuple[float, float] = (-1.0, 1.0)
     meta: dict = field(default_factory=dict)
 
@@ -170,29 +170,116 @@ def mnist() -> Dataset:
     return image_dataset("mnist", raw, 256, (0, 255))
 
 
+def _check_levels_range(
+    path: Path, raw_range, levels
+) -> tuple[tuple[float, float] | None, int | None]:
+    """Check the declared data.range and data.levels; levels without a range means 0..levels-1."""
+    if levels is not None:
+        numeric = isinstance(levels, (int, float)) and not isinstance(levels, bool)
+        if not (numeric and float(levels).is_integer()):
+            raise DataError(f"{path}: data.levels={levels!r} is not an integer; give e.g. 256")
+        levels = int(levels)
+        if levels < 2:
+            raise DataError(f"{path}: data.levels={levels} must be >= 2")
+    if raw_range is not None:
+        try:
+            lo, hi = (float(v) for v in raw_range)
+        except (TypeError, ValueError):
+            raise DataError(
+                f"{path}: data.range={raw_range!r} is not two numbers; give data.range=[LO,HI]"
+            ) from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise DataError(f"{path}: data.range=[{lo:g}, {hi:g}] needs finite LO < HI")
+        raw_range = (lo, hi)
+    if levels is not None:
+        if raw_range is None:
+            raw_range = (0.0, float(levels - 1))
+        elif raw_range[1] - raw_range[0] != levels - 1:
+            raise DataError(
+                f"{path}: data.range=[{raw_range[0]:g}, {raw_range[1]:g}] does not hold "
+                f"data.levels={levels} integer levels (it must span levels - 1 = {levels - 1})"
+            )
+    return raw_range, levels
+
+
 def _check_array(arr: np.ndarray, path: Path, raw_range, levels) -> np.ndarray:
+    """Check a user's array (dtype, shape, finiteness, declared range and levels) -> float32."""
     if arr.dtype.kind not in "uif":
         raise DataError(f"{path}: dtype {arr.dtype} is not numeric; save a float or integer array")
-    if arr.ndim not in (2, 3, 4) or arr.shape[0] < 2:
+    if arr.ndim not in (2, 3, 4) or arr.shape[0] < 2 or arr.size == 0:
         raise DataError(
             f"{path}: shape {arr.shape} not understood; expected (N, D) points or (N, H, W) / "
-            "(N, C, H, W) images with N >= 2"
+            "(N, C, H, W) images with N >= 2 and no empty axis"
         )
-    arr = arr.astype(np.float32)
+    if arr.ndim == 4 and arr.shape[1] not in (1, 3) and arr.shape[3] in (1, 3):
+        raise DataError(
+            f"{path}: shape {arr.shape} looks channels-last (N, H, W, C); save (N, C, H, W), "
+            "e.g. with arr.transpose(0, 3, 1, 2)"
+        )
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = ~np.isfinite(arr)
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise DataError(
+            f"{path}: contains {int(bad.sum())} NaN/inf values (first at index {first}); "
+            "clean the data first"
+        )
+    with np.errstate(over="ignore"):
+        arr = arr.astype(np.float32)
     if not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).sum())
-        raise DataError(f"{path}: contains {bad} NaN/inf values; clean the data first")
+        raise DataError(f"{path}: values beyond the float32 range; rescale the data first")
     lo, hi = float(arr.min()), float(arr.max())
     if raw_range is not None and (lo < raw_range[0] or hi > raw_range[1]):
+        declared = "data.range" if levels is None else f"range of data.levels={levels}"
         raise DataError(
-            f"{path}: values span [{lo:g}, {hi:g}], outside the declared data.range="
-            f"[{raw_range[0]:g}, {raw_range[1]:g}]; fix the data or the declared range"
+            f"{path}: values span [{lo:g}, {hi:g}], outside the declared {declared} "
+            f"[{raw_range[0]:g}, {raw_range[1]:g}]; fix the data or the declaration"
         )
-    if levels is not None and not np.allclose(arr, np.round(arr)):
+    if levels is not None and not np.array_equal(arr, np.round(arr)):
+        i = int(np.argmax(arr != np.round(arr)))
         raise DataError(
-            f"{path}: data.levels={levels} declares integer levels but values are not integers"
+            f"{path}: data.levels={levels} declares integer levels but values are not integers "
+            f"(e.g. {arr.flat[i]:g} at flat index {i})"
         )
     return arr
+
+
+def _read_array(p: Path, key) -> np.ndarray:
+    """The array in a .npz (one array, or the one named `key`) or .npy file, never unpickled."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(6)
+        if head == b"\x93NUMPY":  # a single .npy array
+            if key is not None:
+                raise DataError(f"{p}: is a single .npy array; unset data.key")
+            return np.load(p, allow_pickle=False)
+        if not head:
+            raise DataError(f"{p}: the file is empty")
+        if not head.startswith(b"PK"):
+            raise DataError(
+                f"{p}: not a .npz or .npy file (it starts with {head!r}); save the array "
+                "with numpy.savez"
+            )
+        with np.load(p, allow_pickle=False) as f:
+            keys = list(f.keys())
+            if not keys:
+                raise DataError(f"{p}: holds no arrays")
+            if key is None and len(keys) != 1:
+                raise DataError(f"{p}: holds arrays {keys}; choose one with data.key=NAME")
+            k = str(key) if key is not None else keys[0]
+            if k not in keys:
+                raise DataError(f"{p}: has no array {k!r}; it holds {keys}")
+            return f[k]
+    except DataError:
+        raise
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise DataError(
+                f"{p}: holds Python objects (dtype=object), which are not loaded because "
+                "unpickling could run code; save a numeric array"
+            ) from None
+        raise DataError(f"{p}: not a readable .npz array file (ValueError: {e})") from None
+    except Exception as e:  # zip/format errors, truncated files
+        raise DataError(f"{p}: not a readable .npz array file ({type(e).__name__}: {e})") from None
 
 
 def npz_dataset(
@@ -202,68 +289,73 @@ def npz_dataset(
     levels: int | None = None,
     test_fraction: float = 0.1,
 ) -> Dataset:
-    """A user's array in a .npz file: (N, D) points, (N, H, W) or (N, C, H, W) images."""
+    """A user's array in a .npz (or .npy) file: (N, D) points, (N, H, W) or (N, C, H, W) images.
+
+    Images are scaled from `raw_range` (declared, else 0..levels-1 when `levels` is declared,
+    else the data's min..max) to [-1, 1]; points are standardised per dimension.
+    """
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"data file {p} not found; set data.path to an existing .npz file")
-    try:
-        with np.load(p, allow_pickle=False) as f:
-            keys = list(f.keys())
-            if key is None and len(keys) != 1:
-                raise DataError(f"{p}: holds arrays {keys}; choose one with data.key=NAME")
-            k = key if key is not None else keys[0]
-            if k not in keys:
-                raise DataError(f"{p}: has no array {k!r}; it holds {keys}")
-            arr = f[k]
-    except DataError:
-        raise
-    except Exception as e:  # zip/format errors, pickled object arrays
-        raise DataError(f"{p}: not a readable .npz array file ({type(e).__name__}: {e})") from None
-    arr = _check_array(arr, p, raw_range, levels)
+    raw_range, levels = _check_levels_range(p, raw_range, levels)
+    arr = _check_array(_read_array(p, key), p, raw_range, levels)
+    if arr.ndim == 2 and levels is not None:
+        raise DataError(
+            f"{p}: data.levels applies to images; (N, D) points are modelled as continuous "
+            "(unset data.levels, or save images as (N, H, W) / (N, C, H, W))"
+        )
     if arr.ndim == 3:
         arr = arr[:, None]
     x = torch.from_numpy(arr)
-    if raw_range is None:
-        raw_range = (float(x.min()), float(x.max())) if x.ndim == 4 else None
     if x.ndim == 2:  # points: standardise to zero mean, unit std per dimension (kept for inversion)
-        ds = Dataset(p.stem, (x.shape[1],), "points")
+        ds = Dataset(p.stem, (x.shape[1],), "points", meta={"source": str(p)})
         mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
         ds.scaler = lambda r: (r - mean) / std  # type: ignore[method-assign]
         ds.inverse_scaler = lambda y: y * std + mean  # type: ignore[method-assign]
         ds.train, ds.test = _split(ds.scaler(x), test_fraction, seed=0)
         return ds
-    if raw_range[1] <= raw_range[0]:
-        raise DataError(f"{p}: all values equal {raw_range[0]:g}; nothing to learn")
+    if raw_range is None:
+        raw_range = (float(x.min()), float(x.max()))
+        if raw_range[1] <= raw_range[0]:
+            raise DataError(f"{p}: all values equal {raw_range[0]:g}; nothing to learn")
     return image_dataset(p.stem, x, levels, raw_range, test_fraction, source=str(p))
 
 
 def folder_dataset(path: str, channels: int = 1, test_fraction: float = 0.1) -> Dataset:
     """A folder of equally sized 8-bit images (e.g. MNIST or CIFAR-10 exported as PNG)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder {root} not found; set data.path to a folder of images")
-    files = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise DataError(f"data.channels={channels} is not supported; allowed: 1, 3")
+    files = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
     if len(files) < 2:
         raise DataError(
             f"{root}: found {len(files)} images ({', '.join(IMAGE_SUFFIXES)}); need >= 2"
         )
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise DataError(f"data.channels={channels} is not supported; allowed: 1, 3")
-    arrays, size = [], None
+    arrays, first = [], None
     for f in files:
         try:
             with Image.open(f) as im:
+                if im.mode.startswith(("I", "F")):
+                    raise DataError(
+                        f"{f}: {im.mode} (16-bit or float) image; this loader reads 8-bit "
+                        "images: export 8-bit PNGs"
+                    )
                 a = np.asarray(im.convert(mode), dtype=np.float32)
-        except (UnidentifiedImageError, OSError) as e:
-            raise DataError(f"{f}: not a readable image ({e})") from None
-        if size is None:
-            size = a.shape
-        elif a.shape != size:
+        except DataError:
+            raise
+        except Exception as e:  # not an image, truncated, decompression bomb ...
+            raise DataError(f"{f}: not a readable image ({type(e).__name__}: {e})") from None
+        if first is None:
+            first = (f, a.shape)
+        elif a.shape != first[1]:
             raise DataError(
-                f"{f}: size {a.shape[:2]} differs from {size[:2]}; all images must match"
+                f"{f}: size {a.shape[1]}x{a.shape[0]} differs from {first[0].name} "
+                f"({first[1][1]}x{first[1][0]}); all images must have the same size"
             )
         arrays.append(a)
     x = torch.from_numpy(np.stack(arrays))

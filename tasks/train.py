@@ -20,6 +20,8 @@ from .common import (
 )
 from .logger import RunLogger
 
+RESUME_KEYS = ("optimizer", "scheduler", "rng")
+
 
 def settings_from(cfg: dict, dataset) -> TrainSettings:
     t, points = cfg["training"], dataset.kind == "points"
@@ -47,7 +49,13 @@ def _resume_state(cfg: dict, log):
         root = Path(cfg["outputs_root"]) / "train"
         runs = sorted(root.glob("*/run.json"), key=lambda p: p.stat().st_mtime, reverse=True)
         for run_json in runs:
-            meta = json.loads(run_json.read_text())
+            try:
+                meta = json.loads(run_json.read_text())
+            except (OSError, ValueError) as e:
+                log(f"warning: skipping run {run_json.parent}: unreadable run.json ({e})")
+                continue
+            if not isinstance(meta, dict):
+                continue
             if {k: meta.get(k) for k in ("sde", "data")} != {k: cfg[k] for k in ("sde", "data")}:
                 continue
             found = ckpt.latest_valid(run_json.parent / "checkpoints", log)
@@ -62,6 +70,12 @@ def _resume_state(cfg: dict, log):
     else:
         path, state = find_checkpoint(cfg, log)
     check_compatible(cfg, ckpt.config_of(state), path)
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise UserError(
+            f"checkpoint {path} holds weights only (no {', '.join(missing)}); "
+            "it can be sampled from but not resumed: train without resume=true"
+        )
     log(f"resuming from {path} at step {state['step']}")
     return path, state
 

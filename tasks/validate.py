@@ -110,9 +110,55 @@ def validate_training(cfg: dict) -> None:
         _num(cfg, f"{t}.{k}", kind=int, lo=1)
 
 
+def validate_sampler(cfg: dict) -> None:
+    """The sampler group: a known name that applies to the SDE, known options, sane values."""
+    import samplers
+
+    from .common import build_sde
+
+    name = _choice(cfg, "sampler.name", tuple(samplers.SAMPLERS))
+    try:
+        samplers.check_applicable(name, build_sde(cfg["sde"]))
+    except ValueError as e:
+        raise UserError(f"sampler={name} with sde={cfg['sde']['name']}: {e}") from None
+    allowed = samplers.sampler_options(name)
+    run_keys = ("name", "steps", "eps", "denoise", "n_samples", "batch_size")
+    for key in cfg["sampler"]:
+        if key not in allowed and key not in run_keys:
+            raise UserError(
+                f"sampler.{key} is not an option of sampler={name}; allowed: "
+                f"{', '.join(k for k in allowed if k != 'steps')}"
+            )
+    p = "sampler"
+    _num(cfg, f"{p}.steps", kind=int, lo=1, none_ok=True)
+    _num(cfg, f"{p}.eps", lo=0, lo_open=True, hi=0.5)
+    _choice(cfg, f"{p}.denoise", (True, False))
+    _num(cfg, f"{p}.n_samples", kind=int, lo=1)
+    _num(cfg, f"{p}.batch_size", kind=int, lo=1)
+    c = cfg["sampler"]
+    if "predictor" in c:
+        _choice(cfg, f"{p}.predictor", tuple(samplers.PREDICTORS))
+    if "corrector" in c:
+        _choice(cfg, f"{p}.corrector", tuple(samplers.CORRECTORS))
+    if "snr" in c:
+        _num(cfg, f"{p}.snr", lo=0, lo_open=True)
+    if "n_corrector_steps" in c:
+        _num(cfg, f"{p}.n_corrector_steps", kind=int, lo=0)
+    if "eta" in c:
+        _num(cfg, f"{p}.eta", lo=0)
+    if "method" in c:
+        _choice(cfg, f"{p}.method", (*samplers.ADAPTIVE_METHODS, *samplers.FIXED_METHODS))
+    for key in ("rtol", "atol"):
+        if key in c:
+            _num(cfg, f"{p}.{key}", lo=0, lo_open=True)
+    if "grid" in c:
+        _choice(cfg, f"{p}.grid", tuple(samplers.GRIDS))
+
+
 def validate(cfg: dict) -> None:
     """Check the whole config for the requested mode; raise UserError on the first bad field."""
     validate_common(cfg)
+    validate_sampler(cfg)
     mode = cfg["mode"]
     if mode == "train":
         validate_training(cfg)

@@ -46,6 +46,9 @@ def test_train_then_find_checkpoint_end_to_end(tmp_path):
         (["mode=fly"], "mode='fly'"),
         (["training.nosuchkey=1"], "training.nosuchkey"),
         (["model=exact"], "nothing to train"),
+        (["sampler=ddim", "sde=ve"], "ddim"),
+        (["sampler=pc", "sampler.snr=0"], "sampler.snr=0"),
+        (["sampler=pc", "sampler.predictor=magic"], "sampler.predictor='magic'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):

@@ -1,0 +1,471 @@
+"""mode=nll: per-point negative log-likelihood of the test split, in nats and bits/dim.
+
+The test split (its first `likelihood.n_points`) is evaluated in batches of `likelihood.batch_size`:
+log p(x) through the probability-flow ODE (`likelihood.method=ode`) or the variational bound of
+the reverse SDE (`method=elbo`, an upper bound on -log p). Image data with discrete levels are
+dequantised uniformly (`dequant_draws` draws averaged per image) and also reported in bits/dim;
+data with a known density (gmm8, mix5d) are compared with the exact -log p_0 of the same points.
+
+Each finished batch is written to <outputs_root>/nll_cache/<key>/ as JSON, where the key hashes
+everything that determines the numbers (checkpoint content, weights, SDE, data, model, seed,
+device type, dtype and the likelihood settings that matter for the method), and the file name
+carries a hash of the batch's own points. A later run with the same key reuses finished batches,
+so an interrupted evaluation resumes where it stopped. Random draws (Hutchinson probes,
+dequantisation, ELBO samples) come from a generator seeded by (seed, batch index), so a reused
+batch holds exactly what recomputing it would give.
+
+Outputs: <out_dir>/nll.json and one summary line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data.datasets import Dataset
+from likelihood import bits_per_dim, dequantize, elbo, log_likelihood_stats
+from likelihood.divergence import PROBES
+from likelihood.ode import BACKENDS, DIVERGENCES, SCIPY_METHODS, SCIPY_OWN, TORCHDIFFEQ_METHODS
+from sde_lib import SDE
+from training.checkpoint import atomic_write_text
+from training.distributed import pick_device
+
+from .common import UserError, load_score_model
+from .logger import RunLogger
+
+METHODS = ("ode", "elbo")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Solvers per backend: torchdiffeq's adaptive ones; for scipy its own names and the torchdiffeq
+# names of the same Runge-Kutta pairs (dopri5 = RK45, bosh3 = RK23, dopri8 = DOP853).
+SOLVERS = {"torchdiffeq": TORCHDIFFEQ_METHODS, "scipy": (*SCIPY_METHODS, *SCIPY_OWN)}
+# Likelihood settings that change the numbers, per method (n_points and batch_size do not enter
+# the key: each batch file is named by a hash of its own points).
+KEY_FIELDS = {
+    "ode": ("divergence", "probe", "n_probes", "solver", "rtol", "atol", "eps", "backend"),
+    "elbo": ("elbo_samples", "eps"),
+}
+# Rows of one score call in the ELBO: about 2^20 numbers per activation channel.
+ELBO_NUMBERS_PER_CALL = 2**20
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _choice(lc: dict, key: str, allowed) -> str:
+    value = lc.get(key)
+    if value not in allowed:
+        raise UserError(
+            f"likelihood.{key}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}"
+        )
+    return value
+
+
+def _number(
+    lc: dict,
+    key: str,
+    *,
+    integer: bool = False,
+    lo: float = 0.0,
+    lo_open: bool = True,
+    hi: float | None = None,
+    none_ok: bool = False,
+) -> float | None:
+    """lc[key] as a finite number with lo < value (lo <= value if not lo_open) and value < hi."""
+    value = lc.get(key)
+    if value is None and none_ok:
+        return None
+    kind = "an integer" if integer else "a finite number"
+    bound = f"{'>' if lo_open else '>='} {lo:g}" + (f" and < {hi:g}" if hi is not None else "")
+    allowed = f"{kind} {bound}" + (" or null" if none_ok else "")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and (not integer or float(value).is_integer())
+    ok = ok and (value > lo if lo_open else value >= lo) and (hi is None or value < hi)
+    if not ok:
+        raise UserError(f"likelihood.{key}={value!r} is not allowed; allowed: {allowed}")
+    return value
+
+
+def validate_likelihood(cfg: dict) -> None:
+    """Check every field of cfg['likelihood']; raise UserError naming key, value and what is
+    allowed."""
+    lc = cfg.get("likelihood")
+    if not isinstance(lc, dict):
+        raise UserError(f"likelihood={lc!r} is not a config group; use likelihood=ode")
+    _choice(lc, "method", METHODS)
+    _choice(lc, "divergence", DIVERGENCES)
+    _choice(lc, "probe", PROBES)
+    _number(lc, "n_probes", integer=True, lo=1, lo_open=False)
+    backend = _choice(lc, "backend", BACKENDS)
+    if lc.get("solver") not in SOLVERS[backend]:
+        raise UserError(
+            f"likelihood.solver={lc.get('solver')!r} is not an adaptive solver of "
+            f"likelihood.backend={backend}; allowed: {', '.join(SOLVERS[backend])}"
+        )
+    _number(lc, "rtol")
+    _number(lc, "atol")
+    _number(lc, "eps", hi=1.0)
+    _number(lc, "n_points", integer=True, lo=1, lo_open=False, none_ok=True)
+    _number(lc, "batch_size", integer=True, lo=1, lo_open=False)
+    _number(lc, "dequant_draws", integer=True, lo=1, lo_open=False)
+    # the ELBO's standard error needs at least two samples per point
+    _number(lc, "elbo_samples", integer=True, lo=2, lo_open=False)
+    _choice(lc, "dtype", tuple(DTYPES))
+
+
+# --------------------------------------------------------------------------- one batch
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Per-point log p(x) in nats (dequantisation draws averaged), the solver's evaluations per
+    solve, the Monte Carlo standard error per point (Hutchinson probes or ELBO samples; None
+    when there is none to estimate), and the seconds it took to compute."""
+
+    logp: list[float]
+    nfe: list[int]
+    mc_stderr: list[float] | None
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {
+            "logp": self.logp,
+            "nfe": self.nfe,
+            "mc_stderr": self.mc_stderr,
+            "seconds": self.seconds,
+        }
+
+    @staticmethod
+    def from_json(d: dict, n: int) -> BatchResult:
+        result = BatchResult(
+            [float(v) for v in d["logp"]],
+            [int(v) for v in d["nfe"]],
+            None if d["mc_stderr"] is None else [float(v) for v in d["mc_stderr"]],
+            float(d["seconds"]),
+        )
+        if len(result.logp) != n or (result.mc_stderr is not None and len(result.mc_stderr) != n):
+            raise ValueError(f"holds {len(result.logp)} points, expected {n}")
+        return result
+
+
+def _log_prob(
+    sde: SDE, score_fn, x: torch.Tensor, lc: dict, generator: torch.Generator
+) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """(log p(x): (B,), evaluations, Monte Carlo stderr: (B,) or None) by the configured method."""
+    if lc["method"] == "elbo":
+        rows = max(1, min(65536, ELBO_NUMBERS_PER_CALL // x[0].numel()))
+        bound, se = elbo(
+            sde,
+            score_fn,
+            x,
+            n_samples=int(lc["elbo_samples"]),
+            eps=float(lc["eps"]),
+            max_batch=rows,
+            generator=generator,
+        )
+        return -bound, int(lc["elbo_samples"]), se
+    res = log_likelihood_stats(
+        sde,
+        score_fn,
+        x,
+        divergence=lc["divergence"],
+        probe=lc["probe"],
+        n_probes=int(lc["n_probes"]),
+        method=lc["solver"],
+        rtol=float(lc["rtol"]),
+        atol=float(lc["atol"]),
+        eps=float(lc["eps"]),
+        backend=lc["backend"],
+        generator=generator,
+    )
+    stderr = res.stderr if lc["divergence"] == "hutchinson" else None
+    return res.logp, res.nfe, stderr
+
+
+def evaluate_batch(
+    sde: SDE,
+    score_fn,
+    x: torch.Tensor,
+    dataset: Dataset,
+    lc: dict,
+    generator: torch.Generator,
+) -> BatchResult:
+    """log p of a batch x: (B, *D) in model space; images with levels are dequantised
+    `dequant_draws` times (lo, hi = the model range) and log p_x is averaged over the draws."""
+    start = time.perf_counter()
+    if dataset.kind != "images" or dataset.levels is None:
+        logp, nfe, se = _log_prob(sde, score_fn, x, lc, generator)
+        nfes, ses = [nfe], None if se is None else se.square()
+    else:
+        k = dataset.raw_levels(x)
+        lo, hi = dataset.model_range
+        draws, nfes, ses = [], [], []
+        for _ in range(int(lc["dequant_draws"])):
+            xd = dequantize(k, levels=dataset.levels, lo=lo, hi=hi, generator=generator)
+            logp_d, nfe, se = _log_prob(sde, score_fn, xd.to(x.dtype), lc, generator)
+            draws.append(logp_d)
+            nfes.append(nfe)
+            ses = None if se is None or ses is None else [*ses, se.square()]
+        logp = torch.stack(draws).mean(0)
+        ses = None if ses is None else torch.stack(ses).sum(0) / len(draws) ** 2
+    return BatchResult(
+        logp.double().cpu().tolist(),
+        nfes,
+        None if ses is None else ses.sqrt().double().cpu().tolist(),
+        time.perf_counter() - start,
+    )
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sha256_tensor(x: torch.Tensor) -> str:
+    return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def cache_material(cfg: dict, ckpt_path: Path | None, device: torch.device) -> dict:
+    """Everything besides the points themselves that determines a batch's numbers."""
+    lc = cfg["likelihood"]
+    return {
+        "checkpoint_sha256": None if ckpt_path is None else _sha256_file(ckpt_path),
+        "use_ema": bool(cfg.get("use_ema", True)) if ckpt_path is not None else None,
+        "sde": cfg["sde"],
+        "data": cfg["data"],
+        "model": cfg["model"] if ckpt_path is None else None,  # the checkpoint holds its own
+        "seed": int(cfg["seed"]),
+        "device": device.type,
+        "dtype": lc["dtype"],
+        "method": lc["method"],
+        "dequant_draws": int(lc["dequant_draws"]),
+        **{k: lc[k] for k in KEY_FIELDS[lc["method"]]},
+    }
+
+
+def cache_key(material: dict) -> str:
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for batch `index` of a run with `seed`."""
+    digest = hashlib.sha256(f"nll:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _read_cached(path: Path, n: int, log) -> BatchResult | None:
+    if not path.is_file():
+        return None
+    try:
+        return BatchResult.from_json(json.loads(path.read_text()), n)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log(f"warning: cached batch {path} is unreadable ({e}); computing it again")
+        return None
+
+
+# --------------------------------------------------------------------------- the mode
+
+
+def _test_points(dataset: Dataset, n_points: int | None, log) -> torch.Tensor:
+    x = dataset.test_set(n_points)
+    if n_points is not None and x.shape[0] < n_points:
+        log(
+            f"likelihood.n_points={n_points} but the {dataset.name} test split has "
+            f"{x.shape[0]} points; evaluating all {x.shape[0]}"
+        )
+    return x
+
+
+def _mean_stderr(values: torch.Tensor) -> float:
+    n = values.numel()
+    return float(values.std() / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def summarise(
+    cfg: dict,
+    dataset: Dataset,
+    x: torch.Tensor,
+    results: list[BatchResult],
+    ckpt_path: Path | None,
+) -> dict:
+    """The figures of nll.json from the per-batch results (x: all evaluated points)."""
+    lc, elbo_method = cfg["likelihood"], cfg["likelihood"]["method"] == "elbo"
+    nll = -torch.tensor([v for r in results for v in r.logp], dtype=torch.float64)
+    n, dim = nll.numel(), dataset.dim
+    mc = [r.mc_stderr for r in results]
+    mc_stderr = None
+    if all(m is not None for m in mc):  # stderr of the mean due to probes / ELBO samples alone
+        se = torch.tensor([v for m in mc for v in m], dtype=torch.float64)
+        mc_stderr = float(se.square().sum().sqrt() / n)
+    nfe = [v for r in results for v in r.nfe]
+    out = {
+        "nll_nats": float(nll.mean()),
+        "stderr": _mean_stderr(nll),
+        "bpd": None,
+        "bpd_stderr": None,
+        "hutchinson_stderr": None if elbo_method else mc_stderr,
+        "elbo_stderr": mc_stderr if elbo_method else None,
+        "exact_nll_nats": None,
+        "gap": None,
+        "gap_stderr": None,
+        "n": n,
+        "dim": dim,
+        "nfe_mean": sum(nfe) / len(nfe),
+        "compute_seconds": sum(r.seconds for r in results),
+        "method": lc["method"],
+        "eps": lc["eps"],
+        **{k: None if elbo_method else lc[k] for k in ("solver", "rtol", "atol")},
+        **{k: None if elbo_method else lc[k] for k in ("divergence", "backend")},
+        "n_probes": lc["n_probes"]
+        if lc["divergence"] == "hutchinson" and not elbo_method
+        else None,
+        "elbo_samples": lc["elbo_samples"] if elbo_method else None,
+        "dtype": lc["dtype"],
+        "checkpoint": None if ckpt_path is None else str(ckpt_path),
+        "use_ema": bool(cfg.get("use_ema", True)) if ckpt_path is not None else None,
+        "model": cfg["model"]["name"],
+        "sde": cfg["sde"]["name"],
+        "data": dataset.name,
+        "levels": dataset.levels if dataset.kind == "images" else None,
+        "dequant_draws": None,
+    }
+    if dataset.kind == "images" and dataset.levels is not None:
+        lo, hi = dataset.model_range
+        bpd = bits_per_dim(-nll, dim=dim, levels=dataset.levels, lo=lo, hi=hi)
+        out.update(
+            bpd=float(bpd.mean()),
+            bpd_stderr=out["stderr"] / (dim * math.log(2)),
+            dequant_draws=int(lc["dequant_draws"]),
+        )
+    if dataset.mixture is not None:
+        exact = -dataset.mixture.log_prob(x.double()).cpu()
+        out.update(
+            exact_nll_nats=float(exact.mean()),
+            gap=float((nll - exact).mean()),
+            gap_stderr=_mean_stderr(nll - exact),
+        )
+    return out
+
+
+def summary_line(s: dict) -> str:
+    """One line: nll 1.234 nats (± 0.012, n=500), bpd ..., exact 1.228, gap 0.006, nfe 98, 3.2 s"""
+    bound = " (elbo bound)" if s["method"] == "elbo" else ""
+    parts = [f"nll{bound} {s['nll_nats']:.4f} nats (± {s['stderr']:.2g}, n={s['n']})"]
+    if s["bpd"] is not None:
+        parts.append(f"bpd {s['bpd']:.4f} (± {s['bpd_stderr']:.2g})")
+    if s["exact_nll_nats"] is not None:
+        parts.append(
+            f"exact {s['exact_nll_nats']:.4f}, gap {s['gap']:.2g} (± {s['gap_stderr']:.2g})"
+        )
+    label = "score evals/point" if s["method"] == "elbo" else "nfe"
+    parts.append(f"{label} {s['nfe_mean']:.0f}, {s['seconds']:.1f} s")
+    return ", ".join(parts)
+
+
+def _device(cfg: dict, log) -> torch.device:
+    """The evaluation device: cfg['device'], except the CPU for the ELBO under device=auto."""
+    try:
+        device = pick_device(cfg["device"])
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg["likelihood"]["method"] == "elbo" and device.type != "cpu":
+        # likelihood.elbo draws its times on the CPU, so it cannot run on an accelerator yet
+        if cfg["device"] != "auto":
+            raise UserError(
+                f"likelihood.method=elbo runs on the CPU only; got device={cfg['device']}, "
+                "use device=cpu (or likelihood.method=ode)"
+            )
+        log("likelihood.method=elbo runs on the CPU only: evaluating on the CPU")
+        device = torch.device("cpu")
+    return device
+
+
+def _cache(
+    cfg: dict, ckpt_path: Path | None, device: torch.device, batches: list[torch.Tensor], log
+) -> tuple[Path, list[Path], list[BatchResult | None]]:
+    """The cache folder, each batch's file in it, and the batches already finished there."""
+    material = cache_material(cfg, ckpt_path, device)
+    cache_dir = Path(cfg["outputs_root"]) / "nll_cache" / cache_key(material)
+    if not (cache_dir / "key.json").is_file():
+        atomic_write_text(cache_dir / "key.json", json.dumps(material, indent=2))
+    files = [
+        cache_dir / f"batch_{i:05d}_{_sha256_tensor(b)[:16]}.json" for i, b in enumerate(batches)
+    ]
+    results = [_read_cached(f, b.shape[0], log) for f, b in zip(files, batches)]
+    reused = sum(r is not None for r in results)
+    if reused:
+        log(f"reusing {reused} of {len(batches)} batches from {cache_dir}")
+    return cache_dir, files, results
+
+
+def _solve(sde: SDE, model, x: torch.Tensor, dataset: Dataset, lc: dict, seed: int) -> BatchResult:
+    """evaluate_batch, with the solvers' numerical failures turned into one-line user errors."""
+    generator = torch.Generator(x.device).manual_seed(seed)
+    try:
+        return evaluate_batch(sde, model, x, dataset, lc, generator)
+    except (AssertionError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "underflow" not in msg and "solve_ivp failed" not in msg:
+            raise
+        raise UserError(
+            f"the ODE solver failed ({msg}); loosen likelihood.rtol/atol, raise likelihood.eps "
+            "or try likelihood.solver / likelihood.backend=scipy"
+        ) from None
+
+
+def run_nll(cfg: dict, out_dir: Path, log=print) -> dict:
+    """Evaluate the test split's NLL, reusing cached batches; write out_dir/nll.json."""
+    validate_likelihood(cfg)
+    start, lc = time.perf_counter(), cfg["likelihood"]
+    device, dtype = _device(cfg, log), DTYPES[lc["dtype"]]
+    sde, dataset, model, ckpt_path = load_score_model(cfg, log)
+    model.to(device, dtype)
+    x = _test_points(dataset, lc["n_points"], log)
+    batches = list(x.split(int(lc["batch_size"])))
+    cache_dir, files, results = _cache(cfg, ckpt_path, device, batches, log)
+    reused = sum(r is not None for r in results)
+    what = "ELBO" if lc["method"] == "elbo" else f"PF-ODE ({lc['solver']}, {lc['divergence']})"
+    log(f"nll of {x.shape[0]} {dataset.name} test points by {what}, {len(batches)} batches")
+
+    logger = RunLogger(cfg["logger"], out_dir, cfg, "nll")
+    done = sum(b.shape[0] for b, r in zip(batches, results) if r is not None)
+    bar = tqdm(total=x.shape[0], initial=done, desc="nll", disable=not cfg.get("progress", True))
+    try:
+        for i, (b, path) in enumerate(zip(batches, files)):
+            if results[i] is None:
+                seed = batch_seed(int(cfg["seed"]), i)
+                results[i] = r = _solve(sde, model, b.to(device, dtype), dataset, lc, seed)
+                atomic_write_text(path, json.dumps(r.to_json()))
+                bar.update(b.shape[0])
+                nll_b = -sum(r.logp) / len(r.logp)
+                bar.set_postfix(nll=f"{nll_b:.4g}")
+                logger.log({"batch_nll_nats": nll_b, "batch_nfe": sum(r.nfe) / len(r.nfe)}, step=i)
+        bar.close()
+        summary = summarise(cfg, dataset, x, results, ckpt_path)
+        summary.update(
+            seconds=time.perf_counter() - start,
+            batches=len(batches),
+            batches_reused=reused,
+            cache_dir=str(cache_dir),
+        )
+        atomic_write_text(Path(out_dir) / "nll.json", json.dumps(summary, indent=2))
+        logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    finally:
+        bar.close()
+        logger.finish()
+    if not math.isfinite(summary["nll_nats"]):
+        log("warning: some points have a non-finite log-likelihood (see the cached batches)")
+    log(summary_line(summary))
+    return summary
