@@ -1,0 +1,177 @@
+"""Benchmark the samplers on gmm8: cost (NFE, wall time, overhead) and quality, per SDE and steps.
+
+    python bench/samplers.py [--n 4000] [--threads 1] [--quick]
+
+Quality uses the exact gmm8 score, so it measures the sampler alone:
+  sw    sliced W2 to fresh data / rms fresh-vs-fresh sliced W2 (same N; ~1 for an exact sampler)
+  mmd   the same ratio with the multi-bandwidth MMD of samplers.quality.mmd (steadier)
+  logp  mean exact log-density of the samples under gmm8 (fresh data's value in the header)
+An exact sampler scores sw and mmd of about 0.8-1.35 (the spread of fresh data itself).
+Overhead = wall / (NFE x time of one score evaluation on the same batch) = wall time over the time
+spent inside the score function during the same run (so both see the same load on a shared machine;
+the fastest of `repeats` runs is kept): the sampler's own cost; 1.00 means none. The exact score is
+cheap (~1 ms), so a second set of rows repeats the timing with a random-init MLP (hidden 256,
+depth 4) behind models.ScoreModel, a network-sized score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import samplers  # noqa: E402
+from data.mixtures import gmm8  # noqa: E402
+from models import MLP, MixtureScore, ScoreModel  # noqa: E402
+from samplers.quality import mmd, sliced_wasserstein  # noqa: E402
+from sde_lib import SDE, VESDE, VPSDE, subVPSDE  # noqa: E402
+
+SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
+# (sampler, steps, options); steps None = the sampler's default
+QUALITY_RUNS = [
+    ("em", 1000, {}),
+    ("em", 100, {}),
+    ("em", 19, {}),
+    ("reverse_diffusion", 1000, {}),
+    ("ancestral", 1000, {}),
+    ("pc", 1000, {}),
+    ("ode", None, {}),
+    ("ode", 50, dict(method="rk4")),
+    ("ddim", None, {}),
+    ("ddim", 19, {}),
+    ("fast", None, {}),
+    ("fast", 9, {}),
+    ("heun", None, {}),
+]
+OVERHEAD_RUNS = [
+    ("em", 100, {}),
+    ("reverse_diffusion", 100, {}),
+    ("ancestral", 100, {}),
+    ("pc", 100, {}),
+    ("ode", None, dict(rtol=1e-3, atol=1e-3)),
+    ("ode", 25, dict(method="rk4")),
+    ("ddim", None, {}),
+    ("fast", None, {}),
+    ("heun", None, {}),
+]
+
+
+def time_one_eval(score_fn, x: torch.Tensor, repeats: int = 15) -> float:
+    """Seconds of one score evaluation on batch x at t = 0.5: the fastest of `repeats`."""
+    t = torch.full((x.shape[0],), 0.5)
+    with torch.no_grad():
+        score_fn(x, t)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            score_fn(x, t)
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
+class TimedScore:
+    """score_fn wrapper that adds up the seconds spent inside it."""
+
+    def __init__(self, score_fn) -> None:
+        self.score_fn, self.seconds = score_fn, 0.0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.score_fn(x, t)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def run(sde: SDE, score_fn, n: int, name: str, steps, options: dict, repeats: int = 1):
+    """Sample (same seed each repeat): (x, nfe, wall seconds, overhead) of the fastest repeat."""
+    best = None
+    for _ in range(repeats):
+        timed = TimedScore(score_fn)
+        g = torch.Generator().manual_seed(0)
+        start = time.perf_counter()
+        x, nfe = samplers.sample(sde, timed, (n, 2), name, steps, generator=g, **options)
+        wall = time.perf_counter() - start
+        if best is None or wall < best[2]:
+            best = (x, nfe, wall, wall / timed.seconds)
+    return best
+
+
+def label(name: str, steps, options: dict) -> str:
+    extra = ",".join(f"{k}={v}" for k, v in options.items())
+    return f"{name}({steps if steps is not None else 'default'}{',' + extra if extra else ''})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4000, help="samples per run (exact score)")
+    parser.add_argument("--n-mlp", type=int, default=1000, help="batch for the MLP overhead rows")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--quick", action="store_true", help="VP only")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    law = gmm8()
+    g = torch.Generator().manual_seed(123)
+    ref = law.sample(args.n, g)
+    fresh = [law.sample(args.n, g) for _ in range(3)]
+    sw0 = (sum(sliced_wasserstein(f, ref) ** 2 for f in fresh) / 3) ** 0.5
+    mmd0 = (sum(mmd(f, ref) ** 2 for f in fresh) / 3) ** 0.5
+    logp0 = law.log_prob(ref).mean().item()
+    sde_names = ["vp"] if args.quick else list(SDES)
+
+    print(f"gmm8, N = {args.n}; fresh data: mean log p = {logp0:.3f}")
+    head = f"{'sde':6s} {'sampler':34s} {'nfe':>5s} {'wall s':>7s} {'ovh':>5s} "
+    print(head + f"{'sw':>5s} {'mmd':>5s} {'logp':>7s}")
+    for sde_name in sde_names:
+        sde = SDES[sde_name]()
+        score = MixtureScore(sde, law)
+        t_eval = time_one_eval(score, sde.prior_sampling((args.n, 2), generator=g))
+        for name, steps, options in QUALITY_RUNS:
+            try:
+                samplers.check_applicable(name, sde)
+            except ValueError:
+                continue
+            x, nfe, wall, overhead = run(sde, score, args.n, name, steps, options)
+            print(
+                f"{sde_name:6s} {label(name, steps, options):34s} {nfe:5d} {wall:7.2f} "
+                f"{overhead:5.2f} {sliced_wasserstein(x, ref) / sw0:5.2f} "
+                f"{mmd(x, ref) / mmd0:5.2f} {law.log_prob(x).mean().item():7.3f}",
+                flush=True,
+            )
+        print(f"{'':6s} (one exact score evaluation: {1e3 * t_eval:.2f} ms)")
+
+    print(f"\nOverhead with a network-sized score: MLP(hidden=256, depth=4), batch {args.n_mlp}")
+    print(f"{'sde':6s} {'sampler':34s} {'nfe':>5s} {'wall s':>7s} {'ovh':>5s}")
+    torch.manual_seed(0)
+    for sde_name in sde_names[:1] + (["ve"] if not args.quick else []):
+        sde = SDES[sde_name]()
+        score = ScoreModel(MLP((2,), hidden=256, depth=4), sde).eval()
+        t_eval = time_one_eval(score, sde.prior_sampling((args.n_mlp, 2), generator=g))
+        for name, steps, options in OVERHEAD_RUNS:
+            try:
+                samplers.check_applicable(name, sde)
+            except ValueError:
+                continue
+            _, nfe, wall, overhead = run(sde, score, args.n_mlp, name, steps, options, repeats=3)
+            print(
+                f"{sde_name:6s} {label(name, steps, options):34s} {nfe:5d} {wall:7.2f} "
+                f"{overhead:5.2f}",
+                flush=True,
+            )
+        print(f"{'':6s} (one MLP score evaluation: {1e3 * t_eval:.2f} ms)")
+
+    print(
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), python {platform.python_version()}"
+    )
+
+
+if __name__ == "__main__":
+    main()

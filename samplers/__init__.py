@@ -1,0 +1,62 @@
+"""Samplers for score-based SDE models: predictor-corrector, probability-flow ODE, DDIM,
+DPM-Solver++(2M), Heun, imputation, and sample-quality measures.
+
+Start with `sample(sde, score_fn, shape, sampler=..., steps=...) -> (x, nfe)`; every name in
+SAMPLERS is a plain function with the shared signature described in `samplers.api`.
+"""
+
+from .api import (
+    REQUIREMENTS,
+    SAMPLERS,
+    CountingScore,
+    check_applicable,
+    decode,
+    encode,
+    sample,
+    sampler_options,
+    tweedie_denoise,
+)
+from .ddim import sample_ddim
+from .dpm_solver import sample_dpm_solver
+from .grids import GRIDS, edm_grid, get_grid, logsnr_grid, uniform_grid
+from .heun import sample_heun
+from .inpaint import inpaint
+from .ode import ADAPTIVE_METHODS, FIXED_METHODS, sample_ode
+from .pc import (
+    CORRECTORS,
+    PREDICTORS,
+    sample_ancestral,
+    sample_em,
+    sample_pc,
+    sample_reverse_diffusion,
+)
+
+__all__ = [
+    "ADAPTIVE_METHODS",
+    "FIXED_METHODS",
+    "CORRECTORS",
+    "GRIDS",
+    "PREDICTORS",
+    "REQUIREMENTS",
+    "SAMPLERS",
+    "CountingScore",
+    "check_applicable",
+    "decode",
+    "edm_grid",
+    "encode",
+    "get_grid",
+    "inpaint",
+    "logsnr_grid",
+    "sample",
+    "sample_ancestral",
+    "sample_ddim",
+    "sample_dpm_solver",
+    "sample_em",
+    "sample_heun",
+    "sample_ode",
+    "sample_pc",
+    "sample_reverse_diffusion",
+    "sampler_options",
+    "tweedie_denoise",
+    "uniform_grid",
+]

@@ -1,0 +1,199 @@
+"""Programmatic entry points: `sample`, `encode`, `decode`, the sampler registry and its checks.
+
+A sampler is a plain function with one shared signature,
+
+    fn(sde, score_fn, x_T, *, steps=<its default>, eps, generator, progress, **its options) -> x_eps
+
+registered by name in SAMPLERS. Its own keyword options and defaults are read from its signature, so
+adding a sampler is one file plus one line here. `sample` draws x_T from the prior, runs the sampler
+to t = eps, optionally denoises with Tweedie's formula and counts score evaluations (NFE).
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from sde_lib import SDE, ScoreFn
+
+from .ddim import decaying_alpha, sample_ddim
+from .dpm_solver import sample_dpm_solver
+from .heun import sample_heun
+from .ode import sample_ode, solve_flow
+from .pc import sample_ancestral, sample_em, sample_pc, sample_reverse_diffusion
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "em": sample_em,
+    "reverse_diffusion": sample_reverse_diffusion,
+    "ancestral": sample_ancestral,
+    "pc": sample_pc,
+    "ode": sample_ode,
+    "ddim": sample_ddim,
+    "dpm_solver": sample_dpm_solver,
+    "fast": sample_dpm_solver,
+    "heun": sample_heun,
+}
+
+# name -> check(sde) returning None when the sampler applies, else what it needs
+REQUIREMENTS: dict[str, Callable[[SDE], str | None]] = {"ddim": decaying_alpha}
+
+_SHARED = ("steps", "eps", "generator", "progress")
+
+
+class CountingScore:
+    """Wrap score_fn(x, t) and count its calls in `nfe` (one call = one batched evaluation)."""
+
+    def __init__(self, score_fn: ScoreFn) -> None:
+        self.score_fn = score_fn
+        self.nfe = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        return self.score_fn(x, t)
+
+
+def tweedie_denoise(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, t: float) -> torch.Tensor:
+    """E[x_0 | x_t = x] = (x + sigma_t^2 score(x, t)) / alpha_t (Tweedie's formula): (B, *D)."""
+    alpha, sigma = sde.alpha_sigma(torch.tensor([t], dtype=torch.float64))
+    score = score_fn(x, x.new_full((x.shape[0],), t))
+    return (x + sigma.item() ** 2 * score) / alpha.item()
+
+
+def sampler_options(name: str) -> dict[str, Any]:
+    """The sampler's own keyword options and their defaults, including `steps`."""
+    fn = _lookup(name)
+    params = inspect.signature(fn).parameters.values()
+    own = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+    return {k: v for k, v in own.items() if k == "steps" or k not in _SHARED}
+
+
+def check_applicable(name: str, sde: SDE) -> None:
+    """Raise ValueError if sampler `name` is unknown or does not apply to `sde`."""
+    _lookup(name)
+    check = REQUIREMENTS.get(name)
+    reason = check(sde) if check is not None else None
+    if reason is not None:
+        raise ValueError(f"sampler {name!r} needs {reason}; use sampler=ode or sampler=fast")
+
+
+def sample(
+    sde: SDE,
+    score_fn: ScoreFn,
+    shape: tuple[int, ...],
+    sampler: str = "pc",
+    steps: int | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    eps: float = 1e-3,
+    denoise: bool = True,
+    x_T: torch.Tensor | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> tuple[torch.Tensor, int]:
+    """Draw samples of full shape (B, *D) with the named sampler: returns (x_0: (B, *D), nfe).
+
+    steps=None takes the sampler's default (see `sampler_options`). x_T, if given, replaces the
+    prior draw and must have the given shape. With denoise=True the result is Tweedie's estimate
+    E[x_0 | x_eps] (one more score evaluation). Runs without autograd.
+    """
+    fn = _lookup(sampler)
+    check_applicable(sampler, sde)
+    allowed = sampler_options(sampler)
+    for key in options:
+        if key not in allowed:
+            names = ", ".join(k for k in allowed if k != "steps") or "none"
+            raise ValueError(f"unknown option {key!r} for sampler {sampler!r}; allowed: {names}")
+    _check_eps(eps, sde)
+    if denoise is not True and denoise is not False:
+        raise ValueError(f"denoise must be True or False, got {denoise!r}")
+    if steps is not None:
+        options["steps"] = steps
+    if x_T is None:
+        x = sde.prior_sampling(tuple(shape), generator=generator, device=device)
+    elif tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+    else:
+        x = x_T
+    counted = CountingScore(score_fn)
+    with torch.no_grad():
+        x = fn(sde, counted, x, eps=eps, generator=generator, progress=progress, **options)
+        if denoise:
+            x = tweedie_denoise(sde, counted, x, eps)
+    return x, counted.nfe
+
+
+def encode(
+    sde: SDE,
+    score_fn: ScoreFn,
+    x: torch.Tensor,
+    *,
+    eps: float = 1e-3,
+    method: str = "dopri5",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    steps: int | None = None,
+    grid: str = "uniform",
+    progress: bool = False,
+) -> tuple[torch.Tensor, int]:
+    """Latent code of x, taken at t = eps: the probability-flow ODE from eps to T.
+
+    x, z: (B, *D). Returns (z, nfe). Options as in `sample_ode`. Runs without autograd.
+    """
+    return _flow(sde, score_fn, x, False, eps, method, rtol, atol, steps, grid, progress)
+
+
+def decode(
+    sde: SDE,
+    score_fn: ScoreFn,
+    z: torch.Tensor,
+    *,
+    eps: float = 1e-3,
+    method: str = "dopri5",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    steps: int | None = None,
+    grid: str = "uniform",
+    progress: bool = False,
+) -> tuple[torch.Tensor, int]:
+    """Inverse of `encode`: the probability-flow ODE from T to eps, no denoising: (x, nfe)."""
+    return _flow(sde, score_fn, z, True, eps, method, rtol, atol, steps, grid, progress)
+
+
+def _flow(sde, score_fn, x, to_data, eps, method, rtol, atol, steps, grid, progress):
+    _check_eps(eps, sde)
+    counted = CountingScore(score_fn)
+    with torch.no_grad():
+        out = solve_flow(
+            sde, counted, x, to_data=to_data, eps=eps, steps=steps, method=method, rtol=rtol,
+            atol=atol, grid=grid, progress=progress,
+        )  # fmt: skip
+    return out, counted.nfe
+
+
+def _lookup(name: str) -> Callable[..., torch.Tensor]:
+    if not isinstance(name, str) or name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def _check_eps(eps: float, sde: SDE) -> None:
+    if not isinstance(eps, numbers.Real) or not 0 < eps < sde.T:
+        raise ValueError(f"eps must lie in (0, T) = (0, {sde.T}), got {eps!r}")
+
+
+__all__ = [
+    "REQUIREMENTS",
+    "SAMPLERS",
+    "CountingScore",
+    "check_applicable",
+    "decode",
+    "encode",
+    "sample",
+    "sampler_options",
+    "tweedie_denoise",
+]

@@ -1,0 +1,52 @@
+"""DDIM (Song, Meng & Ermon 2021, eq. 12), written for any linear SDE from alpha(t) and sigma(t)."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from sde_lib import SDE, ScoreFn
+
+from .grids import get_grid, intervals
+
+
+def decaying_alpha(sde: SDE) -> str | None:
+    """None if the SDE's mean coefficient decays (alpha(T) < 1: VP, sub-VP); else what is needed."""
+    alpha_T, _ = sde.alpha_sigma(torch.tensor([sde.T], dtype=torch.float64))
+    if alpha_T.item() < 1:
+        return None
+    return f"a variance-preserving SDE (sde=vp or sde=subvp); got {type(sde).__name__}"
+
+
+def sample_ddim(
+    sde: SDE,
+    score_fn: ScoreFn,
+    x: torch.Tensor,
+    *,
+    steps: int = 50,
+    eps: float = 1e-3,
+    eta: float = 0.0,
+    grid: str = "uniform",
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DDIM sampler: x_T (B, *D) -> x_eps (B, *D); eta = 0 is deterministic, eta = 1 ancestral.
+
+    For each interval t -> s of the grid, with x0 = (x + sigma_t^2 score) / alpha_t (Tweedie) and
+    eps_hat = (x - alpha_t x0) / sigma_t = -sigma_t score:
+        x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps_hat + c z,
+        c = eta sigma_s sqrt(1 - (alpha_t sigma_s / (alpha_s sigma_t))^2).
+    One score evaluation per step.
+    """
+    if not isinstance(eta, numbers.Real) or not eta >= 0:
+        raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+    for st in intervals(sde, get_grid(grid, sde, steps, eps), progress):
+        ratio = st.alpha_t * st.sigma_s / (st.alpha_s * st.sigma_t)
+        c = eta * st.sigma_s * max(1 - ratio**2, 0.0) ** 0.5
+        score = score_fn(x, x.new_full((x.shape[0],), st.t))
+        x0 = (x + st.sigma_t**2 * score) / st.alpha_t
+        x = st.alpha_s * x0 - (max(st.sigma_s**2 - c**2, 0.0) ** 0.5 * st.sigma_t) * score
+        if c > 0:
+            x = x + c * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x

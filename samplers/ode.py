@@ -1,0 +1,115 @@
+"""The probability-flow ODE solved with torchdiffeq: sampling, and latent encoding / decoding.
+
+dx/dt = f(x, t) - 1/2 g(t)^2 score(x, t)   (Song et al. 2021, eq. 13)
+
+Run from T down to eps it maps prior draws to data (`sample_ode`, `decode`); run from eps up to T it
+maps data to latents (`encode`). Adaptive methods ("dopri5", ...) take rtol / atol; fixed-step
+methods ("euler", "midpoint", "rk4", ...) step on a float64 time grid of `steps` intervals.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torchdiffeq import odeint
+
+from sde_lib import SDE, ScoreFn
+
+from .grids import get_grid
+
+FIXED_METHODS = ("euler", "midpoint", "rk4", "heun2", "heun3", "explicit_adams", "implicit_adams")
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+def solve_flow(
+    sde: SDE,
+    score_fn: ScoreFn,
+    x: torch.Tensor,
+    *,
+    to_data: bool = True,
+    eps: float = 1e-3,
+    steps: int | None = None,
+    method: str = "dopri5",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    grid: str = "uniform",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Integrate the probability-flow ODE between T and eps: x (B, *D) -> (B, *D).
+
+    to_data=True runs from T down to eps (decoding), False from eps up to T (encoding).
+    Fixed-step methods need `steps` and step on `grid`, traversed in the direction of integration;
+    adaptive methods take no `steps`. Score evaluations: one per drift evaluation.
+    """
+    if method in ADAPTIVE_METHODS:
+        if steps is not None:
+            raise ValueError(
+                f"steps={steps!r} has no effect with the adaptive method {method!r}; leave steps "
+                f"unset or choose a fixed-step method: {', '.join(FIXED_METHODS)}"
+            )
+        for name, tol in (("rtol", rtol), ("atol", atol)):
+            if not isinstance(tol, numbers.Real) or not tol > 0:
+                raise ValueError(f"{name} must be a positive number, got {tol!r}")
+        # Land exactly on the end point: dopri5 and its kin would otherwise step past it and
+        # evaluate the score outside [eps, T], where alpha and sigma may be undefined.
+        end = torch.tensor([eps if to_data else sde.T], dtype=torch.float64, device=x.device)
+        options = {"step_t": end}  # a tensor, so that torchdiffeq flips it for t0 > t1
+    elif method in FIXED_METHODS:
+        if steps is None:
+            raise ValueError(f"the fixed-step method {method!r} needs steps (an integer >= 1)")
+        ts = get_grid(grid, sde, steps, eps).to(x.device)
+        ts = ts if to_data else ts.flip(0)
+        options = {"grid_constructor": lambda func, y0, t: ts}
+    else:
+        allowed = ", ".join(ADAPTIVE_METHODS + FIXED_METHODS)
+        raise ValueError(f"unknown ODE method {method!r}; allowed: {allowed}")
+    rev = sde.reverse(score_fn, probability_flow=True)
+    batch = (x.shape[0],)
+    bar = _bar(progress)
+
+    def drift(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if bar is not None:
+            bar.update()
+        return rev.sde(y, t.expand(batch))[0]
+
+    ends = [sde.T, eps] if to_data else [eps, sde.T]
+    span = torch.tensor(ends, dtype=torch.float64, device=x.device)
+    try:
+        out = odeint(drift, x, span, rtol=rtol, atol=atol, method=method, options=options)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out[-1]
+
+
+def sample_ode(
+    sde: SDE,
+    score_fn: ScoreFn,
+    x: torch.Tensor,
+    *,
+    steps: int | None = None,
+    eps: float = 1e-3,
+    method: str = "dopri5",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    grid: str = "uniform",
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Probability-flow ODE sampler (Song et al. 2021, Sec. 4.3): x_T (B, *D) -> x_eps (B, *D).
+
+    Deterministic: `generator` is unused. Adaptive methods take no `steps`.
+    """
+    return solve_flow(
+        sde, score_fn, x, to_data=True, eps=eps, steps=steps, method=method, rtol=rtol, atol=atol,
+        grid=grid, progress=progress,
+    )  # fmt: skip
+
+
+def _bar(progress: bool):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(desc="ODE drift evaluations")
