@@ -76,7 +76,8 @@ class SDE(abc.ABC):
         """One forward step from t to t + dt: x_{t+dt} = x + f + G * z, z ~ N(0, I).
 
         Returns (f: (B, *D), G: (B,)). This default is the exact Gaussian transition of a linear
-        SDE, derived from the marginal: a = alpha(t+dt)/alpha(t), G^2 = sigma(t+dt)^2 - a^2 sigma(t)^2.
+        SDE, derived from the marginal: a = alpha(t+dt) / alpha(t),
+        G^2 = sigma(t+dt)^2 - a^2 sigma(t)^2.
         For VP this is the DDPM step with 1 - beta_i = alpha_i^2 / alpha_{i-1}^2; for VE it is the
         SMLD step G^2 = sigma_i^2 - sigma_{i-1}^2. The coefficients are computed in float64.
         """

@@ -1,4 +1,4 @@
-"""mode=sample end to end: every registered sampler writes samples.npz, a picture and metrics.json."""
+"""mode=sample end to end: every sampler writes samples.npz, a picture and metrics.json."""
 
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def broadcast_object(obj, info: DistInfo):
-    """Rank 0's value of `obj` on every rank (e.g. the run folder, which Hydra names per process)."""
+    """Rank 0's value of `obj` on every rank (e.g. the run folder: Hydra names it per process)."""
     if not info.enabled:
         return obj
     box = [obj]
