@@ -23,6 +23,8 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,8 @@ KEY_FIELDS = {
     "ode": ("divergence", "probe", "n_probes", "solver", "rtol", "atol", "eps", "backend"),
     "elbo": ("elbo_samples", "eps"),
 }
+# Bump when the meaning of a cached batch changes, so that old caches are not reused.
+CACHE_VERSION = 1
 # Rows of one score call in the ELBO: about 2^20 numbers per activation channel.
 ELBO_NUMBERS_PER_CALL = 2**20
 
@@ -99,7 +103,7 @@ def validate_likelihood(cfg: dict) -> None:
     if not isinstance(lc, dict):
         raise UserError(f"likelihood={lc!r} is not a config group; use likelihood=ode")
     _choice(lc, "method", METHODS)
-    _choice(lc, "divergence", DIVERGENCES)
+    _choice(lc, "divergence", ("auto", *DIVERGENCES))
     _choice(lc, "probe", PROBES)
     _number(lc, "n_probes", integer=True, lo=1, lo_open=False)
     backend = _choice(lc, "backend", BACKENDS)
@@ -117,6 +121,8 @@ def validate_likelihood(cfg: dict) -> None:
     # the ELBO's standard error needs at least two samples per point
     _number(lc, "elbo_samples", integer=True, lo=2, lo_open=False)
     _choice(lc, "dtype", tuple(DTYPES))
+    if lc.get("threads") != "auto":
+        _number(lc, "threads", integer=True, lo=1, lo_open=False)
 
 
 # --------------------------------------------------------------------------- one batch
@@ -241,6 +247,7 @@ def cache_material(cfg: dict, ckpt_path: Path | None, device: torch.device) -> d
     """Everything besides the points themselves that determines a batch's numbers."""
     lc = cfg["likelihood"]
     return {
+        "version": CACHE_VERSION,
         "checkpoint_sha256": None if ckpt_path is None else _sha256_file(ckpt_path),
         "use_ema": bool(cfg.get("use_ema", True)) if ckpt_path is not None else None,
         "sde": cfg["sde"],
@@ -288,9 +295,14 @@ def _test_points(dataset: Dataset, n_points: int | None, log) -> torch.Tensor:
     return x
 
 
-def _mean_stderr(values: torch.Tensor) -> float:
+def _mean_stderr(values: torch.Tensor) -> float | None:
+    """Standard error of the mean of `values` (None for fewer than two)."""
     n = values.numel()
-    return float(values.std() / math.sqrt(n)) if n > 1 else float("nan")
+    return float(values.std() / math.sqrt(n)) if n > 1 else None
+
+
+def _pm(value: float | None) -> str:
+    return "± n/a" if value is None else f"± {value:.2g}"
 
 
 def summarise(
@@ -302,6 +314,7 @@ def summarise(
 ) -> dict:
     """The figures of nll.json from the per-batch results (x: all evaluated points)."""
     lc, elbo_method = cfg["likelihood"], cfg["likelihood"]["method"] == "elbo"
+    probes = not elbo_method and lc["divergence"] == "hutchinson"
     nll = -torch.tensor([v for r in results for v in r.logp], dtype=torch.float64)
     n, dim = nll.numel(), dataset.dim
     mc = [r.mc_stderr for r in results]
@@ -328,9 +341,7 @@ def summarise(
         "eps": lc["eps"],
         **{k: None if elbo_method else lc[k] for k in ("solver", "rtol", "atol")},
         **{k: None if elbo_method else lc[k] for k in ("divergence", "backend")},
-        "n_probes": lc["n_probes"]
-        if lc["divergence"] == "hutchinson" and not elbo_method
-        else None,
+        "n_probes": lc["n_probes"] if probes else None,
         "elbo_samples": lc["elbo_samples"] if elbo_method else None,
         "dtype": lc["dtype"],
         "checkpoint": None if ckpt_path is None else str(ckpt_path),
@@ -346,7 +357,7 @@ def summarise(
         bpd = bits_per_dim(-nll, dim=dim, levels=dataset.levels, lo=lo, hi=hi)
         out.update(
             bpd=float(bpd.mean()),
-            bpd_stderr=out["stderr"] / (dim * math.log(2)),
+            bpd_stderr=None if out["stderr"] is None else out["stderr"] / (dim * math.log(2)),
             dequant_draws=int(lc["dequant_draws"]),
         )
     if dataset.mixture is not None:
@@ -362,15 +373,17 @@ def summarise(
 def summary_line(s: dict) -> str:
     """One line: nll 1.234 nats (± 0.012, n=500), bpd ..., exact 1.228, gap 0.006, nfe 98, 3.2 s"""
     bound = " (elbo bound)" if s["method"] == "elbo" else ""
-    parts = [f"nll{bound} {s['nll_nats']:.4f} nats (± {s['stderr']:.2g}, n={s['n']})"]
+    parts = [f"nll{bound} {s['nll_nats']:.4f} nats ({_pm(s['stderr'])}, n={s['n']})"]
     if s["bpd"] is not None:
-        parts.append(f"bpd {s['bpd']:.4f} (± {s['bpd_stderr']:.2g})")
+        parts.append(f"bpd {s['bpd']:.4f} ({_pm(s['bpd_stderr'])})")
     if s["exact_nll_nats"] is not None:
         parts.append(
-            f"exact {s['exact_nll_nats']:.4f}, gap {s['gap']:.2g} (± {s['gap_stderr']:.2g})"
+            f"exact {s['exact_nll_nats']:.4f}, gap {s['gap']:.2g} ({_pm(s['gap_stderr'])})"
         )
     label = "score evals/point" if s["method"] == "elbo" else "nfe"
     parts.append(f"{label} {s['nfe_mean']:.0f}, {s['seconds']:.1f} s")
+    if s.get("batches_reused"):
+        parts.append(f"{s['batches_reused']}/{s['batches']} batches from the cache")
     return ", ".join(parts)
 
 
@@ -425,37 +438,89 @@ def _solve(sde: SDE, model, x: torch.Tensor, dataset: Dataset, lc: dict, seed: i
         ) from None
 
 
+def resolve_threads(lc: dict, dataset: Dataset, device: torch.device) -> int | None:
+    """CPU threads for the evaluation (None: leave torch's setting). threads=auto takes one for
+    point data on the CPU: its per-call work is too small for a second thread to pay, and on a
+    shared CPU the threads' synchronisation costs ~15x (gmm8: 58 s with 2 threads, 3.7 s with 1)."""
+    if lc["threads"] != "auto":
+        return int(lc["threads"])
+    return 1 if device.type == "cpu" and dataset.kind == "points" else None
+
+
+@contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """torch.set_num_threads(n) inside the block (nothing for None), restored after it."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def resolve_divergence(lc: dict, dataset: Dataset) -> dict:
+    """likelihood config with divergence=auto made concrete: the exact trace for point data
+    (D vector-Jacobian products per evaluation), Hutchinson's estimator for images."""
+    if lc["divergence"] != "auto":
+        return lc
+    return {**lc, "divergence": "exact" if dataset.kind == "points" else "hutchinson"}
+
+
+def _compute(
+    sde: SDE,
+    model,
+    dataset: Dataset,
+    cfg: dict,
+    device: torch.device,
+    batches: list[torch.Tensor],
+    files: list[Path],
+    results: list[BatchResult | None],
+    logger: RunLogger,
+) -> None:
+    """Evaluate the batches missing from `results` (filled in place), each saved to its file."""
+    lc = cfg["likelihood"]
+    done = sum(b.shape[0] for b, r in zip(batches, results) if r is not None)
+    total = sum(b.shape[0] for b in batches)
+    show = bool(cfg.get("progress", True))
+    with tqdm(total=total, initial=done, desc="nll", disable=not show) as bar:
+        for i, (b, path) in enumerate(zip(batches, files)):
+            if results[i] is not None:
+                continue
+            x = b.to(device, DTYPES[lc["dtype"]])
+            results[i] = r = _solve(sde, model, x, dataset, lc, batch_seed(int(cfg["seed"]), i))
+            atomic_write_text(path, json.dumps(r.to_json()))
+            nll = -sum(r.logp) / len(r.logp)
+            bar.update(b.shape[0])
+            bar.set_postfix(nll=f"{nll:.4g}")
+            logger.log({"batch_nll_nats": nll, "batch_nfe": sum(r.nfe) / len(r.nfe)}, step=i)
+
+
 def run_nll(cfg: dict, out_dir: Path, log=print) -> dict:
     """Evaluate the test split's NLL, reusing cached batches; write out_dir/nll.json."""
     validate_likelihood(cfg)
-    start, lc = time.perf_counter(), cfg["likelihood"]
-    device, dtype = _device(cfg, log), DTYPES[lc["dtype"]]
+    start = time.perf_counter()
+    device = _device(cfg, log)
     sde, dataset, model, ckpt_path = load_score_model(cfg, log)
-    model.to(device, dtype)
+    lc = resolve_divergence(cfg["likelihood"], dataset)
+    cfg = {**cfg, "likelihood": lc}
+    model.to(device, DTYPES[lc["dtype"]])
     x = _test_points(dataset, lc["n_points"], log)
     batches = list(x.split(int(lc["batch_size"])))
     cache_dir, files, results = _cache(cfg, ckpt_path, device, batches, log)
     reused = sum(r is not None for r in results)
     what = "ELBO" if lc["method"] == "elbo" else f"PF-ODE ({lc['solver']}, {lc['divergence']})"
+    threads = resolve_threads(lc, dataset, device)
     log(f"nll of {x.shape[0]} {dataset.name} test points by {what}, {len(batches)} batches")
-
     logger = RunLogger(cfg["logger"], out_dir, cfg, "nll")
-    done = sum(b.shape[0] for b, r in zip(batches, results) if r is not None)
-    bar = tqdm(total=x.shape[0], initial=done, desc="nll", disable=not cfg.get("progress", True))
     try:
-        for i, (b, path) in enumerate(zip(batches, files)):
-            if results[i] is None:
-                seed = batch_seed(int(cfg["seed"]), i)
-                results[i] = r = _solve(sde, model, b.to(device, dtype), dataset, lc, seed)
-                atomic_write_text(path, json.dumps(r.to_json()))
-                bar.update(b.shape[0])
-                nll_b = -sum(r.logp) / len(r.logp)
-                bar.set_postfix(nll=f"{nll_b:.4g}")
-                logger.log({"batch_nll_nats": nll_b, "batch_nfe": sum(r.nfe) / len(r.nfe)}, step=i)
-        bar.close()
+        with cpu_threads(threads):
+            _compute(sde, model, dataset, cfg, device, batches, files, results, logger)
+            used_threads = torch.get_num_threads()
         summary = summarise(cfg, dataset, x, results, ckpt_path)
         summary.update(
             seconds=time.perf_counter() - start,
+            threads=used_threads if device.type == "cpu" else None,
             batches=len(batches),
             batches_reused=reused,
             cache_dir=str(cache_dir),
@@ -463,7 +528,6 @@ def run_nll(cfg: dict, out_dir: Path, log=print) -> dict:
         atomic_write_text(Path(out_dir) / "nll.json", json.dumps(summary, indent=2))
         logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     finally:
-        bar.close()
         logger.finish()
     if not math.isfinite(summary["nll_nats"]):
         log("warning: some points have a non-finite log-likelihood (see the cached batches)")

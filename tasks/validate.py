@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 from .common import DATA_NAMES, MODEL_NAMES, SDE_CLASSES, UserError
+from .nll import validate_likelihood
 
 MODES = ("train", "sample", "nll")
 LOSSES = ("dsm", "ssm", "ddpm", "smld")
@@ -159,6 +160,7 @@ def validate(cfg: dict) -> None:
     """Check the whole config for the requested mode; raise UserError on the first bad field."""
     validate_common(cfg)
     validate_sampler(cfg)
+    validate_likelihood(cfg)
     mode = cfg["mode"]
     if mode == "train":
         validate_training(cfg)
