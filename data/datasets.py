@@ -328,7 +328,7 @@ def folder_dataset(path: str, channels: int = 1, test_fraction: float = 0.1) -> 
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder {root} not found; set data.path to a folder of images")
-    mode = {1: "L", 3: "RGB"}.get(channels)
+    mode = {1: "L", 3: "RGB"}.get(channels) if type(channels) in (int, float) else None
     if mode is None:
         raise DataError(f"data.channels={channels} is not supported; allowed: 1, 3")
     files = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())

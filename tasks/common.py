@@ -60,12 +60,9 @@ def build_dataset(c: dict) -> Dataset:
         if name == "mnist":
             return mnist()
         if name == "npz":
-            rng = c.get("range")
-            return npz_dataset(
-                c["path"], c.get("key"), tuple(rng) if rng is not None else None, c.get("levels")
-            )
+            return npz_dataset(c["path"], c.get("key"), c.get("range"), c.get("levels"))
         if name == "folder":
-            return folder_dataset(c["path"], int(c.get("channels", 1)))
+            return folder_dataset(c["path"], c.get("channels", 1))
     except DataError as e:
         raise UserError(str(e)) from None
     raise UserError(f"data={name!r} is not known; allowed: {', '.join(DATA_NAMES)}")
@@ -205,6 +202,9 @@ def load_score_model(cfg: dict, log=print):
     path, state = find_checkpoint(cfg, log)
     saved = ckpt.config_of(state)
     if cfg.get("ckpt"):  # an explicit checkpoint brings its own model; sde and data must match
+        if cfg["model"] != saved["model"]:
+            log(f"using the checkpoint's model config {saved['model']} (ckpt={path}); "
+                "model.* overrides are ignored with an explicit ckpt")
         cfg = {**cfg, "model": saved["model"]}
     check_compatible(cfg, saved, path)
     model = build_score_model(saved, sde, dataset)

@@ -71,8 +71,8 @@ def test_vp_discretize_is_ddpm_step():
     mid = (grid[:-1] + grid[1:]) / 2
     assert torch.allclose(betas, -torch.expm1(-sde.beta(mid) / n), rtol=1e-9)
     assert torch.allclose(betas, sde.beta(mid) / n, rtol=0.011)
-    assert betas[0].item() == pytest.approx(1e-4, rel=0.05)
-    assert betas[-1].item() == pytest.approx(0.02, rel=0.01)
+    assert betas[0].item() == pytest.approx(1e-4, rel=0.11)  # beta(0.5/N)/N = 1.1e-4
+    assert betas[-1].item() == pytest.approx(0.02, rel=0.011)  # 1 - exp(-beta(1 - 0.5/N)/N)
 
 
 def test_ve_discretize_is_smld_step():
@@ -149,7 +149,7 @@ def test_exact_log_density_matches_scipy_and_integrates_to_one():
     mixture = gmm8()
     x = torch.randn(100, 2, dtype=torch.float64) * 2
     ref = sum(
-        w * stats.multivariate_normal(m.numpy(), v.numpy()).pdf(x.numpy())
+        float(w) * stats.multivariate_normal(m.numpy(), v.numpy()).pdf(x.numpy())
         for w, m, v in zip(mixture.weights, mixture.means, mixture.variances)
     )
     assert torch.allclose(mixture.log_prob(x), torch.from_numpy(ref).log(), rtol=1e-10)

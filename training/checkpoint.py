@@ -1,11 +1,13 @@
 """Checkpoints: written atomically, loaded without unpickling arbitrary objects.
 
-A checkpoint is one `torch.save` file holding only tensors, numbers, strings, lists and dicts
+A checkpoint is one `torch.save` zip archive holding only tensors, numbers, strings, lists and dicts
 (model, EMA, optimiser, step, RNG states, the resolved config as JSON and a format version).
-`load` uses `torch.load(weights_only=True)`, whose restricted unpickler refuses any other object,
-so a crafted file cannot run code. `save` writes a temporary file in the same folder, flushes and
-fsyncs it, then renames it over the target (atomic on POSIX), so a crash mid-write never leaves a
-half-written checkpoint under a checkpoint's name.
+`load` first checks that the file is a complete zip archive (a truncated or foreign file is refused
+before any unpickling), then uses `torch.load(weights_only=True)`, whose restricted unpickler
+refuses any other object, so a crafted file cannot run code; finally it checks the layout and that
+every weight is finite. `save` refuses non-finite weights, writes a temporary file in the same
+folder, flushes and fsyncs it, then renames it over the target (atomic on POSIX), so a crash
+mid-write never leaves a half-written checkpoint under a checkpoint's name.
 """
 
 from __future__ import annotations
@@ -14,16 +16,26 @@ import json
 import os
 import re
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
+_ZIP_MAGIC = b"PK\x03\x04"
+_REQUIRED = ("model", "ema", "step", "config")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with the file and the reason named."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: Path, write) -> None:
@@ -32,6 +44,7 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -51,9 +64,74 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def non_finite(state: dict) -> list[str]:
+    """Names ("model.<param>", "ema.<param>") of floating tensors holding NaN or inf."""
+    return [
+        f"{part}.{name}"
+        for part in ("model", "ema")
+        for name, v in (state.get(part) or {}).items()
+        if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+
+
 def save(path: Path, state: dict) -> None:
+    """Write `state` to `path` atomically; refuse (CheckpointError) non-finite weights."""
+    bad = non_finite(state)
+    if bad:
+        raise CheckpointError(
+            f"refusing to write checkpoint {path}: non-finite values in {', '.join(bad[:3])}"
+            + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        )
     state = {**state, "format_version": FORMAT_VERSION}
     atomic_write(Path(path), lambda f: torch.save(state, f))
+
+
+def _archive_problem(path: Path) -> str | None:
+    """Why `path` is not a complete torch.save zip archive, or None if it is one."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != _ZIP_MAGIC:
+        return (
+            f"it is not a PyTorch checkpoint archive ({size} bytes starting {head!r}; "
+            "garbage, a plain pickle or another format)"
+        )
+    if not zipfile.is_zipfile(path):
+        return f"it is truncated or corrupt (a {size}-byte zip archive without its directory)"
+    return None
+
+
+def _layout_problem(state) -> str | None:
+    """Why a loaded object is not a usable scoresde checkpoint, or None."""
+    if not isinstance(state, dict) or "format_version" not in state:
+        return "it is not a scoresde checkpoint (no format_version)"
+    if state["format_version"] != FORMAT_VERSION:
+        return (
+            f"it has format version {state['format_version']!r}; "
+            f"this scoresde reads version {FORMAT_VERSION}"
+        )
+    missing = [k for k in _REQUIRED if k not in state]
+    if missing:
+        return f"it is incomplete: missing {', '.join(map(repr, missing))}"
+    for part in ("model", "ema"):
+        w = state[part]
+        if not isinstance(w, dict) or not all(torch.is_tensor(v) for v in w.values()):
+            return f"its {part!r} entry is not a dict of tensors"
+    if not isinstance(state["step"], int) or state["step"] < 0:
+        return f"its step {state['step']!r} is not a non-negative integer"
+    try:
+        config = json.loads(state["config"])
+    except (TypeError, ValueError):
+        return "its config is not valid JSON"
+    if not isinstance(config, dict) or not all(k in config for k in ("sde", "data", "model")):
+        return "its config lacks the sde, data and model sections"
+    bad = non_finite(state)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        return f"it holds non-finite weights ({', '.join(bad[:3])}{more})"
+    return None
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
@@ -62,22 +140,31 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; pass ckpt=PATH to an existing file")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        problem = _archive_problem(path)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {e.strerror or e}") from None
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {problem}")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        if any("GLOBAL" in ln for ln in lines):
             reason = (
                 "it holds Python objects other than tensors "
                 "(refused: unpickling them could run code)"
             )
+        elif lines and lines[0].startswith("Weights only load failed"):
+            detail = next((ln for ln in lines if "Unsupported" in ln), lines[-1])
+            reason = f"it holds pickle data the safe loader refuses ({detail})"
+        else:
+            reason = f"it is corrupt ({type(e).__name__}{': ' + lines[0] if lines else ''})"
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {reason}") from None
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {path} is not a scoresde checkpoint of format {FORMAT_VERSION}"
-        )
-    for key in ("model", "ema", "step", "config"):
-        if key not in state:
-            raise CheckpointError(f"checkpoint {path} is incomplete: missing {key!r}")
+    problem = _layout_problem(state)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
     return state
 
 
@@ -104,7 +191,7 @@ def prune(folder: Path, keep: int) -> None:
 
 
 def latest_valid(folder: Path, log=print) -> tuple[Path, dict] | None:
-    """The newest checkpoint in `folder` that loads; corrupt ones are reported and skipped."""
+    """The newest checkpoint in `folder` that loads; unusable ones are reported and skipped."""
     for p in reversed(list_checkpoints(folder)):
         try:
             return p, load(p)

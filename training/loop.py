@@ -3,6 +3,13 @@
 Every random draw (batches, times, noise, probes) comes from two generators whose states are saved
 in each checkpoint together with the model, EMA, optimiser and schedule, so a resumed run on CPU
 reaches exactly the parameters of an uninterrupted one.
+
+Faults: SIGTERM or SIGINT (on any rank) finishes the current step, saves a checkpoint and returns
+status "interrupted" (run.py then exits 0); a second signal aborts at once with KeyboardInterrupt
+(the atomic save leaves no partial file). A step whose loss or gradient norm is NaN/inf is skipped
+(no update of the weights, optimiser or EMA) and counted in `skipped_steps`; `max_bad_steps` of
+them in a row save the last good state and raise NonFiniteError. Weights are checked before every
+save, so a non-finite checkpoint is never written.
 """
 
 from __future__ import annotations
@@ -57,7 +64,10 @@ class NonFiniteError(RuntimeError):
 
 
 class _StopFlag:
-    """Turns SIGTERM / SIGINT into a flag the loop checks between steps (main thread only)."""
+    """Turns SIGTERM / SIGINT into a flag the loop checks between steps (main thread only).
+
+    A second signal raises KeyboardInterrupt, so a user can still abort a slow save.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -72,11 +82,16 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second signal {signum} while stopping")
         self.signum = signum
 
     def __exit__(self, *exc) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+CURVE_EVERY_S = 30.0  # the loss curve is redrawn at a checkpoint at most this often, and at the end
 
 
 def _warmup(warmup: int):
@@ -159,7 +174,17 @@ def train(
         torch.distributed.all_gather_object(out, {k: v.tolist() for k, v in mine.items()})
         return [{k: torch.tensor(v, dtype=torch.uint8) for k, v in o.items()} for o in out]
 
-    def save_checkpoint() -> Path | None:
+    curve_drawn = time.perf_counter()
+
+    def save_checkpoint(final: bool = False) -> Path | None:
+        nonlocal curve_drawn
+        # the weights are the same on every rank, so every rank raises here or none does
+        bad = ckpt.non_finite({"model": model.state_dict(), "ema": ema.state_dict()})
+        if bad:
+            raise NonFiniteError(
+                f"non-finite weights ({', '.join(bad[:3])}) at step {step}; not saving them, "
+                f"the last good checkpoint is {last_path or 'none'}"
+            )
         rng = gather_rng()  # collective: every rank takes part
         path = None
         if main:
@@ -179,7 +204,10 @@ def train(
                 },
             )
             ckpt.prune(ckpt_dir, s.keep)
-            save_loss_curve(history, Path(out_dir) / "loss.png")
+            # a plot costs ~20x a small checkpoint: redraw it at most every CURVE_EVERY_S
+            if final or time.perf_counter() - curve_drawn >= CURVE_EVERY_S:
+                save_loss_curve(history, Path(out_dir) / "loss.png")
+                curve_drawn = time.perf_counter()
         barrier(dist_info)
         return path
 
@@ -196,27 +224,34 @@ def train(
     last_path, status, last_loss = None, "finished", float("nan")
     model.train()
     with _StopFlag() as stop:
+        stop_now = False
         while step < s.steps:
-            if stop.signum is not None:
+            if stop_now:
                 status = "interrupted"
-                log(
-                    f"received signal {stop.signum}: saving a checkpoint at step {step}, stopping"
-                )
+                who = f"signal {stop.signum}" if stop.signum else "a signal on another rank"
+                log(f"received {who}: saving a checkpoint at step {step}, stopping")
                 break
             x0 = dataset.train_batch(s.batch_size, data_g).to(dev)
             loss = loss_fn(net, x0, noise_g).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-            loss_all = all_reduce_mean(loss.detach(), dist_info)
+            # one collective for the mean loss and "has any rank been asked to stop"
+            asked = torch.tensor(float(stop.signum is not None), dtype=loss.dtype, device=dev)
+            reduced = all_reduce_mean(torch.stack([loss.detach(), asked]), dist_info)
+            loss_all, stop_now = reduced[0], bool(reduced[1] > 0)
             if not (torch.isfinite(loss_all) and torch.isfinite(gnorm)):
+                # skip: the weights, optimiser, schedule and EMA stay as they were
                 skipped, bad_in_row = skipped + 1, bad_in_row + 1
                 opt.zero_grad(set_to_none=True)
                 if bad_in_row >= s.max_bad_steps:
                     bar.close()
+                    if step > 0:  # the weights are those of the last good step
+                        last_path = save_checkpoint(final=True)
                     raise NonFiniteError(
                         f"{bad_in_row} non-finite losses/gradients in a row at step {step}; "
-                        "lower training.lr, check the data, or raise training.max_bad_steps"
+                        f"last good checkpoint: {last_path or 'none'}; lower training.lr, "
+                        "check the data, or raise training.max_bad_steps"
                     )
                 continue
             bad_in_row = 0
@@ -243,9 +278,9 @@ def train(
                 bar.set_postfix(loss=f"{mean_loss:.4g}")
                 if logger is not None and main:
                     logger.log(metrics, step=step)
-            if step % s.ckpt_every == 0 and step < s.steps:
+            if step % s.ckpt_every == 0 and step < s.steps and not stop_now:
                 last_path = save_checkpoint()
-        last_path = save_checkpoint()
+        last_path = save_checkpoint(final=True)
     bar.close()
     if not math.isfinite(last_loss) and history["loss"]:
         last_loss = history["loss"][-1]
