@@ -20,7 +20,7 @@ from .ddim import sample_ddim
 from .dpm_solver import sample_dpm_solver
 from .grids import GRIDS, edm_grid, get_grid, logsnr_grid, uniform_grid
 from .heun import sample_heun
-from .inpaint import inpaint
+from .inpaint import inpaint, inpaint_resampled
 from .ode import ADAPTIVE_METHODS, FIXED_METHODS, sample_ode
 from .pc import (
     CORRECTORS,
@@ -46,6 +46,7 @@ __all__ = [
     "encode",
     "get_grid",
     "inpaint",
+    "inpaint_resampled",
     "logsnr_grid",
     "sample",
     "sample_ancestral",

@@ -271,6 +271,38 @@ def test_inpaint_draws_the_conditional_law(law_name):
     assert mmd(unknown, ref) <= 1.5 * base
 
 
+@pytest.mark.parametrize(
+    "sde_name,law_name",
+    [("vp", "gmm8"), ("vp", "mixture5d"), ("ve", "gmm8"), ("subvp", "mixture5d")],
+)
+def test_inpaint_resampled_draws_the_conditional_law(sde_name, law_name):
+    """Replacement draws + importance resampling against the PF-ODE density: the right law.
+
+    Measured (n = 1000, seed 0; vp-gmm8, vp-5d, ve-gmm8, subvp-5d): max weight |z| 0.52, 1.18,
+    0.87, 1.06 and MMD ratio 0.76, 0.96, 0.33, 0.95 with 250-300 NFE, where the replacement
+    method alone (500 steps) gives |z| 32, 22, 29, 22 and MMD ratio 3.1, 5.2, 2.9, 5.0.
+    """
+    n = 1000
+    law, known, mask, cond = _imputation_case(law_name, n)
+    sde, score, _ = setup(sde_name, law)
+    g = torch.Generator().manual_seed(0)
+    x, nfe = samplers.inpaint_resampled(sde, score, known, mask, generator=g)
+    assert torch.equal(x[:, mask], known[:, mask]) and nfe > 100
+    gr = torch.Generator().manual_seed(1)
+    ref = cond.sample(n, gr)
+    base = math.sqrt(sum(mmd(cond.sample(n, gr), ref) ** 2 for _ in range(3)) / 3)
+    unknown = x[:, ~mask]
+    assert weight_z_scores(cond, unknown).abs().max() <= 3
+    assert mmd(unknown, ref) <= 1.5 * base
+
+
+def test_inpaint_resampled_needs_one_mask_pattern():
+    law, known, mask, _ = _imputation_case("gmm8", 4)
+    sde, score, _ = setup("vp", law)
+    with pytest.raises(ValueError, match="one pattern"):
+        samplers.inpaint_resampled(sde, score, known, mask.expand(4, 2).clone())
+
+
 # ---------------------------------------------------------------- quality measures
 
 
