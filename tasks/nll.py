@@ -33,8 +33,7 @@ from tqdm import tqdm
 
 from data.datasets import Dataset
 from likelihood import bits_per_dim, dequantize, elbo, log_likelihood_stats
-from likelihood.divergence import PROBES
-from likelihood.ode import BACKENDS, DIVERGENCES, SCIPY_METHODS, SCIPY_OWN, TORCHDIFFEQ_METHODS
+from likelihood.ode import SCIPY_METHODS, SCIPY_OWN, TORCHDIFFEQ_METHODS
 from sde_lib import SDE
 from training.checkpoint import atomic_write_text
 from training.distributed import pick_device
@@ -57,72 +56,6 @@ KEY_FIELDS = {
 CACHE_VERSION = 1
 # Rows of one score call in the ELBO: about 2^20 numbers per activation channel.
 ELBO_NUMBERS_PER_CALL = 2**20
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _choice(lc: dict, key: str, allowed) -> str:
-    value = lc.get(key)
-    if value not in allowed:
-        raise UserError(
-            f"likelihood.{key}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}"
-        )
-    return value
-
-
-def _number(
-    lc: dict,
-    key: str,
-    *,
-    integer: bool = False,
-    lo: float = 0.0,
-    lo_open: bool = True,
-    hi: float | None = None,
-    none_ok: bool = False,
-) -> float | None:
-    """lc[key] as a finite number with lo < value (lo <= value if not lo_open) and value < hi."""
-    value = lc.get(key)
-    if value is None and none_ok:
-        return None
-    kind = "an integer" if integer else "a finite number"
-    bound = f"{'>' if lo_open else '>='} {lo:g}" + (f" and < {hi:g}" if hi is not None else "")
-    allowed = f"{kind} {bound}" + (" or null" if none_ok else "")
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and (not integer or float(value).is_integer())
-    ok = ok and (value > lo if lo_open else value >= lo) and (hi is None or value < hi)
-    if not ok:
-        raise UserError(f"likelihood.{key}={value!r} is not allowed; allowed: {allowed}")
-    return value
-
-
-def validate_likelihood(cfg: dict) -> None:
-    """Check every field of cfg['likelihood']; raise UserError naming key, value and what is
-    allowed."""
-    lc = cfg.get("likelihood")
-    if not isinstance(lc, dict):
-        raise UserError(f"likelihood={lc!r} is not a config group; use likelihood=ode")
-    _choice(lc, "method", METHODS)
-    _choice(lc, "divergence", ("auto", *DIVERGENCES))
-    _choice(lc, "probe", PROBES)
-    _number(lc, "n_probes", integer=True, lo=1, lo_open=False)
-    backend = _choice(lc, "backend", BACKENDS)
-    if lc.get("solver") not in SOLVERS[backend]:
-        raise UserError(
-            f"likelihood.solver={lc.get('solver')!r} is not an adaptive solver of "
-            f"likelihood.backend={backend}; allowed: {', '.join(SOLVERS[backend])}"
-        )
-    _number(lc, "rtol")
-    _number(lc, "atol")
-    _number(lc, "eps", hi=1.0)
-    _number(lc, "n_points", integer=True, lo=1, lo_open=False, none_ok=True)
-    _number(lc, "batch_size", integer=True, lo=1, lo_open=False)
-    _number(lc, "dequant_draws", integer=True, lo=1, lo_open=False)
-    # the ELBO's standard error needs at least two samples per point
-    _number(lc, "elbo_samples", integer=True, lo=2, lo_open=False)
-    _choice(lc, "dtype", tuple(DTYPES))
-    if lc.get("threads") != "auto":
-        _number(lc, "threads", integer=True, lo=1, lo_open=False)
 
 
 # --------------------------------------------------------------------------- one batch
@@ -498,6 +431,8 @@ def _compute(
 
 def run_nll(cfg: dict, out_dir: Path, log=print) -> dict:
     """Evaluate the test split's NLL, reusing cached batches; write out_dir/nll.json."""
+    from .validate import validate_likelihood
+
     validate_likelihood(cfg)
     start = time.perf_counter()
     device = _device(cfg, log)

@@ -8,36 +8,33 @@ from __future__ import annotations
 import math
 
 from .common import DATA_NAMES, MODEL_NAMES, SDE_CLASSES, UserError
-from .nll import validate_likelihood
 
 MODES = ("train", "sample", "nll")
 LOSSES = ("dsm", "ssm", "ddpm", "smld")
 
 
-def _num(cfg: dict, key: str, *, kind=float, lo=None, hi=None, lo_open=False, none_ok=False):
+def _num(cfg: dict, key: str, *, kind=float, lo=None, hi=None, lo_open=False, hi_open=False,
+         none_ok=False):
+    """cfg[key] (a dotted path) as a finite number of `kind` within the bounds, else UserError."""
     node = cfg
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else None
-    if node is None:
-        if none_ok:
-            return None
-        raise UserError(f"{key} is missing; set {key}=VALUE")
-    if isinstance(node, bool) or not isinstance(node, (int, float)):
-        raise UserError(f"{key}={node!r} is not a number")
-    if kind is int and float(node) != int(node):
-        raise UserError(f"{key}={node!r} must be an integer")
-    v = kind(node)
-    bad = (
-        not math.isfinite(v)
-        or (lo is not None and (v <= lo if lo_open else v < lo))
-        or (hi is not None and v > hi)
-    )
-    if bad:
-        rng = (f"> {lo}" if lo_open else f">= {lo}") if lo is not None else ""
-        if hi is not None:
-            rng = f"{rng} and <= {hi}" if rng else f"<= {hi}"
-        raise UserError(f"{key}={node!r} is out of range; allowed: a finite number {rng}".rstrip())
-    return v
+    bounds = []
+    if lo is not None:
+        bounds.append(f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None:
+        bounds.append(f"{'<' if hi_open else '<='} {hi}")
+    allowed = f"{'an integer' if kind is int else 'a finite number'} {' and '.join(bounds)}"
+    allowed = allowed.rstrip() + (" or null" if none_ok else "")
+    if node is None and none_ok:
+        return None
+    ok = isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node)
+    ok = ok and (kind is not int or float(node).is_integer())
+    ok = ok and (lo is None or (node > lo if lo_open else node >= lo))
+    ok = ok and (hi is None or (node < hi if hi_open else node <= hi))
+    if not ok:
+        raise UserError(f"{key}={node!r} is not allowed; allowed: {allowed}")
+    return kind(node)
 
 
 def _choice(cfg: dict, key: str, allowed) -> str:
@@ -154,6 +151,39 @@ def validate_sampler(cfg: dict) -> None:
             _num(cfg, f"{p}.{key}", lo=0, lo_open=True)
     if "grid" in c:
         _choice(cfg, f"{p}.grid", tuple(samplers.GRIDS))
+
+
+def validate_likelihood(cfg: dict) -> None:
+    """The likelihood group: method, divergence, probes, solver of the backend, tolerances."""
+    from likelihood.divergence import PROBES
+    from likelihood.ode import BACKENDS, DIVERGENCES
+
+    from .nll import DTYPES, METHODS, SOLVERS
+
+    p = "likelihood"
+    if not isinstance(cfg.get(p), dict):
+        raise UserError(f"likelihood={cfg.get(p)!r} is not a config group; use likelihood=ode")
+    _choice(cfg, f"{p}.method", METHODS)
+    _choice(cfg, f"{p}.divergence", ("auto", *DIVERGENCES))
+    _choice(cfg, f"{p}.probe", PROBES)
+    _num(cfg, f"{p}.n_probes", kind=int, lo=1)
+    backend = _choice(cfg, f"{p}.backend", BACKENDS)
+    solver = cfg[p].get("solver")
+    if solver not in SOLVERS[backend]:
+        raise UserError(
+            f"likelihood.solver={solver!r} is not an adaptive solver of "
+            f"likelihood.backend={backend}; allowed: {', '.join(SOLVERS[backend])}"
+        )
+    _num(cfg, f"{p}.rtol", lo=0, lo_open=True)
+    _num(cfg, f"{p}.atol", lo=0, lo_open=True)
+    _num(cfg, f"{p}.eps", lo=0, lo_open=True, hi=1.0, hi_open=True)
+    _num(cfg, f"{p}.n_points", kind=int, lo=1, none_ok=True)
+    _num(cfg, f"{p}.batch_size", kind=int, lo=1)
+    _num(cfg, f"{p}.dequant_draws", kind=int, lo=1)
+    _num(cfg, f"{p}.elbo_samples", kind=int, lo=2)  # its standard error needs two samples
+    _choice(cfg, f"{p}.dtype", tuple(DTYPES))
+    if cfg[p].get("threads") != "auto":
+        _num(cfg, f"{p}.threads", kind=int, lo=1)
 
 
 def validate(cfg: dict) -> None:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 import tasks.nll
 from tasks import UserError, dispatch
-from tasks.nll import validate_likelihood
+from tasks.validate import validate_likelihood
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 REQUIRED = (
