@@ -88,3 +88,19 @@ def test_torchrun_two_processes(tmp_path):
     assert len(runs) == 1, "all ranks must share rank 0's run folder"
     state = ckpt.load(ckpt.list_checkpoints(runs[0] / "checkpoints")[-1])
     assert state["step"] == 20 and len(state["rng"]) == 2
+
+
+def test_the_three_usage_commands_chain_without_paths(tmp_path):
+    """README: train, then sample and nll find the newest matching checkpoint on their own."""
+    r = run_py("sde=vp", "mode=train", "training.steps=40", "logger.mode=disabled", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_py("mode=sample", "sampler=pc", "sampler.steps=20", "sampler.n_samples=100",
+               "logger.mode=disabled", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "using checkpoint" in r.stdout and "ckpt_00000040.pt" in r.stdout
+    r = run_py("mode=nll", "likelihood.n_points=20", "likelihood.rtol=1e-3",
+               "likelihood.atol=1e-3", "logger.mode=disabled", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ckpt_00000040.pt" in r.stdout
+    for mode, name in (("sample", "metrics.json"), ("nll", "nll.json")):
+        assert len(list((tmp_path / "outputs" / mode).glob(f"*_vp_gmm8/{name}"))) == 1
