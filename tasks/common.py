@@ -6,7 +6,6 @@ The config arrives as a plain dict (resolved from Hydra by run.py); nothing here
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -216,13 +215,3 @@ def load_score_model(cfg: dict, log=print):
             f"checkpoint {path} does not fit the model: {str(e).splitlines()[0]}"
         ) from None
     return sde, dataset, model.eval(), path
-
-
-def finite_positive(name: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name}={value!r} is not a number; give a positive number") from None
-    if not math.isfinite(v) or v <= 0:
-        raise UserError(f"{name}={value!r} must be a finite number > 0")
-    return v

@@ -120,7 +120,7 @@ def validate_sampler(cfg: dict) -> None:
     except ValueError as e:
         raise UserError(f"sampler={name} with sde={cfg['sde']['name']}: {e}") from None
     allowed = samplers.sampler_options(name)
-    run_keys = ("name", "steps", "eps", "denoise", "n_samples", "batch_size")
+    from .sample import RUN_KEYS as run_keys
     for key in cfg["sampler"]:
         if key not in allowed and key not in run_keys:
             raise UserError(
