@@ -179,58 +179,41 @@ def sample_pc(
     return x
 
 
-def sample_em(
-    sde: SDE,
-    score_fn: ScoreFn,
-    x: torch.Tensor,
-    *,
-    steps: int = 1000,
-    eps: float = 1e-3,
-    grid: str = "uniform",
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Euler-Maruyama on the reverse SDE (Song et al. 2021, eq. 6): x_T (B, *D) -> x_eps."""
-    return sample_pc(
-        sde, score_fn, x, steps=steps, eps=eps, predictor="euler_maruyama", corrector="none",
-        grid=grid, generator=generator, progress=progress,
-    )  # fmt: skip
+def _predictor_only(predictor: str, doc: str) -> Callable[..., torch.Tensor]:
+    """A sampler that runs one predictor with no corrector (the shared signature, own doc)."""
+
+    def sampler(
+        sde: SDE,
+        score_fn: ScoreFn,
+        x: torch.Tensor,
+        *,
+        steps: int = 1000,
+        eps: float = 1e-3,
+        grid: str = "uniform",
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        return sample_pc(
+            sde, score_fn, x, steps=steps, eps=eps, predictor=predictor, corrector="none",
+            grid=grid, generator=generator, progress=progress,
+        )  # fmt: skip
+
+    sampler.__doc__ = doc
+    return sampler
 
 
-def sample_reverse_diffusion(
-    sde: SDE,
-    score_fn: ScoreFn,
-    x: torch.Tensor,
-    *,
-    steps: int = 1000,
-    eps: float = 1e-3,
-    grid: str = "uniform",
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Reverse-diffusion predictor alone (Song et al. 2021, eq. 46): x_T (B, *D) -> x_eps."""
-    return sample_pc(
-        sde, score_fn, x, steps=steps, eps=eps, predictor="reverse_diffusion", corrector="none",
-        grid=grid, generator=generator, progress=progress,
-    )  # fmt: skip
-
-
-def sample_ancestral(
-    sde: SDE,
-    score_fn: ScoreFn,
-    x: torch.Tensor,
-    *,
-    steps: int = 1000,
-    eps: float = 1e-3,
-    grid: str = "uniform",
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Ancestral sampling (Ho et al. 2020, Alg. 2, for any linear SDE): x_T (B, *D) -> x_eps."""
-    return sample_pc(
-        sde, score_fn, x, steps=steps, eps=eps, predictor="ancestral", corrector="none",
-        grid=grid, generator=generator, progress=progress,
-    )  # fmt: skip
+sample_em = _predictor_only(
+    "euler_maruyama",
+    "Euler-Maruyama on the reverse SDE (Song et al. 2021, eq. 6): x_T (B, *D) -> x_eps.",
+)
+sample_reverse_diffusion = _predictor_only(
+    "reverse_diffusion",
+    "Reverse-diffusion predictor alone (Song et al. 2021, eq. 46): x_T (B, *D) -> x_eps.",
+)
+sample_ancestral = _predictor_only(
+    "ancestral",
+    "Ancestral sampling (Ho et al. 2020, Alg. 2, for any linear SDE): x_T (B, *D) -> x_eps.",
+)
 
 
 def check_pc(

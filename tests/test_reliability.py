@@ -175,9 +175,9 @@ def test_checkpoint_files_keep_k_carry_a_format_version_and_leave_no_temp_files(
 def test_malicious_pickle_is_refused_and_its_code_never_runs(tmp_path, trained):
     good = ckpt.list_checkpoints(trained[1] / "checkpoints")[-1]
     marker = tmp_path / "PWNED"
-    # the payload is live: an unrestricted load runs it
+    # the payload is live: plain unpickling (what an unrestricted load does) runs it
     proof = tmp_path / "proof"
-    torch.load(malicious_checkpoint(good, tmp_path / "proof.pt", proof), weights_only=False)
+    pickle.loads(pickle.dumps(Payload(proof)))
     assert proof.exists()
     evil_zip = malicious_checkpoint(good, tmp_path / "evil.pt", marker)
     evil_pickle = tmp_path / "evil_pickle.pt"
