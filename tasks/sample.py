@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 import samplers
-from samplers.quality import component_weights, mmd, sliced_wasserstein
+from metrics.quality import component_weights, mmd, sliced_wasserstein
 from training.checkpoint import atomic_write, atomic_write_text
 
 from .common import load_score_model

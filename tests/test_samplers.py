@@ -4,7 +4,7 @@ With the EXACT score of a mixture (2-D gmm8, and the 5-D mixture with weights .5
 output must
   * recover the mixture weights: |fraction_k - w_k| <= 3 binomial standard errors for every k;
   * be as close to fresh data as fresh data is: MMD(samples, ref) <= MMD_BOUND x the rms
-    fresh-vs-fresh MMD at the same sample size (N = 3000; kernel in `samplers.quality.mmd`).
+    fresh-vs-fresh MMD at the same sample size (N = 3000; kernel in `metrics.quality.mmd`).
 At N = 3000 the fresh-vs-fresh ratio itself spans about 0.8-1.35 over seeds on gmm8 and 0.9-1.1 on
 the 5-D law; exact samplers measured here stay below 1.32; the bound 1.5 still rejects
 Euler-Maruyama at 20 score evaluations on VP-gmm8 (measured about 2.0).
@@ -19,7 +19,7 @@ import torch
 from closed_form import exact_score, gmm8, make_sde, mixture5d
 
 import samplers
-from samplers.quality import mmd, weight_z_scores
+from metrics.quality import mmd, weight_z_scores
 
 N = 3000
 MMD_BOUND = 1.5

@@ -12,7 +12,7 @@ from closed_form import exact_score, gmm8, make_sde, mixture5d
 
 import samplers
 from models.exact import GaussianMixture
-from samplers.quality import (
+from metrics.quality import (
     component_weights,
     mmd,
     sliced_wasserstein,
@@ -321,7 +321,7 @@ def test_quality_measures_separate_right_from_wrong():
 def test_component_weights_recover_the_mixture():
     law = mixture5d()
     x, labels = law.sample(4000, torch.Generator().manual_seed(0), return_labels=True)
-    from samplers.quality import assign_components
+    from metrics.quality import assign_components
 
     assert (assign_components(law, x) == labels).float().mean() > 0.999
     frac = component_weights(law, x)
