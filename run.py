@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 CONF = Path(__file__).resolve().parent / "conf"
-GROUPS = ("sde", "data", "model", "training", "sampler", "likelihood", "logger")
+GROUPS = ("sde", "data", "model", "training", "sampler", "likelihood", "logger", "eval")
 
 
 def fail(message: str) -> None:

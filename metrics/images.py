@@ -149,6 +149,9 @@ def evaluate_images(dataset, samples_uint8: np.ndarray, cfg: dict, out_dir: Path
     out_dir = Path(out_dir)
     root = Path(cfg.get("outputs_root", "outputs"))
     train_u8, test_u8 = dataset_uint8(dataset, "train"), dataset_uint8(dataset, "test")
+    if len(test_u8) < 5:
+        raise UserError(f"data={dataset.name}: its test split holds {len(test_u8)} images; "
+                        "image metrics need at least 5 (k-NN radii with k = 3)")
     feats = build_features(dataset, train_u8, test_u8, cfg, log)
     f_train, f_test = reference_features(dataset, feats, train_u8, test_u8, root / "features", log)
     f_s = feats(x)

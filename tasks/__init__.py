@@ -16,6 +16,10 @@ def dispatch(cfg: dict, out_dir: Path, log=print) -> dict:
         from .train import run_train
 
         return run_train(cfg, out_dir, log)
+    if cfg["mode"] == "eval" or (cfg["mode"] == "sample" and (cfg.get("eval") or {}).get("only")):
+        from .evaluate import run_eval
+
+        return run_eval(cfg, out_dir, log)
     if cfg["mode"] == "sample":
         try:
             from .sample import run_sample

@@ -49,8 +49,9 @@ def scatter_2d(
     _save_fig(fig, path)
 
 
-def image_grid(images: np.ndarray, path: Path, max_images: int = 64) -> None:
-    """Images (N, C, H, W) of uint8 as one PNG grid with a 1-pixel border."""
+def image_grid(images: np.ndarray, path: Path, max_images: int = 64, min_px: int = 64) -> None:
+    """Images (N, C, H, W) of uint8 as one PNG grid with a 1-pixel border, upscaled (nearest)
+    by a whole factor so each image is at least `min_px` pixels (8x8 digits: 8x, 28x28: 3x)."""
     from PIL import Image
 
     imgs = images[:max_images]
@@ -64,7 +65,7 @@ def image_grid(images: np.ndarray, path: Path, max_images: int = 64) -> None:
             im.transpose(1, 2, 0)
         )
     pil = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
-    scale = max(1, 256 // max(canvas.shape[:2]))
+    scale = max(1, math.ceil(min_px / max(h, w)), 256 // max(canvas.shape[:2]))
     pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
     buf = io.BytesIO()
     pil.save(buf, format="PNG")

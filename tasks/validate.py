@@ -9,7 +9,7 @@ import math
 
 from .common import DATA_NAMES, MODEL_NAMES, SDE_CLASSES, UserError
 
-MODES = ("train", "sample", "nll")
+MODES = ("train", "sample", "nll", "eval")
 LOSSES = ("dsm", "ssm", "ddpm", "smld")
 
 

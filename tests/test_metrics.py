@@ -4,7 +4,6 @@ limits, the feature classifier, the Inception-v3 loading path, and mode=eval end
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -165,3 +164,144 @@ def test_degraded_digits_have_a_higher_fid(digits_u8, classifier):
     clean = fid_from_features(f_test, f_train)
     assert fid_from_features(feats(blurred), f_train) > 2 * clean
     assert fid_from_features(feats(noisy), f_train) > 2 * clean
+
+
+# ---------------------------------------------------------------- Inception-v3 loading path
+
+
+class _NotWeights:  # a pickled object that a weights_only load must refuse
+    pass
+
+
+def test_inception_architecture_and_loading(tmp_path):
+    from metrics.inception import FIDInceptionV3, InceptionWeightsError, load_fid_inception
+
+    torch.manual_seed(0)
+    net = FIDInceptionV3()
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    good = tmp_path / "w.pth"
+    torch.save(state, good)
+    loaded = load_fid_inception(good)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        f = loaded(x)
+        assert f.shape == (2, 2048) and torch.allclose(f, net.eval()(x), atol=1e-5)
+        assert loaded(torch.rand(1, 1, 28, 28)).shape == (1, 2048)  # grey images repeated
+    assert sum(p.numel() for p in net.parameters()) == 23_850_960  # FID Inception-v3, 1008 classes
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a weights file at all")
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv.weight": torch.zeros(3)}, wrong)
+    shape = tmp_path / "shape.pth"
+    torch.save({**state, "Conv2d_1a_3x3.conv.weight": torch.zeros(1)}, shape)
+    pickled = tmp_path / "obj.pth"
+    torch.save({"x": _NotWeights()}, pickled)
+    for p, what in ((bad, "not a readable"), (wrong, "tensors missing"), (shape, "has shape"),
+                    (pickled, "not a readable")):
+        with pytest.raises(InceptionWeightsError, match=what) as e:
+            load_fid_inception(p)
+        assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- mode=eval end to end
+
+
+def _write_samples(path, raw):
+    np.savez(path, samples=raw, samples_model_space=raw)
+
+
+def test_mode_eval_on_test_digits_and_a_sample_run(tmp_path, digits_u8):
+    from runs import run_mode
+
+    d = digits_u8[0]
+    # the test split itself as "samples" (raw range 0..16): FID 0, full precision and recall
+    npz = tmp_path / "test_digits.npz"
+    _write_samples(npz, d.inverse_scaler(d.test).numpy())
+    m, out = run_mode(tmp_path, "ev_test", "mode=eval", "data=digits", f"eval.path={npz}",
+                      "eval.export_png=true")
+    assert m["features"] == "classifier" and m["feature_accuracy"] >= 0.93
+    assert m["fid"] < 1e-6 and m["precision"] == 1 and m["recall"] == 1
+    assert m["fid_floor_test_vs_train"] > 1 and m["memorisation_share"] < 0.05
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["fid"] == m["fid"] and saved["n_samples"] == 180
+    assert (out / "nearest_train.png").is_file() and (out / "samples.png").is_file()
+    pngs = sorted((out / "samples_png").glob("*.png"))
+    assert len(pngs) == 180
+    # the PNG folder scores exactly as the npz it came from
+    m2, _ = run_mode(tmp_path, "ev_png", "mode=eval", "data=digits",
+                     f"eval.path={out / 'samples_png'}")
+    assert m2["fid"] == pytest.approx(m["fid"], abs=1e-9) and m2["kid"] == m["kid"]
+    # two seeds on subsets: mean and min reported
+    m3, _ = run_mode(tmp_path, "ev_seeds", "mode=eval", "data=digits", f"eval.path={npz}",
+                     "eval.n_samples=100", "eval.seeds=[0,1]")
+    assert m3["n_samples"] == 100 and len(m3["per_seed"]) == 2
+    assert m3["fid_min"] <= m3["fid_mean"] and m3["fid"] == m3["fid_mean"]
+    # a sample run's samples.npz, found as the newest sample run when eval.path is unset
+    unet = ("data=digits", "model=unet", "model.ch=8")
+    run_mode(tmp_path, "tiny", *unet, "training.steps=3", "training.batch_size=8")
+    _, s_out = run_mode(tmp_path, "s", "mode=sample", *unet, "sampler=fast",
+                        "sampler.n_samples=40")
+    m4, _ = run_mode(tmp_path, "ev_s", "mode=eval", *unet)
+    assert m4["source"] == str(s_out / "samples.npz") and m4["n_samples"] == 40
+    assert m4["fid"] > 10 * m["fid_floor_test_vs_train"]  # an untrained model is far off
+
+
+def _rgb_folder(root, n=60, size=8):
+    from PIL import Image
+
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+            root / f"{i:03d}.png")
+    return root
+
+
+def test_mode_eval_rgb_without_and_with_bad_inception_weights(tmp_path):
+    from runs import compose_cfg
+
+    from tasks import dispatch
+    from tasks.common import UserError
+
+    folder = _rgb_folder(tmp_path / "rgb")
+    base = ("mode=eval", "data=folder", f"data.path={folder}", "data.channels=3",
+            f"eval.path={folder}")
+    lines = []
+    out = tmp_path / "o1"
+    out.mkdir()
+    m = dispatch(compose_cfg(tmp_path, *base), out, log=lines.append)
+    assert m["features"] == "pixels" and m["fid"] is None and 0 <= m["kid_std"]
+    missing = [ln for ln in lines if "Inception-v3 weights" in ln]
+    assert len(missing) == 1 and "pt_inception-2015-12-05-6726825d.pth" in missing[0]
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"\x80\x02garbage")
+    with pytest.raises(UserError, match="eval.inception_weights") as e:
+        dispatch(compose_cfg(tmp_path, *base, f"eval.inception_weights={corrupt}"), out)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="eval.features"):
+        dispatch(compose_cfg(tmp_path, *base, "eval.features=classifier"), out)
+    with pytest.raises(UserError, match="eval.seeds"):
+        dispatch(compose_cfg(tmp_path, *base, "eval.seeds=[]"), out)
+
+
+def test_user_feature_module(tmp_path, monkeypatch):
+    from metrics.features import user_features
+
+    mod = tmp_path / "my_feats.py"
+    mod.write_text("def make():\n    return lambda x: x.mean(dim=(2, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    f = user_features("my_feats:make")
+    assert f(np.full((3, 3, 4, 4), 255, np.uint8)).tolist() == [[1.0] * 3] * 3
+    from tasks.common import UserError
+
+    with pytest.raises(UserError, match="has no callable"):
+        user_features("my_feats:nothing")
+
+
+def test_grid_is_upscaled(tmp_path):
+    from PIL import Image
+
+    from tasks.figures import image_grid
+
+    image_grid(np.zeros((4, 1, 8, 8), np.uint8), tmp_path / "g.png")
+    assert Image.open(tmp_path / "g.png").size[0] >= 2 * 64
