@@ -18,13 +18,14 @@ from collections.abc import Callable
 
 import torch
 
-from sde_lib import SDE, ScoreFn, append_dims
+from sde_lib import SDE, ScoreFn, append_dims, randn_like
 
 from .grids import Step, get_grid, intervals
 
 
-def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def _randn(x: torch.Tensor, generator) -> torch.Tensor:
+    """Noise like x from a torch.Generator or a per-sample noise source (sde_lib.noise)."""
+    return randn_like(x, generator)
 
 
 # ---------------------------------------------------------------- predictors: x_t -> x_s, s < t

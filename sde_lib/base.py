@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 
+from .noise import as_noise
+
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -47,12 +49,12 @@ class SDE(abc.ABC):
         self,
         shape: tuple[int, ...],
         *,
-        generator: torch.Generator | None = None,
+        generator=None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """Draw x_T ~ N(0, prior_std^2 I) with the given full shape (B, *D)."""
-        z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        """Draw x_T ~ N(0, prior_std^2 I) of full shape (B, *D) from a generator or noise source."""
+        z = as_noise(generator).randn(shape, dtype=dtype, device=device)
         return self.prior_std() * z
 
     def prior_logp(self, z: torch.Tensor) -> torch.Tensor:

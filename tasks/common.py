@@ -126,6 +126,17 @@ def build_score_model(cfg: dict, sde: SDE, dataset: Dataset) -> torch.nn.Module:
     return ScoreModel(net, sde, c.get("parameterisation", "eps"), float(sigma_data))
 
 
+def start_processes(cfg: dict):
+    """The process group (under torchrun) and this process's device, from cfg['device'] and
+    cfg['dist_timeout_s']; a device that is not there is a UserError."""
+    from training.distributed import setup
+
+    try:
+        return setup(cfg["device"], timeout_s=float(cfg.get("dist_timeout_s", 600)))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def run_identity(cfg: dict) -> dict:
     """What a checkpoint must share with a run to be used by it: the SDE, data and model."""
     return {"sde": cfg["sde"], "data": cfg["data"], "model": cfg["model"]}

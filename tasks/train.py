@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from training import checkpoint as ckpt
-from training.distributed import broadcast_object, setup, teardown
+from training.distributed import broadcast_object, teardown
 from training.loop import NonFiniteError, TrainSettings, train
 from training.losses import make_loss
 
@@ -17,6 +17,7 @@ from .common import (
     build_sde,
     check_compatible,
     find_checkpoint,
+    start_processes,
 )
 from .logger import RunLogger
 
@@ -38,6 +39,11 @@ def settings_from(cfg: dict, dataset) -> TrainSettings:
         ckpt_every=int(t["ckpt_every"]),
         keep=int(t["keep"]),
         max_bad_steps=int(t["max_bad_steps"]),
+        batch_per_device=None if t["batch_per_device"] is None else int(t["batch_per_device"]),
+        random_flip=bool(t["random_flip"]),
+        precision=t["precision"],
+        tf32=bool(t["tf32"]),
+        compile=bool(t["compile"]),
     )
 
 
@@ -80,14 +86,23 @@ def _resume_state(cfg: dict, log):
     return path, state
 
 
+def _write_status(out_dir: Path, summary: dict) -> None:
+    ckpt.atomic_write_text(out_dir / "train.json", json.dumps(summary, indent=2))
+
+
 def run_train(cfg: dict, out_dir: Path, log=print) -> dict:
-    info = setup(cfg["device"])
+    info = start_processes(cfg)
     out_dir = Path(broadcast_object(str(out_dir), info))  # one run folder for all ranks
     try:
         sde = build_sde(cfg["sde"])
         dataset = build_dataset(cfg["data"])
         model = build_score_model(cfg, sde, dataset)
         settings = settings_from(cfg, dataset)
+        if settings.batch_size % info.world_size:
+            raise UserError(
+                f"training.batch_size={settings.batch_size} is not divisible by the "
+                f"{info.world_size} processes; use a multiple of {info.world_size}"
+            )
         t = cfg["training"]
         loss = make_loss(
             t["loss"],
@@ -101,12 +116,11 @@ def run_train(cfg: dict, out_dir: Path, log=print) -> dict:
         _, state = _resume_state(cfg, log if info.is_main else (lambda *a: None))
         out_dir = Path(out_dir)
         if info.is_main:
-            ckpt.atomic_write_text(
-                out_dir / "run.json",
-                json.dumps(
-                    {k: cfg[k] for k in ("sde", "data", "model", "training", "seed")}, indent=2
-                ),
-            )
+            meta = {k: cfg[k] for k in ("sde", "data", "model", "training", "seed")}
+            meta["planned_steps"] = settings.steps
+            ckpt.atomic_write_text(out_dir / "run.json", json.dumps(meta, indent=2))
+            _write_status(out_dir, {"status": "running", "step": 0,
+                                    "planned_steps": settings.steps})  # fmt: skip
             n_params = sum(p.numel() for p in model.parameters())
             log(
                 f"training {type(model.net).__name__} ({n_params / 1e6:.2f}M params) on "
@@ -130,6 +144,9 @@ def run_train(cfg: dict, out_dir: Path, log=print) -> dict:
                 log=log,
             )
         except NonFiniteError as e:
+            if info.is_main:
+                _write_status(out_dir, {"status": "failed", "error": str(e),
+                                        "planned_steps": settings.steps})  # fmt: skip
             raise UserError(str(e)) from None
         finally:
             if logger is not None:
@@ -139,13 +156,14 @@ def run_train(cfg: dict, out_dir: Path, log=print) -> dict:
     summary = {
         "status": result.status,
         "step": result.step,
+        "planned_steps": settings.steps,
         "final_loss": result.final_loss,
         "skipped_steps": result.skipped_steps,
         "seconds": round(result.seconds, 2),
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
     }
     if info.is_main:
-        ckpt.atomic_write_text(out_dir / "train.json", json.dumps(summary, indent=2))
+        _write_status(out_dir, summary)
         log(
             f"{result.status} at step {result.step}: loss {result.final_loss:.4g}, "
             f"{result.seconds:.1f} s; checkpoint {result.checkpoint}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -37,15 +38,20 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     raise ValueError(f"device={name!r} is not known; allowed: auto, cpu, cuda")
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1)."""
+def setup(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1).
+
+    `timeout_s` bounds every collective: a rank that died or hangs makes the others fail with
+    an error after at most that long instead of waiting for ever."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local)
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(
+            "nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s)
+        )
     return DistInfo(rank, world, local, dev)
 
 
@@ -54,11 +60,11 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum of x over the ranks (x itself in a single process); no host synchronisation."""
     if info.enabled:
         x = x.clone()
         dist.all_reduce(x)
-        x /= info.world_size
     return x
 
 

@@ -22,12 +22,19 @@ class EMA:
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, n_updates: int) -> None:
+    def update(self, model: nn.Module, n_updates: int, mask: torch.Tensor | None = None) -> None:
+        """One EMA step; with a boolean 0-dim `mask` that is False it changes nothing (decided
+        on the device, without a host round trip)."""
         d = min(self.decay, (1 + n_updates) / (10 + n_updates))
-        for e, p in zip(self.shadow.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - d)
+        params = list(self.shadow.parameters())
+        if mask is None:
+            torch._foreach_lerp_(params, [p.detach() for p in model.parameters()], 1.0 - d)
+        else:
+            w = mask.to(params[0].dtype) * (1.0 - d) if params else None
+            for e, p in zip(params, model.parameters()):
+                e.lerp_(p.detach(), w)
         for e, b in zip(self.shadow.buffers(), model.buffers()):
-            e.copy_(b)
+            e.copy_(b if mask is None else torch.where(mask, b, e))
 
     def state_dict(self) -> dict:
         return self.shadow.state_dict()

@@ -14,6 +14,8 @@ save, so a non-finite checkpoint is never written.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -28,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .distributed import DistInfo, all_reduce_mean, barrier
+from .data import BatchPlan
+from .distributed import DistInfo, all_reduce_sum, barrier
 from .ema import EMA
 
 
@@ -46,6 +49,11 @@ class TrainSettings:
     ckpt_every: int = 2000
     keep: int = 3
     max_bad_steps: int = 20
+    batch_per_device: int | None = None  # micro-batch size per process (gradient accumulation)
+    random_flip: bool = False  # images: horizontal flips, decided per example
+    precision: str = "fp32"  # fp32 | bf16 (autocast; weights, EMA and loss sums stay fp32)
+    tf32: bool = False  # CUDA: TF32 matmuls and convolutions
+    compile: bool = False  # torch.compile the network
 
 
 @dataclass
@@ -132,20 +140,29 @@ def train(
     logger=None,
     progress: bool = True,
     log=print,
+    callback=None,
 ) -> TrainResult:
-    """Train `model` (a score model) with `loss_fn(score_fn, x0, generator) -> (B,)`.
+    """Train `model` (a score model) with `loss_fn(score_fn, x0, noise) -> (B,)`.
 
     Writes checkpoints to out_dir/checkpoints and the loss curve to out_dir/loss.png (rank 0).
-    `resume` is a loaded checkpoint state to continue from.
+    `resume` is a loaded checkpoint state to continue from; `callback(step, model)`, if given,
+    runs on every rank after every optimiser step (tests use it to compare ranks).
     """
     s, dev, main = settings, dist_info.device, dist_info.is_main
+    world = dist_info.world_size
     model.to(dev)
+    if dataset.train is not None and dev.type != "cpu":  # the in-memory set lives on the device
+        dataset = dataclasses.replace(dataset, train=dataset.train.to(dev))
+    if dev.type == "cuda" and s.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     ema = EMA(model, s.ema_decay)
-    opt = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    # fused: one kernel per step, and it skips a non-finite step on the device (found_inf)
+    opt = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(s.warmup))
-    data_g = torch.Generator().manual_seed(s.seed * 1000 + dist_info.rank)
-    noise_g = torch.Generator(device=dev).manual_seed(s.seed * 1000 + 500 + dist_info.rank)
-    step, bad_in_row, skipped = 0, 0, 0
+    plan = BatchPlan(dataset, s.batch_size, s.seed, dist_info.rank, world, s.batch_per_device,
+                     s.random_flip)  # fmt: skip
+    step, skipped = 0, 0
     history: dict = {"step": [], "loss": []}
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -154,23 +171,21 @@ def train(
         sched.load_state_dict(resume["scheduler"])
         step, skipped = int(resume["step"]), int(resume.get("skipped_steps", 0))
         rng = resume["rng"][dist_info.rank] if dist_info.rank < len(resume["rng"]) else None
-        if rng is not None:
-            data_g.set_state(rng["data"])
-            noise_g.set_state(rng["noise"].to(noise_g.get_state().device))
+        if rng is not None and "torch" in rng:  # torch's own generator (dropout)
             torch.set_rng_state(rng["torch"])
         history = {k: list(v) for k, v in resume.get("history", history).items()}
     net = DDP(model) if dist_info.enabled else model
+    forward = torch.compile(net) if s.compile else net
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
     ckpt_dir = Path(out_dir) / "checkpoints"
+    # how often the host reads the device: every step on the CPU (free there), else at log steps
+    check_every = 1 if dev.type == "cpu" else s.log_every
 
     def gather_rng() -> list:
-        mine = {
-            "data": data_g.get_state(),
-            "noise": noise_g.get_state().cpu(),
-            "torch": torch.get_rng_state(),
-        }
+        mine = {"torch": torch.get_rng_state()}
         if not dist_info.enabled:
             return [mine]
-        out: list = [None] * dist_info.world_size
+        out: list = [None] * world
         torch.distributed.all_gather_object(out, {k: v.tolist() for k, v in mine.items()})
         return [{k: torch.tensor(v, dtype=torch.uint8) for k, v in o.items()} for o in out]
 
@@ -220,8 +235,10 @@ def train(
         mininterval=1.0,
     )
     t_start, t_log, step_log = time.perf_counter(), time.perf_counter(), step
-    interval_losses: list[float] = []
-    last_path, status, last_loss = None, "finished", float("nan")
+    # device-side tallies, read by the host only every `check_every` / `log_every` steps
+    zero = torch.zeros((), device=dev)
+    loss_sum, good, bad_in_row, bad_total = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+    last_path, status, last_loss, gnorm = None, "finished", float("nan"), zero
     model.train()
     with _StopFlag() as stop:
         stop_now = False
@@ -231,40 +248,55 @@ def train(
                 who = f"signal {stop.signum}" if stop.signum else "a signal on another rank"
                 log(f"received {who}: saving a checkpoint at step {step}, stopping")
                 break
-            x0 = dataset.train_batch(s.batch_size, data_g).to(dev)
-            loss = loss_fn(net, x0, noise_g).mean()
+            micro = plan.micro_batches(step, dev)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            local = zero.clone()
+            for j, (x0, noise) in enumerate(micro):
+                sync = not dist_info.enabled or j == len(micro) - 1
+                with contextlib.nullcontext() if sync else net.no_sync():
+                    with autocast:
+                        per_example = loss_fn(forward, x0, noise)
+                    part = per_example.float().sum()
+                    # DDP averages over ranks: this makes the gradient that of the global mean
+                    (part * (world / s.batch_size)).backward()
+                local += part.detach()
             gnorm = nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-            # one collective for the mean loss and "has any rank been asked to stop"
-            asked = torch.tensor(float(stop.signum is not None), dtype=loss.dtype, device=dev)
-            reduced = all_reduce_mean(torch.stack([loss.detach(), asked]), dist_info)
-            loss_all, stop_now = reduced[0], bool(reduced[1] > 0)
-            if not (torch.isfinite(loss_all) and torch.isfinite(gnorm)):
-                # skip: the weights, optimiser, schedule and EMA stay as they were
-                skipped, bad_in_row = skipped + 1, bad_in_row + 1
-                opt.zero_grad(set_to_none=True)
-                if bad_in_row >= s.max_bad_steps:
+            # one collective for the global loss and "has any rank been asked to stop"
+            asked = torch.tensor(float(stop.signum is not None), device=dev)
+            reduced = all_reduce_sum(torch.stack([local, asked]), dist_info)
+            loss_step = reduced[0] / s.batch_size
+            ok = torch.isfinite(loss_step) & torch.isfinite(gnorm)
+            # a non-finite step changes nothing: Adam skips it (found_inf), the EMA holds still
+            opt.found_inf = (~ok).float()
+            opt.step()
+            sched.step()
+            ema.update(model, step, mask=ok)
+            bad_in_row = (bad_in_row + 1) * (~ok)
+            bad_total += ~ok
+            loss_sum += torch.where(ok, loss_step, zero)
+            good += ok
+            step += 1
+            bar.update(1)
+            if callback is not None:
+                callback(step, model)
+            if step % check_every == 0 or step == s.steps:
+                stop_now = bool(reduced[1] > 0) if dist_info.enabled else stop.signum is not None
+                row = int(bad_in_row)
+                if row >= s.max_bad_steps:
+                    skipped += int(bad_total)
                     bar.close()
-                    if step > 0:  # the weights are those of the last good step
+                    if step > row:  # the weights are those of the last good step
                         last_path = save_checkpoint(final=True)
                     raise NonFiniteError(
-                        f"{bad_in_row} non-finite losses/gradients in a row at step {step}; "
+                        f"{row} non-finite losses/gradients in a row at step {step}; "
                         f"last good checkpoint: {last_path or 'none'}; lower training.lr, "
                         "check the data, or raise training.max_bad_steps"
                     )
-                continue
-            bad_in_row = 0
-            opt.step()
-            sched.step()
-            ema.update(model, step)
-            step += 1
-            last_loss = float(loss_all)
-            interval_losses.append(last_loss)
-            bar.update(1)
             if step % s.log_every == 0 or step == s.steps:
                 now = time.perf_counter()
-                mean_loss = sum(interval_losses) / len(interval_losses)
+                n_good = int(good)
+                skipped += int(bad_total)
+                mean_loss = float(loss_sum) / n_good if n_good else float("nan")
                 metrics = {
                     "loss": mean_loss,
                     "lr": sched.get_last_lr()[0],
@@ -272,14 +304,20 @@ def train(
                     "skipped_steps": skipped,
                     "steps_per_s": (step - step_log) / max(now - t_log, 1e-9),
                 }
-                history["step"].append(step)
-                history["loss"].append(mean_loss)
-                interval_losses, t_log, step_log = [], now, step
+                loss_sum.zero_(), good.zero_(), bad_total.zero_()
+                if n_good:
+                    history["step"].append(step)
+                    history["loss"].append(mean_loss)
+                    last_loss = mean_loss
+                t_log, step_log = now, step
                 bar.set_postfix(loss=f"{mean_loss:.4g}")
                 if logger is not None and main:
                     logger.log(metrics, step=step)
             if step % s.ckpt_every == 0 and step < s.steps and not stop_now:
+                skipped += int(bad_total)
+                bad_total.zero_()
                 last_path = save_checkpoint()
+        skipped += int(bad_total)
         last_path = save_checkpoint(final=True)
     bar.close()
     if not math.isfinite(last_loss) and history["loss"]:

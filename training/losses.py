@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sde_lib import SDE, ScoreFn, append_dims
+from sde_lib import SDE, ScoreFn, append_dims, as_noise
 
 
 def _sum(v: torch.Tensor) -> torch.Tensor:
@@ -16,14 +16,14 @@ def _sum(v: torch.Tensor) -> torch.Tensor:
 
 
 def _perturb(sde: SDE, x0: torch.Tensor, t: torch.Tensor, g: torch.Generator | None):
-    z = torch.randn(x0.shape, generator=g, dtype=x0.dtype, device=x0.device)
+    z = as_noise(g).randn(x0.shape, dtype=x0.dtype, device=x0.device)
     alpha, sigma = sde.alpha_sigma(t)
     alpha, sigma = alpha.to(x0.dtype), sigma.to(x0.dtype)
     return append_dims(alpha, x0.ndim) * x0 + append_dims(sigma, x0.ndim) * z, z, sigma
 
 
 def _uniform_t(n: int, sde: SDE, eps: float, x0: torch.Tensor, g: torch.Generator | None):
-    u = torch.rand(n, generator=g, dtype=x0.dtype, device=x0.device)
+    u = as_noise(g).rand((n,), dtype=x0.dtype, device=x0.device)
     return eps + (sde.T - eps) * u
 
 
@@ -64,7 +64,9 @@ class SSMLoss:
         self.sde, self.eps, self.n, self.projection = sde, eps, n_projections, projection
 
     def _probe(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-        v = torch.randn((self.n, *x.shape), generator=g, dtype=x.dtype, device=x.device)
+        # drawn as (B, n, *D) so that each example's probes are its own (per-example noise)
+        v = as_noise(g).randn((x.shape[0], self.n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        v = v.transpose(0, 1)
         return v.sign() if self.projection == "rademacher" else v
 
     def __call__(self, score_fn: ScoreFn, x0: torch.Tensor, g: torch.Generator | None = None):
@@ -100,7 +102,7 @@ class DiscreteDSMLoss:
         self.sde = sde
 
     def __call__(self, score_fn: ScoreFn, x0: torch.Tensor, g: torch.Generator | None = None):
-        i = torch.randint(len(self.times), (x0.shape[0],), generator=g, device=x0.device)
+        i = as_noise(g).randint(len(self.times), (x0.shape[0],), device=x0.device)
         t = self.times.to(x0.device)[i].to(x0.dtype)
         xt, z, sigma = _perturb(self.sde, x0, t, g)
         s = score_fn(xt, t)
