@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from sde_lib import SDE, ScoreFn
+from sde_lib import SDE, ScoreFn, randn_like
 
 from .grids import get_grid, intervals
 
@@ -48,5 +48,5 @@ def sample_ddim(
         x0 = (x + st.sigma_t**2 * score) / st.alpha_t
         x = st.alpha_s * x0 - (max(st.sigma_s**2 - c**2, 0.0) ** 0.5 * st.sigma_t) * score
         if c > 0:
-            x = x + c * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + c * randn_like(x, generator)
     return x

@@ -106,6 +106,10 @@ def validate_training(cfg: dict) -> None:
     _num(cfg, f"{t}.eps", lo=0, lo_open=True, hi=0.5)
     for k in ("log_every", "ckpt_every", "keep", "max_bad_steps"):
         _num(cfg, f"{t}.{k}", kind=int, lo=1)
+    _num(cfg, f"{t}.batch_per_device", kind=int, lo=1, none_ok=True)
+    _choice(cfg, f"{t}.precision", ("fp32", "bf16"))
+    for k in ("tf32", "compile", "random_flip"):
+        _choice(cfg, f"{t}.{k}", (True, False))
 
 
 def validate_sampler(cfg: dict) -> None:
