@@ -18,9 +18,20 @@ from .api import (
 )
 from .ddim import sample_ddim
 from .dpm_solver import sample_dpm_solver
-from .grids import GRIDS, edm_grid, get_grid, logsnr_grid, uniform_grid
+from .dpm_solver3 import sample_dpm_solver3
+from .grids import (
+    GRIDS,
+    edm_grid,
+    get_grid,
+    load_schedule,
+    logsnr_grid,
+    quadratic_grid,
+    save_schedule,
+    uniform_grid,
+)
 from .heun import sample_heun
 from .inpaint import inpaint, inpaint_resampled
+from .ipndm import sample_ipndm
 from .ode import ADAPTIVE_METHODS, FIXED_METHODS, sample_ode
 from .pc import (
     CORRECTORS,
@@ -30,6 +41,7 @@ from .pc import (
     sample_pc,
     sample_reverse_diffusion,
 )
+from .unipc import sample_unipc
 
 __all__ = [
     "ADAPTIVE_METHODS",
@@ -47,17 +59,23 @@ __all__ = [
     "get_grid",
     "inpaint",
     "inpaint_resampled",
+    "load_schedule",
     "logsnr_grid",
+    "quadratic_grid",
     "sample",
     "sample_ancestral",
     "sample_ddim",
     "sample_dpm_solver",
+    "sample_dpm_solver3",
     "sample_em",
     "sample_heun",
+    "sample_ipndm",
     "sample_ode",
     "sample_pc",
     "sample_reverse_diffusion",
+    "sample_unipc",
     "sampler_options",
+    "save_schedule",
     "tweedie_denoise",
     "uniform_grid",
 ]

@@ -22,9 +22,12 @@ from sde_lib import SDE, ScoreFn
 
 from .ddim import decaying_alpha, sample_ddim
 from .dpm_solver import sample_dpm_solver
+from .dpm_solver3 import sample_dpm_solver3
 from .heun import sample_heun
+from .ipndm import sample_ipndm
 from .ode import sample_ode, solve_flow
 from .pc import sample_ancestral, sample_em, sample_pc, sample_reverse_diffusion
+from .unipc import sample_unipc
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "em": sample_em,
@@ -36,6 +39,9 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpm_solver": sample_dpm_solver,
     "fast": sample_dpm_solver,
     "heun": sample_heun,
+    "dpm_solver3": sample_dpm_solver3,
+    "unipc": sample_unipc,
+    "ipndm": sample_ipndm,
 }
 
 # name -> check(sde) returning None when the sampler applies, else what it needs

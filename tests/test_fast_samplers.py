@@ -1,0 +1,224 @@
+"""Fast samplers: DPM-Solver++(3M), UniPC, iPNDM, the time grids and schedule files, `fast`.
+
+Convergence orders are measured on a diagonal Gaussian law N(mu, diag(c)) (c = 0.1, 0.3, 1, 3),
+where the probability-flow map is known in closed form,
+  x_s = alpha_s mu + sqrt((alpha_s^2 c + sigma_s^2) / (alpha_t^2 c + sigma_t^2)) (x_t - alpha_t mu)
+as the least-squares log-log slope of the error (rms over 16 points, worst coordinate) against the
+number of steps. Quality is the gap of the mean exact log-density of the samples to that of fresh
+data, as in issue 10.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from closed_form import exact_score, gmm8, make_sde, mixture5d
+from runs import run_mode
+
+import samplers
+from models.exact import GaussianMixture
+from sde_lib import VESDE
+
+torch.set_num_threads(1)
+
+VAR = torch.tensor([0.1, 0.3, 1.0, 3.0], dtype=torch.float64)
+MU = torch.tensor([0.7, -1.2, 0.3, 0.0], dtype=torch.float64)
+
+
+def flow_error(sde, sampler, steps, eps, grid, **options):
+    """Worst-coordinate rms error of `sampler` against the exact flow map from T to eps."""
+    law = GaussianMixture([1.0], MU[None], VAR[None])
+    x = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = x * sde.prior_std()
+    a, s = sde.alpha_sigma(torch.tensor([sde.T, eps], dtype=torch.float64))
+    exact = a[1] * MU + ((a[1] ** 2 * VAR + s[1] ** 2) / (a[0] ** 2 * VAR + s[0] ** 2)).sqrt() * (
+        x - a[0] * MU
+    )
+    ts = grid(sde, steps, eps) if callable(grid) else grid
+    y = samplers.SAMPLERS[sampler](sde, exact_score(sde, law), x.clone(), steps=steps, eps=eps,
+                                   grid=ts, **options)  # fmt: skip
+    return (y - exact).square().mean(0).sqrt().max().item()
+
+
+def slope(ns, errors):
+    lx, ly = torch.tensor(ns).double().log(), torch.tensor(errors).log()
+    return -(((lx - lx.mean()) * (ly - ly.mean())).sum() / (lx - lx.mean()).square().sum()).item()
+
+
+EPS = {"vp": 0.2, "subvp": 0.2, "ve": 0.3}  # end inside the law's transition, so the rate shows
+NS = [16, 32, 64, 128]
+
+
+# (sampler, options, stated order); all with lower_order_final=False on the logSNR grid
+ORDERS = [
+    ("dpm_solver3", {}, 3),
+    ("unipc", dict(order=1), 2),
+    ("unipc", dict(order=2), 3),
+    ("unipc", dict(order=3), 4),
+    ("unipc", dict(order=3, variant="bh1"), 4),
+    ("unipc", dict(order=3, corrector=False), 3),
+]
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve"])
+@pytest.mark.parametrize(("sampler", "options", "order"), ORDERS)
+def test_exponential_solvers_converge_at_their_order(sde_name, sampler, options, order):
+    """Measured slopes 2.9-4.3; tolerance -0.3 / +0.6 around the stated order."""
+    sde = make_sde(sde_name)
+    errors = [flow_error(sde, sampler, n, EPS[sde_name], "logsnr", lower_order_final=False,
+                         **options) for n in NS]  # fmt: skip
+    assert order - 0.3 <= slope(NS, errors) <= order + 0.6, errors
+    assert errors[-1] < 1e-3 * 10 ** (2 - order)
+
+
+@pytest.mark.parametrize(("order", "lowest"), [(2, 1.7), (3, 2.65), (4, 3.2)])
+def test_ipndm_converges_at_its_order_on_a_sigma_uniform_grid(order, lowest):
+    """iPNDM's fixed coefficients are those of equal steps in sigma / alpha (EDM, rho = 1).
+
+    Measured slopes 1.95 / 2.76 / 3.46 over 32-256 steps: orders 2 and 3 as stated; order 4 sits
+    between 3 and 4 at these step counts because its first (Euler) warm-up step has a local error
+    of O(h^2). Bounds: `lowest` to order + 0.6.
+    """
+    sde = VESDE(sigma_min=0.1, sigma_max=10.0)
+    ns = [32, 64, 128, 256]
+
+    def grid(sde, n, eps):
+        return samplers.edm_grid(sde, n, eps, rho=1.0)
+
+    errors = [flow_error(sde, "ipndm", n, 0.5, grid, order=order, lower_order_final=False)
+              for n in ns]  # fmt: skip
+    assert lowest <= slope(ns, errors) <= order + 0.6, errors
+
+
+def test_ipndm_is_second_order_on_other_grids():
+    sde = make_sde("vp")
+    errors = [flow_error(sde, "ipndm", n, 0.2, "logsnr", lower_order_final=False) for n in NS]
+    assert 1.7 <= slope(NS, errors) <= 2.6, errors
+
+
+def test_unipc2_bh2_predictor_is_dpm_solver_2m():
+    """UniP-2 with B(h) = e^h - 1 and a_1 = 1/2 is exactly DPM-Solver++(2M)."""
+    sde, law = make_sde("vp"), gmm8()
+    x = sde.prior_sampling((64, 2), generator=torch.Generator().manual_seed(0)).double()
+    score = exact_score(sde, law)
+    a = samplers.sample_unipc(sde, score, x, steps=12, order=2, corrector=False,
+                              lower_order_final=False)  # fmt: skip
+    b = samplers.sample_dpm_solver(sde, score, x, steps=12)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- NFE and options
+
+
+@pytest.mark.parametrize(
+    ("sampler", "steps", "options", "nfe"),
+    [
+        ("dpm_solver3", 9, {}, 10),
+        ("dpm_solver3", 9, dict(denoise=False), 9),
+        ("unipc", 9, {}, 10),
+        ("unipc", 9, dict(corrector=False, order=1), 10),
+        ("ipndm", 9, {}, 10),
+        ("ipndm", 1, dict(denoise=False), 1),
+        ("fast", 9, {}, 10),
+        ("fast", 19, {}, 20),
+        ("fast", 4, dict(denoise=False), 4),
+    ],
+)
+def test_nfe_is_steps_plus_the_denoising(sampler, steps, options, nfe):
+    sde = make_sde("vp")
+    x, count = samplers.sample(sde, exact_score(sde, gmm8()), (16, 2), sampler, steps, **options)
+    assert count == nfe and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize(
+    ("sampler", "options", "match"),
+    [
+        ("dpm_solver3", dict(order=4), r"order must be an integer in 1\.\.3, got 4"),
+        ("dpm_solver3", dict(lower_order_final="yes"), r"lower_order_final must be True or Fal"),
+        ("unipc", dict(variant="bh3"), r"unknown UniPC variant 'bh3'; allowed: bh1, bh2"),
+        ("unipc", dict(order=0), r"order must be an integer in 1\.\.3, got 0"),
+        ("unipc", dict(corrector=1), r"corrector must be True or False, got 1"),
+        ("ipndm", dict(order=5), r"order must be an integer in 1\.\.4, got 5"),
+        ("ipndm", dict(grid="cosine"), r"unknown grid 'cosine'; allowed: uniform, logsnr, edm, q"),
+        ("fast", dict(solver="rk4"), r"unknown solver 'rk4' for sampler 'fast'; allowed: auto, "),
+        ("unipc", dict(beta=1), r"unknown option 'beta' for sampler 'unipc'; allowed: grid, "),
+    ],
+)
+def test_bad_options_raise_one_line(sampler, options, match):
+    sde = make_sde("vp")
+    with pytest.raises(ValueError, match=match) as err:
+        samplers.sample(sde, exact_score(sde, gmm8()), (4, 2), sampler, **options)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["dpm_solver3", "unipc", "ipndm", "fast"])
+def test_each_new_sampler_runs_from_run_py(tmp_path, name):
+    m, _ = run_mode(tmp_path, name, "mode=sample", "model=exact", "data=gmm8", f"sampler={name}",
+                    "sampler.steps=9", "sampler.n_samples=2000", "sampler.batch_size=2000")
+    assert m["sampler"] == name and m["nfe"] == 10
+    gap = abs(m["exact_loglik_mean"] - m["exact_loglik_mean_fresh_data"])
+    assert gap < 0.5, gap
+
+
+def test_bad_new_option_from_run_py_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown UniPC variant 'x'"):
+        run_mode(tmp_path, "bad", "mode=sample", "model=exact", "sampler=unipc",
+                 "sampler.variant=x", "sampler.n_samples=10")  # fmt: skip
+
+
+# ---------------------------------------------------------------- grids and schedule files
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve"])
+def test_quadratic_grid_is_uniform_in_sqrt_t(sde_name):
+    sde = make_sde(sde_name)
+    ts = samplers.get_grid("quadratic", sde, 10, 1e-3)
+    assert ts[0].item() == sde.T and ts[-1].item() == 1e-3 and (ts.diff() < 0).all()
+    root = ts.sqrt().diff()
+    torch.testing.assert_close(root, root.mean().expand(10), rtol=1e-9, atol=1e-12)
+
+
+def _write(path, times):
+    path.write_text(json.dumps({"times": times}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "steps", "match"),
+    [
+        (None, 3, r"grid file '.*missing\.json' does not exist"),
+        ("{not json", 3, r"is not a readable JSON schedule"),
+        ('{"t": [1, 0.001]}', 3, r"need a JSON object with a list 'times'"),
+        ([1.0, 0.5, 0.001], 3, r"has 2 steps \(3 times\) but steps=3; set steps=2"),
+        ([1.0, 0.2, 0.5, 0.001], 3, r"must decrease strictly from T to eps; t\[1\]=0\.2"),
+        ([0.9, 0.5, 0.2, 0.001], 3, r"must run from T=1\.0 to eps=0\.001"),
+        ([1.0, 0.5, 0.2, 0.01], 3, r"must run from T=1\.0 to eps=0\.001"),
+        ([1.0, 0.5, "a", 0.001], 3, r"the times must be a list of numbers"),
+    ],
+)
+def test_bad_schedule_files_raise_clear_errors(tmp_path, content, steps, match):
+    sde = make_sde("vp")
+    path = tmp_path / "missing.json"
+    if content is not None:
+        path = tmp_path / "s.json"
+        path.write_text(content if isinstance(content, str) else json.dumps({"times": content}))
+    with pytest.raises(ValueError, match=match):
+        samplers.sample(sde, exact_score(sde, gmm8()), (4, 2), "unipc", steps, grid=str(path))
+
+
+def test_schedule_file_is_used_by_every_grid_option(tmp_path):
+    sde = make_sde("vp")
+    ts = samplers.get_grid("edm", sde, 6, 1e-3)
+    path = samplers.save_schedule(tmp_path / "s.json", ts, note="edm")
+    torch.testing.assert_close(samplers.get_grid(str(path), sde, 6, 1e-3), ts, rtol=0, atol=1e-15)
+    score = exact_score(sde, gmm8())
+    x = sde.prior_sampling((32, 2), generator=torch.Generator().manual_seed(0))
+    for name in ("dpm_solver", "dpm_solver3", "unipc", "ipndm", "ddim", "heun", "em"):
+        a, _ = samplers.sample(sde, score, (32, 2), name, 6, x_T=x, grid=str(path),
+                               generator=torch.Generator().manual_seed(1))  # fmt: skip
+        b, _ = samplers.sample(sde, score, (32, 2), name, 6, x_T=x, grid="edm",
+                               generator=torch.Generator().manual_seed(1))  # fmt: skip
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
