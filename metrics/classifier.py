@@ -21,7 +21,7 @@ from torch import nn
 
 from training.checkpoint import atomic_write
 
-ARCH_VERSION = "cnn-v1"
+ARCH_VERSION = "cnn-v2"
 # epochs None: 15 for images up to 16 px (digits: ~4 s on one CPU thread), else 8 (MNIST: ~30 s)
 SETTINGS = {"epochs": None, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4, "seed": 0}
 
@@ -29,8 +29,10 @@ SETTINGS = {"epochs": None, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4, 
 class SmallCNN(nn.Module):
     """conv32-conv32-pool-conv64-conv64-avgpool(2x2)-fc128-fc(classes) for (N, C, H, W) in [-1, 1].
 
-    `features(x)` is the 128-D post-ReLU penultimate layer (N, 128); `forward(x)` the logits.
-    Works for any H, W >= 2 (the adaptive pooling fixes the flattened size).
+    `features(x)` is the 128-D post-ReLU penultimate layer (N, 128) divided by `feature_scale`
+    (set after training to the RMS of the training set's features, so that features are O(1)
+    as Inception's are and KID's cubic kernel (x·y/d + 1)^3 stays in its usual regime);
+    `forward(x)` gives the logits. Works for any H, W >= 2 (adaptive pooling).
     """
 
     def __init__(self, channels: int, n_classes: int, width: int = 32, feature_dim: int = 128):
@@ -46,9 +48,10 @@ class SmallCNN(nn.Module):
             nn.Linear(8 * w, feature_dim), nn.ReLU(),
         )  # fmt: skip
         self.head = nn.Linear(feature_dim, n_classes)
+        self.register_buffer("feature_scale", torch.ones(()))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return self.body(x) / self.feature_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
@@ -116,6 +119,9 @@ def train_classifier(train_uint8, train_labels, settings: dict = SETTINGS, log=p
             opt.step()
             sched.step()
     model.eval()
+    with torch.no_grad():
+        f = torch.cat([model.body(x[i : i + 512]) for i in range(0, len(x), 512)])
+        model.feature_scale.fill_(float(f.square().mean().sqrt().clamp_min(1e-8)))
     return model
 
 
