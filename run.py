@@ -18,35 +18,94 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def check_overrides(args: list[str]) -> None:
-    """Compose the config once before Hydra's own entry so that a bad override is one line."""
+def _first_job(overrides: list) -> list[str]:
+    """The overrides of a sweep's first job (each sweep replaced by its first value), as text."""
+    out = []
+    for o in overrides:
+        if o.is_sweep_override():
+            first = next(iter(o.sweep_string_iterator()), None)
+            out.append(f"{o.get_key_element()}={first}")
+        else:
+            out.append(o.input_line)
+    return out
+
+
+def _check_group_values(overrides: list) -> None:
+    """Each value given for a config group (every value of a sweep) names a file of the group."""
+    for o in overrides:
+        group = o.key_or_group
+        if group not in GROUPS or o.is_delete():
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        choices = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+        for v in values:
+            if isinstance(v, str) and v not in choices:
+                fail(
+                    f"{group}={v} is not a known {group} config; allowed: "
+                    f"{', '.join(choices)} (files in conf/{group}/)"
+                )
+
+
+def _check_writable(root: str) -> None:
+    """outputs_root must be a folder this process can create and write to."""
+    import tempfile
+
+    path = Path(root).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        fail(
+            f"outputs_root={root} is not a writable folder ({e.strerror or type(e).__name__}); "
+            "pass outputs_root=<a folder you can write to>"
+        )
+
+
+def check_args(argv: list[str]) -> None:
+    """Check the command line before Hydra's own entry, so that bad input is one line (exit 2).
+
+    The arguments are read by Hydra's own parser, so its flags (-m, --cfg job, --info, --help,
+    hydra/launcher=...) reach Hydra untouched; the overrides, sweeps included, are parsed by
+    Hydra's override grammar, every config-group value of a sweep is checked, and the first
+    job's config is composed (with Hydra's own config, so a launcher that is not installed is
+    named) and its outputs_root checked for writing.
+    """
     from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = [a for a in args if not a.startswith("-")]
+    args = get_args_parser().parse_args(argv)  # argparse itself exits 2 on an unknown flag
+    if args.help or args.hydra_help or args.shell_completion:
+        return
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
     except Exception as e:
-        fail(f"cannot parse the overrides {' '.join(overrides)}: {str(e).splitlines()[0]}")
-    for o in parsed:
-        group = o.key_or_group
-        if group in GROUPS and not o.is_delete() and isinstance(o.value(), str):
-            choices = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-            if o.value() not in choices:
-                fail(
-                    f"{group}={o.value()} is not a known {group} config; allowed: "
-                    f"{', '.join(choices)} (files in conf/{group}/)"
-                )
+        fail(f"cannot parse the overrides {' '.join(args.overrides)}: {str(e).splitlines()[0]}")
+    sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
+    if sweeps and not args.multirun:
+        fail(f"{' '.join(sweeps)} lists several values: add -m (--multirun) to sweep over them")
+    _check_group_values(parsed)
     try:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            compose("config", overrides=[o for o in overrides if not o.startswith("hydra")])
+            cfg = compose("config", overrides=_first_job(parsed), return_hydra_config=True)
     except Exception as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        fail(f"bad override: {' '.join(lines[:2]) or type(e).__name__}")
+        hint = ""
+        if any("hydra/launcher" in o for o in args.overrides):
+            hint = "; the Slurm launcher is an optional extra: pip install -e '.[slurm]'"
+        fail(f"bad override: {' '.join(lines[:2]) or type(e).__name__}{hint}")
     finally:
         GlobalHydra.instance().clear()
+    if not args.cfg and not args.info:
+        _check_writable(str(cfg.outputs_root))
+        if cfg.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                fail("device=cuda but no CUDA device is available; use device=cpu or device=auto")
 
 
 def main() -> None:
@@ -73,5 +132,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    check_overrides(sys.argv[1:])
+    check_args(sys.argv[1:])
     main()

@@ -151,8 +151,8 @@ class KeyedNoise:
             c = torch.arange(lanes * per_row, dtype=torch.int64, device=device)
             counter = ((c.view(per_row, lanes).t() + 1) * _GOLDEN & _MASK).unsqueeze(1)
             self._counters = {(per_row, lanes, device): counter}
-        # (row, draw) streams are told apart by 64 bits: a and b; for a fixed stream the two
-        # finaliser rounds are a bijection of the counter, and distinct streams give distinct sequences
+        # (row, draw) streams are told apart by 64 bits (a, b); for a fixed stream the two
+        # finaliser rounds are a bijection of the counter: distinct streams, distinct sequences
         d = _mix_int((self.draws * _GOLDEN + 0x632BE5AB) & _MASK)
         self.draws += 1
         a = (self._rows[0] ^ d).view(1, -1, 1)

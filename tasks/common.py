@@ -157,34 +157,62 @@ def find_checkpoint(cfg: dict, log=print) -> tuple[Path, dict]:
             raise UserError(str(e)) from None
         return path, state
     root = Path(cfg["outputs_root"])
-    want = {"sde": cfg["sde"], "data": cfg["data"]}
-    candidates = []
-    for run_json in root.glob("train/*/run.json"):
-        try:
-            meta = json.loads(run_json.read_text())
-        except (OSError, ValueError):
-            continue
-        if {"sde": meta.get("sde"), "data": meta.get("data")} != want:
-            continue
-        for p in ckpt.list_checkpoints(run_json.parent / "checkpoints"):
-            candidates.append((p.stat().st_mtime, p))
-    for _, path in sorted(candidates, reverse=True):
-        try:
-            state = ckpt.load(path)
-        except ckpt.CheckpointError as e:
-            log(f"warning: {e}; trying an older checkpoint")
-            continue
-        log(
-            f"using checkpoint {path} (newest sde={cfg['sde']['name']} "
-            f"data={cfg['data']['name']} training run under {root})"
-        )
-        return path, state
+    runs = matching_runs(cfg, log)
+    # finished runs first (newest first), then unfinished or failed ones (newest first)
+    runs.sort(key=lambda r: (r["status"] == "finished", r["mtime"]), reverse=True)
+    for run in runs:
+        for path in reversed(ckpt.list_checkpoints(run["dir"] / "checkpoints")):
+            try:
+                state = ckpt.load(path)
+            except ckpt.CheckpointError as e:
+                log(f"warning: {e}; trying an older checkpoint")
+                continue
+            what = f"newest finished sde={cfg['sde']['name']} data={cfg['data']['name']} run"
+            if run["status"] != "finished":
+                what = (
+                    f"warning: no finished sde={cfg['sde']['name']} data={cfg['data']['name']} "
+                    f"run, so the newest {run['status']} one: step {state.get('step')} of "
+                    f"{run['planned'] or '?'} planned"
+                )
+            log(f"using checkpoint {path} ({what} under {root})")
+            return path, state
     raise UserError(
         f"no checkpoint for sde={cfg['sde']['name']} data={cfg['data']['name']} "
         f"under {root}/train; "
         f"train first (python run.py mode=train sde={cfg['sde']['name']} "
         f"data={cfg['data']['name']}) or pass ckpt=PATH"
     )
+
+
+def matching_runs(cfg: dict, log=print) -> list[dict]:
+    """Training runs under outputs_root/train (sweep jobs included) with this sde and data:
+    dicts of dir, status (finished | interrupted | failed | running | unknown), planned steps
+    and the mtime of their newest checkpoint (runs without a checkpoint are left out)."""
+    root = Path(cfg["outputs_root"])
+    want = {"sde": cfg["sde"], "data": cfg["data"]}
+    runs = []
+    for run_json in root.glob("train/**/run.json"):
+        try:
+            meta = json.loads(run_json.read_text())
+        except (OSError, ValueError) as e:
+            log(f"warning: skipping run {run_json.parent}: unreadable run.json ({e})")
+            continue
+        if not isinstance(meta, dict) or {k: meta.get(k) for k in want} != want:
+            continue
+        paths = ckpt.list_checkpoints(run_json.parent / "checkpoints")
+        if not paths:
+            continue
+        try:
+            status = json.loads((run_json.parent / "train.json").read_text()).get("status")
+        except (OSError, ValueError, AttributeError):
+            status = None
+        runs.append({
+            "dir": run_json.parent,
+            "status": status or "unknown",
+            "planned": meta.get("planned_steps"),
+            "mtime": paths[-1].stat().st_mtime,
+        })  # fmt: skip
+    return runs
 
 
 def check_compatible(cfg: dict, saved: dict, path: Path) -> None:

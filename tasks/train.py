@@ -17,6 +17,7 @@ from .common import (
     build_sde,
     check_compatible,
     find_checkpoint,
+    matching_runs,
     start_processes,
 )
 from .logger import RunLogger
@@ -52,26 +53,17 @@ def _resume_state(cfg: dict, log):
     if not cfg.get("resume"):
         return None, None
     if not cfg.get("ckpt"):
-        root = Path(cfg["outputs_root"]) / "train"
-        runs = sorted(root.glob("*/run.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for run_json in runs:
-            try:
-                meta = json.loads(run_json.read_text())
-            except (OSError, ValueError) as e:
-                log(f"warning: skipping run {run_json.parent}: unreadable run.json ({e})")
-                continue
-            if not isinstance(meta, dict):
-                continue
-            if {k: meta.get(k) for k in ("sde", "data")} != {k: cfg[k] for k in ("sde", "data")}:
-                continue
-            found = ckpt.latest_valid(run_json.parent / "checkpoints", log)
+        runs = sorted(matching_runs(cfg, log), key=lambda r: r["mtime"], reverse=True)
+        for run in runs:
+            found = ckpt.latest_valid(run["dir"] / "checkpoints", log)
             if found:
                 path, state = found
                 break
         else:
             raise UserError(
                 f"resume=true but no readable checkpoint for sde={cfg['sde']['name']} "
-                f"data={cfg['data']['name']} under {root}; train without resume first"
+                f"data={cfg['data']['name']} under {Path(cfg['outputs_root']) / 'train'}; "
+                "train without resume first"
             )
     else:
         path, state = find_checkpoint(cfg, log)
