@@ -29,8 +29,8 @@ import torch  # noqa: E402
 
 import samplers  # noqa: E402
 from data.mixtures import gmm8  # noqa: E402
-from models import MLP, MixtureScore, ScoreModel  # noqa: E402
 from metrics.quality import mmd, sliced_wasserstein  # noqa: E402
+from models import MLP, MixtureScore, ScoreModel  # noqa: E402
 from sde_lib import SDE, VESDE, VPSDE, subVPSDE  # noqa: E402
 
 SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}

@@ -11,13 +11,13 @@ import torch
 from closed_form import exact_score, gmm8, make_sde, mixture5d
 
 import samplers
-from models.exact import GaussianMixture
 from metrics.quality import (
     component_weights,
     mmd,
     sliced_wasserstein,
     weight_z_scores,
 )
+from models.exact import GaussianMixture
 
 SHARED = ("steps", "eps", "generator", "progress")
 
