@@ -6,6 +6,7 @@ Bad input of any kind ends with one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -127,10 +128,48 @@ def main() -> None:
             fail(str(e))
         except KeyboardInterrupt:
             fail("interrupted")
+        except Exception as e:
+            if not _is_distributed_failure(e):
+                raise
+            rank = os.environ.get("RANK", "0")
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            print(
+                f"error: rank {rank} lost another process of the run ({first}); the run stopped, "
+                "its checkpoints are kept: fix the cause and rerun (mode=train resume=true)",
+                file=sys.stderr,
+            )
+            sys.exit(1)
 
     entry()
 
 
+def _is_distributed_failure(e: Exception) -> bool:
+    """A collective that failed because a peer died, hung past dist_timeout_s or cut the link."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and isinstance(e, RuntimeError) and any(
+        k in text for k in ("gloo", "NCCL", "Connection closed", "Connection reset", "timed out")
+    )
+
+
+def _rank_argv(argv: list[str]) -> list[str]:
+    """Under torchrun, ranks other than 0 write nothing of Hydra's (rank 0's run folder is the
+    run's): their Hydra folder goes to a temporary directory removed at exit."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return argv
+    import atexit
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="scoresde-rank-")
+    atexit.register(shutil.rmtree, tmp, True)
+    return [*argv, f"hydra.run.dir={tmp}", "hydra.output_subdir=null"]
+
+
 if __name__ == "__main__":
     check_args(sys.argv[1:])
+    sys.argv = [sys.argv[0], *_rank_argv(sys.argv[1:])]
     main()

@@ -92,6 +92,13 @@ def _lambda_ends(sde: SDE, eps: float) -> torch.Tensor:
     return neg_log_snr(sde, torch.tensor([eps, sde.T], dtype=torch.float64))
 
 
+def _rand64(n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """(n,) float64 uniforms on the CPU, drawn on the generator's device (times are computed
+    on the CPU in float64, once per chunk of score calls)."""
+    device = generator.device if generator is not None else None
+    return torch.rand(n, generator=generator, dtype=torch.float64, device=device).cpu()
+
+
 def _lambda_sampler(share_uniform: float) -> TimeSampler:
     """lambda from share_uniform U[lambda_eps, lambda_T] + (1 - share_uniform) truncated
     Logistic(LOGISTIC_LOC, LOGISTIC_SCALE); the weight is 1 / (mixture density of lambda)."""
@@ -101,8 +108,8 @@ def _lambda_sampler(share_uniform: float) -> TimeSampler:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ends = _lambda_ends(sde, eps)
         cdf = torch.sigmoid((ends - LOGISTIC_LOC) / LOGISTIC_SCALE)
-        u = torch.rand(n, generator=generator, dtype=torch.float64)
-        uniform = torch.rand(n, generator=generator, dtype=torch.float64) < share_uniform
+        u = _rand64(n, generator)
+        uniform = _rand64(n, generator) < share_uniform
         logistic = LOGISTIC_LOC + LOGISTIC_SCALE * torch.logit(cdf[0] + u * (cdf[1] - cdf[0]))
         lam = torch.where(uniform, ends[0] + u * (ends[1] - ends[0]), logistic)
         c = torch.sigmoid((lam - LOGISTIC_LOC) / LOGISTIC_SCALE)
@@ -117,7 +124,7 @@ def _t_uniform(
     sde: SDE, n: int, eps: float, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """t uniform on [eps, T]; the weight is (T - eps) d lambda / dt = (T - eps) g^2 / sigma^2."""
-    t = eps + torch.rand(n, generator=generator, dtype=torch.float64) * (sde.T - eps)
+    t = eps + _rand64(n, generator) * (sde.T - eps)
     _, g = sde.sde(torch.zeros(n, 1, dtype=torch.float64), t)
     _, sigma = sde.alpha_sigma(t)
     return t, (sde.T - eps) * g.square() / sigma.square()
@@ -199,6 +206,7 @@ def elbo(
         for start in range(0, n_samples, per_call):
             n = min(per_call, n_samples - start)
             t, w = TIME_SAMPLERS[time_sampling](sde, b * n, eps, generator)
+            t, w = t.to(x.device), w.to(x.device)
             xs = x.repeat_interleave(n, dim=0)
             h = _control_variate_samples(sde, score_fn, xs, t, w, generator)
             values.append(h.reshape(b, n))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .common import UserError
@@ -11,7 +12,8 @@ from .validate import validate
 def dispatch(cfg: dict, out_dir: Path, log=print) -> dict:
     """Validate `cfg` and run its mode, writing outputs under `out_dir`."""
     validate(cfg)
-    log(f"{cfg['mode']} run: outputs in {out_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
+        log(f"{cfg['mode']} run: outputs in {out_dir}")
     if cfg["mode"] == "train":
         from .train import run_train
 

@@ -36,9 +36,9 @@ from likelihood import bits_per_dim, dequantize, elbo, log_likelihood_stats
 from likelihood.ode import SCIPY_METHODS, SCIPY_OWN, TORCHDIFFEQ_METHODS
 from sde_lib import SDE
 from training.checkpoint import atomic_write_text
-from training.distributed import pick_device
+from training.distributed import broadcast_object, gather_to_main, my_items, teardown
 
-from .common import UserError, load_score_model
+from .common import UserError, load_score_model, start_processes
 from .logger import RunLogger
 
 METHODS = ("ode", "elbo")
@@ -320,26 +320,12 @@ def summary_line(s: dict) -> str:
     return ", ".join(parts)
 
 
-def _device(cfg: dict, log) -> torch.device:
-    """The evaluation device: cfg['device'], except the CPU for the ELBO under device=auto."""
-    try:
-        device = pick_device(cfg["device"])
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if cfg["likelihood"]["method"] == "elbo" and device.type != "cpu":
-        # likelihood.elbo draws its times on the CPU, so it cannot run on an accelerator yet
-        if cfg["device"] != "auto":
-            raise UserError(
-                f"likelihood.method=elbo runs on the CPU only; got device={cfg['device']}, "
-                "use device=cpu (or likelihood.method=ode)"
-            )
-        log("likelihood.method=elbo runs on the CPU only: evaluating on the CPU")
-        device = torch.device("cpu")
-    return device
-
-
 def _cache(
-    cfg: dict, ckpt_path: Path | None, device: torch.device, batches: list[torch.Tensor], log
+    cfg: dict,
+    ckpt_path: Path | None,
+    device: torch.device,
+    batches: list[torch.Tensor],
+    log,
 ) -> tuple[Path, list[Path], list[BatchResult | None]]:
     """The cache folder, each batch's file in it, and the batches already finished there."""
     material = cache_material(cfg, ckpt_path, device)
@@ -409,15 +395,19 @@ def _compute(
     batches: list[torch.Tensor],
     files: list[Path],
     results: list[BatchResult | None],
+    mine: list[int],
     logger: RunLogger,
+    show: bool,
 ) -> None:
-    """Evaluate the batches missing from `results` (filled in place), each saved to its file."""
+    """Evaluate this rank's batches (`mine`) missing from `results` (filled in place), each
+    saved to its file as soon as it is done. Each batch is solved on its own: no collective
+    runs inside a solver, so ranks whose adaptive solvers take different steps never wait."""
     lc = cfg["likelihood"]
-    done = sum(b.shape[0] for b, r in zip(batches, results) if r is not None)
-    total = sum(b.shape[0] for b in batches)
-    show = bool(cfg.get("progress", True))
+    done = sum(batches[i].shape[0] for i in mine if results[i] is not None)
+    total = sum(batches[i].shape[0] for i in mine)
     with tqdm(total=total, initial=done, desc="nll", disable=not show) as bar:
-        for i, (b, path) in enumerate(zip(batches, files)):
+        for i in mine:
+            b, path = batches[i], files[i]
             if results[i] is not None:
                 continue
             x = b.to(device, DTYPES[lc["dtype"]])
@@ -430,40 +420,66 @@ def _compute(
 
 
 def run_nll(cfg: dict, out_dir: Path, log=print) -> dict:
-    """Evaluate the test split's NLL, reusing cached batches; write out_dir/nll.json."""
+    """Evaluate the test split's NLL, reusing cached batches; write out_dir/nll.json.
+
+    Under torchrun the batches are split across the ranks (batch i on rank i mod W), each rank
+    solves and caches its own, and rank 0 gathers the results into the one nll.json: the
+    numbers are those of a single process, since each batch's random draws are seeded by
+    (seed, batch index)."""
     from .validate import validate_likelihood
 
     validate_likelihood(cfg)
     start = time.perf_counter()
-    device = _device(cfg, log)
-    sde, dataset, model, ckpt_path = load_score_model(cfg, log)
-    lc = resolve_divergence(cfg["likelihood"], dataset)
-    cfg = {**cfg, "likelihood": lc}
-    model.to(device, DTYPES[lc["dtype"]])
-    x = _test_points(dataset, lc["n_points"], log)
-    batches = list(x.split(int(lc["batch_size"])))
-    cache_dir, files, results = _cache(cfg, ckpt_path, device, batches, log)
-    reused = sum(r is not None for r in results)
-    what = "ELBO" if lc["method"] == "elbo" else f"PF-ODE ({lc['solver']}, {lc['divergence']})"
-    threads = resolve_threads(lc, dataset, device)
-    log(f"nll of {x.shape[0]} {dataset.name} test points by {what}, {len(batches)} batches")
-    logger = RunLogger(cfg["logger"], out_dir, cfg, "nll")
+    info = start_processes(cfg)
+    out_dir = Path(broadcast_object(str(out_dir), info))  # one run folder for all ranks
+    device, main = info.device, info.is_main
+    quiet = log if main else (lambda *a: None)
     try:
-        with cpu_threads(threads):
-            _compute(sde, model, dataset, cfg, device, batches, files, results, logger)
-            used_threads = torch.get_num_threads()
-        summary = summarise(cfg, dataset, x, results, ckpt_path)
-        summary.update(
-            seconds=time.perf_counter() - start,
-            threads=used_threads if device.type == "cpu" else None,
-            batches=len(batches),
-            batches_reused=reused,
-            cache_dir=str(cache_dir),
-        )
-        atomic_write_text(Path(out_dir) / "nll.json", json.dumps(summary, indent=2))
-        logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        sde, dataset, model, ckpt_path = load_score_model(cfg, quiet)
+        lc = resolve_divergence(cfg["likelihood"], dataset)
+        cfg = {**cfg, "likelihood": lc}
+        model.to(device, DTYPES[lc["dtype"]])
+        x = _test_points(dataset, lc["n_points"], quiet)
+        batches = list(x.split(int(lc["batch_size"])))
+        mine = my_items(len(batches), info)
+        cache_dir, files, results = _cache(cfg, ckpt_path, device, batches, quiet)
+        reused = sum(r is not None for r in results)
+        what = "ELBO" if lc["method"] == "elbo" else f"PF-ODE ({lc['solver']}, {lc['divergence']})"
+        threads = resolve_threads(lc, dataset, device)
+        procs = f"{info.world_size} process{'es' if info.world_size > 1 else ''}"
+        quiet(f"nll of {x.shape[0]} {dataset.name} test points by {what}, {len(batches)} "
+              f"batches, {procs}")  # fmt: skip
+        logger_cfg = cfg["logger"] if main else {**cfg["logger"], "mode": "disabled"}
+        logger = RunLogger(logger_cfg, out_dir, cfg, "nll")
+        try:
+            with cpu_threads(threads):
+                show = bool(cfg.get("progress", True)) and main
+                _compute(sde, model, dataset, cfg, device, batches, files, results, mine, logger,
+                         show)  # fmt: skip
+                used_threads = torch.get_num_threads()
+            gathered = gather_to_main({i: results[i].to_json() for i in mine}, info,
+                                      out_dir / ".shards")  # fmt: skip
+            if main:
+                results = [BatchResult.from_json(gathered[i], b.shape[0])
+                           for i, b in enumerate(batches)]  # fmt: skip
+                summary = summarise(cfg, dataset, x, results, ckpt_path)
+                summary.update(
+                    seconds=time.perf_counter() - start,
+                    threads=used_threads if device.type == "cpu" else None,
+                    batches=len(batches),
+                    batches_reused=reused,
+                    world_size=info.world_size,
+                    device=device.type,
+                    cache_dir=str(cache_dir),
+                )
+                atomic_write_text(Path(out_dir) / "nll.json", json.dumps(summary, indent=2))
+                logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        finally:
+            logger.finish()
     finally:
-        logger.finish()
+        teardown(info)
+    if not main:
+        return {}
     if not math.isfinite(summary["nll_nats"]):
         log("warning: some points have a non-finite log-likelihood (see the cached batches)")
     log(summary_line(summary))

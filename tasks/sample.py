@@ -14,9 +14,11 @@ from tqdm import tqdm
 
 import samplers
 from metrics.quality import component_weights, mmd, sliced_wasserstein
+from sde_lib import KeyedNoise
 from training.checkpoint import atomic_write, atomic_write_text
+from training.distributed import DistInfo, broadcast_object, gather_to_main, my_items, teardown
 
-from .common import load_score_model
+from .common import load_score_model, start_processes
 from .figures import image_grid, scatter_2d
 from .logger import RunLogger
 
@@ -58,83 +60,119 @@ def to_images(dataset, x: torch.Tensor) -> np.ndarray:
     return (u * 255).round().to(torch.uint8).cpu().numpy()
 
 
+SAMPLE_STREAM = 0x73616D70  # key word of the sampling noise (training noise has its own)
+
+
+def sample_noise(seed: int, indices: torch.Tensor) -> KeyedNoise:
+    """The noise of the samples with these global indices: each sample has its own stream, keyed
+    by (seed, index), so it is the same whatever the batch size or the number of processes."""
+    return KeyedNoise.for_indices(seed, indices, SAMPLE_STREAM)
+
+
+def draw(sde, model, dataset, cfg: dict, device, info: DistInfo, log) -> tuple[dict, int]:
+    """This rank's batches of samples: ({batch index: (b, *D) CPU tensor}, NFE per batch).
+
+    Batch j holds the samples with global indices [j bs, (j + 1) bs); rank r draws the batches
+    j = r, r + W, ... of W processes, so the work is split and nothing is drawn twice.
+    """
+    c = cfg["sampler"]
+    n, bs, seed = int(c["n_samples"]), int(c["batch_size"]), int(cfg["seed"])
+    mine = my_items(math.ceil(n / bs), info)
+    options = sampler_call_options(c)
+    out, nfe = {}, 0
+    show = bool(cfg.get("progress", True)) and info.is_main
+    with tqdm(total=n, desc=f"sample ({c['name']})", disable=not show, dynamic_ncols=True) as bar:
+        for j in mine:
+            idx = torch.arange(j * bs, min((j + 1) * bs, n))
+            x, nfe = samplers.sample(
+                sde,
+                model,
+                (idx.numel(), *dataset.shape),
+                c["name"],
+                c["steps"],
+                generator=sample_noise(seed, idx.to(device)),
+                device=device,
+                eps=float(c["eps"]),
+                denoise=bool(c["denoise"]),
+                **options,
+            )
+            out[j] = x.cpu()
+            bar.update(idx.numel() * info.world_size)
+    return out, nfe
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: the samples with no NaN or inf value."""
+    return torch.isfinite(x.flatten(1)).all(1)
+
+
 def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
     c = cfg["sampler"]
-    sde, dataset, model, ckpt_path = load_score_model(cfg, log)
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    n, bs = int(c["n_samples"]), int(c["batch_size"])
-    g = torch.Generator(device=device).manual_seed(int(cfg["seed"]))
-    options = sampler_call_options(c)
-    batches, nfe_per_batch = [], 0
-    bar = tqdm(
-        total=n,
-        desc=f"sample ({c['name']})",
-        disable=not cfg.get("progress", True),
-        dynamic_ncols=True,
-    )
-    start = time.perf_counter()
-    for i in range(math.ceil(n / bs)):
-        size = min(bs, n - i * bs)
-        x, nfe = samplers.sample(
-            sde,
-            model,
-            (size, *dataset.shape),
-            c["name"],
-            c["steps"],
-            generator=g,
-            device=device,
-            eps=float(c["eps"]),
-            denoise=bool(c["denoise"]),
-            **options,
-        )
-        batches.append(x.cpu())
-        nfe_per_batch = nfe
-        bar.update(size)
-    seconds = time.perf_counter() - start
-    bar.close()
-    x = torch.cat(batches)
-    if not torch.isfinite(x).all():
-        log(f"warning: {int((~torch.isfinite(x)).sum())} non-finite values in the samples")
+    info = start_processes(cfg)
+    out_dir = Path(broadcast_object(str(out_dir), info))  # one run folder for all ranks
+    quiet = log if info.is_main else (lambda *a: None)
+    try:
+        sde, dataset, model, ckpt_path = load_score_model(cfg, quiet)
+        model.to(info.device)
+        start = time.perf_counter()
+        mine, nfe = draw(sde, model, dataset, cfg, info.device, info, log)
+        batches = gather_to_main(mine, info, out_dir / ".shards")
+        seconds = time.perf_counter() - start
+    finally:
+        teardown(info)
+    if not info.is_main:
+        return {}
+    x = torch.cat([batches[j] for j in sorted(batches)])
+    n = x.shape[0]
+    ok = finite_rows(x)
+    bad = int((~ok).sum())
+    if bad:
+        log(f"warning: {bad} of {n} samples hold NaN or inf values; the metrics and pictures "
+            "use the finite ones (a diverged model or sampler: check the training run)")
     metrics = {
         "sampler": c["name"],
-        "options": options,
+        "options": sampler_call_options(c),
         "steps": c["steps"],
         "eps": c["eps"],
         "denoise": c["denoise"],
-        "nfe": nfe_per_batch,
+        "nfe": nfe,
         "n_samples": n,
+        "non_finite_samples": bad,
         "seconds": round(seconds, 4),
         "samples_per_second": n / max(seconds, 1e-9),
+        "world_size": info.world_size,
+        "device": info.device.type,
         "sde": cfg["sde"]["name"],
         "data": dataset.name,
         "checkpoint": str(ckpt_path) if ckpt_path else "exact score",
     }
-    if dataset.mixture is not None:
-        metrics.update(quality_metrics(dataset, x, int(cfg["seed"])))
+    good = x[ok]
+    if dataset.mixture is not None and good.shape[0] > 1:
+        metrics.update(quality_metrics(dataset, good, int(cfg["seed"])))
 
-    out_dir = Path(out_dir)
     raw = dataset.inverse_scaler(x)
     buf = io.BytesIO()
     np.savez(buf, samples=raw.numpy(), samples_model_space=x.numpy())
     atomic_write(out_dir / "samples.npz", lambda f: f.write(buf.getvalue()))
     picture = out_dir / "samples.png"
     if dataset.kind == "images":
-        image_grid(to_images(dataset, x), picture)
-    elif dataset.dim == 2:
+        lo = dataset.model_range[0]
+        image_grid(to_images(dataset, torch.nan_to_num(x, nan=lo)), picture)
+    elif dataset.dim == 2 and good.shape[0] > 0:
         ref = None if dataset.mixture is not None else dataset.test_set(min(n, 2000))
         scatter_2d(
-            x,
+            good,
             picture,
             mixture=dataset.mixture,
             reference=ref,
-            title=f"{c['name']} on {dataset.name}, {cfg['sde']['name']}, NFE {nfe_per_batch}",
+            title=f"{c['name']} on {dataset.name}, {cfg['sde']['name']}, NFE {nfe}",
         )
     else:
         picture = None
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     summary = (
         f"{n} samples with {c['name']} in {seconds:.1f} s ({metrics['samples_per_second']:.0f}"
-        f"/s), NFE {nfe_per_batch}"
+        f"/s, {info.world_size} process{'es' if info.world_size > 1 else ''}), NFE {nfe}"
     )
     if "mmd_to_fresh_data" in metrics:
         summary += (

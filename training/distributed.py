@@ -80,3 +80,41 @@ def broadcast_object(obj, info: DistInfo):
 def teardown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def my_items(n: int, info: DistInfo) -> list[int]:
+    """The items of 0..n-1 that this rank handles: every world_size-th one, from its rank."""
+    return list(range(info.rank, n, info.world_size))
+
+
+def gather_to_main(mine: dict, info: DistInfo, folder) -> dict | None:
+    """Merge each rank's {index: value} on rank 0 (None on the other ranks).
+
+    Values may be tensors, numbers, strings and lists / dicts of them. Each rank writes its part
+    to `folder`/rank_<r>.pt (atomically) and rank 0 reads them back with weights_only=True after
+    a barrier, so large sample arrays never travel through the process group and no object is
+    unpickled. The barrier has the process group's timeout: a rank that died makes the others
+    fail instead of waiting for ever.
+    """
+    if not info.enabled:
+        return dict(mine)
+    from pathlib import Path
+
+    from .checkpoint import atomic_write
+
+    folder = Path(folder)
+    atomic_write(folder / f"rank_{info.rank}.pt", lambda f: torch.save(mine, f))
+    dist.barrier()
+    merged = None
+    if info.is_main:
+        merged = {}
+        for r in range(info.world_size):
+            path = folder / f"rank_{r}.pt"
+            merged.update(torch.load(path, weights_only=True))
+            path.unlink()
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+    dist.barrier()
+    return merged
