@@ -19,6 +19,7 @@ from .api import (
 from .ddim import sample_ddim
 from .dpm_solver import sample_dpm_solver
 from .dpm_solver3 import sample_dpm_solver3
+from .fast import sample_fast
 from .grids import (
     GRIDS,
     edm_grid,
@@ -68,6 +69,7 @@ __all__ = [
     "sample_dpm_solver",
     "sample_dpm_solver3",
     "sample_em",
+    "sample_fast",
     "sample_heun",
     "sample_ipndm",
     "sample_ode",

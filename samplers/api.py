@@ -23,6 +23,7 @@ from sde_lib import SDE, ScoreFn
 from .ddim import decaying_alpha, sample_ddim
 from .dpm_solver import sample_dpm_solver
 from .dpm_solver3 import sample_dpm_solver3
+from .fast import sample_fast
 from .heun import sample_heun
 from .ipndm import sample_ipndm
 from .ode import sample_ode, solve_flow
@@ -37,7 +38,7 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ode": sample_ode,
     "ddim": sample_ddim,
     "dpm_solver": sample_dpm_solver,
-    "fast": sample_dpm_solver,
+    "fast": sample_fast,
     "heun": sample_heun,
     "dpm_solver3": sample_dpm_solver3,
     "unipc": sample_unipc,

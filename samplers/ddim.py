@@ -27,7 +27,7 @@ def sample_ddim(
     steps: int = 50,
     eps: float = 1e-3,
     eta: float = 0.0,
-    grid: str = "uniform",
+    grid: str = "quadratic",
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -37,7 +37,9 @@ def sample_ddim(
     eps_hat = (x - alpha_t x0) / sigma_t = -sigma_t score:
         x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps_hat + c z,
         c = eta sigma_s sqrt(1 - (alpha_t sigma_s / (alpha_s sigma_t))^2).
-    One score evaluation per step.
+    One score evaluation per step (steps + 1 NFE with the final denoising). The default
+    time-quadratic grid is the best measured at 50 steps on VP and sub-VP (README "Fast
+    sampling"; uniform-t, the former default, is the worst).
     """
     if not isinstance(eta, numbers.Real) or not eta >= 0:
         raise ValueError(f"eta must be a number >= 0, got {eta!r}")

@@ -61,7 +61,7 @@ def sample_unipc(
     grid: str = "logsnr",
     order: int = 3,
     variant: str = "bh2",
-    corrector: bool = True,
+    use_corrector: bool = True,
     lower_order_final: bool = True,
     generator: torch.Generator | None = None,
     progress: bool = False,
@@ -76,13 +76,13 @@ def sample_unipc(
     and the new one (r = 1, D = m_s - m_0), giving x_s of one order higher; m_s is kept for the
     next step, so the corrector costs no evaluation. It is skipped after the last step, which
     would need one. p = min(order, i + 1) (warm-up) and, with lower_order_final, p <= steps - i.
-    Order p with corrector=False, p + 1 with it (once past the warm-up). `steps` NFE (steps + 1
+    Order p with use_corrector=False, p + 1 with it (once past the warm-up). `steps` NFE (steps + 1
     with the final denoising): the default 19 steps cost 20. `generator` is unused.
     """
     order = check_order(order, 3)
     if variant not in VARIANTS:
         raise ValueError(f"unknown UniPC variant {variant!r}; allowed: {', '.join(VARIANTS)}")
-    check_flag(corrector, "corrector")
+    check_flag(use_corrector, "use_corrector")
     check_flag(lower_order_final, "lower_order_final")
     history: list[tuple[float, torch.Tensor]] = []  # (lambda, x0), newest first
     for i, st in enumerate(intervals(sde, get_grid(grid, sde, steps, eps), progress)):
@@ -103,7 +103,7 @@ def sample_unipc(
             x = x_pred
             break
         m_new = data_prediction(score_fn, x_pred, st.s, st.alpha_s, st.sigma_s)
-        if corrector:
+        if use_corrector:
             x = base
             for a, r, d in zip(
                 unipc_coefficients([*rs, 1.0], h, variant), [*rs, 1.0], [*ds, m_new - m0],

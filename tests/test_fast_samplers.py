@@ -11,7 +11,6 @@ data, as in issue 10.
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -59,7 +58,7 @@ ORDERS = [
     ("unipc", dict(order=2), 3),
     ("unipc", dict(order=3), 4),
     ("unipc", dict(order=3, variant="bh1"), 4),
-    ("unipc", dict(order=3, corrector=False), 3),
+    ("unipc", dict(order=3, use_corrector=False), 3),
 ]
 
 
@@ -104,7 +103,7 @@ def test_unipc2_bh2_predictor_is_dpm_solver_2m():
     sde, law = make_sde("vp"), gmm8()
     x = sde.prior_sampling((64, 2), generator=torch.Generator().manual_seed(0)).double()
     score = exact_score(sde, law)
-    a = samplers.sample_unipc(sde, score, x, steps=12, order=2, corrector=False,
+    a = samplers.sample_unipc(sde, score, x, steps=12, order=2, use_corrector=False,
                               lower_order_final=False)  # fmt: skip
     b = samplers.sample_dpm_solver(sde, score, x, steps=12)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -119,7 +118,7 @@ def test_unipc2_bh2_predictor_is_dpm_solver_2m():
         ("dpm_solver3", 9, {}, 10),
         ("dpm_solver3", 9, dict(denoise=False), 9),
         ("unipc", 9, {}, 10),
-        ("unipc", 9, dict(corrector=False, order=1), 10),
+        ("unipc", 9, dict(use_corrector=False, order=1), 10),
         ("ipndm", 9, {}, 10),
         ("ipndm", 1, dict(denoise=False), 1),
         ("fast", 9, {}, 10),
@@ -140,7 +139,7 @@ def test_nfe_is_steps_plus_the_denoising(sampler, steps, options, nfe):
         ("dpm_solver3", dict(lower_order_final="yes"), r"lower_order_final must be True or Fal"),
         ("unipc", dict(variant="bh3"), r"unknown UniPC variant 'bh3'; allowed: bh1, bh2"),
         ("unipc", dict(order=0), r"order must be an integer in 1\.\.3, got 0"),
-        ("unipc", dict(corrector=1), r"corrector must be True or False, got 1"),
+        ("unipc", dict(use_corrector=1), r"use_corrector must be True or False, got 1"),
         ("ipndm", dict(order=5), r"order must be an integer in 1\.\.4, got 5"),
         ("ipndm", dict(grid="cosine"), r"unknown grid 'cosine'; allowed: uniform, logsnr, edm, q"),
         ("fast", dict(solver="rk4"), r"unknown solver 'rk4' for sampler 'fast'; allowed: auto, "),
@@ -222,3 +221,127 @@ def test_schedule_file_is_used_by_every_grid_option(tmp_path):
         b, _ = samplers.sample(sde, score, (32, 2), name, 6, x_T=x, grid="edm",
                                generator=torch.Generator().manual_seed(1))  # fmt: skip
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- quality of the defaults
+
+LAWS = {"gmm8": gmm8, "mix5d": mixture5d}
+
+
+def fresh_loglik(law_name):
+    """Mean exact log-density of 200 000 fresh draws (its standard error is below 0.004)."""
+    law = LAWS[law_name]()
+    return law.log_prob(law.sample(200_000, torch.Generator().manual_seed(1)).double()).mean()
+
+
+def gap(sde_name, law_name, sampler, steps, seed=7, n=4000, **options):
+    sde, law = make_sde(sde_name), LAWS[law_name]()
+    g = torch.Generator().manual_seed(seed)
+    x, nfe = samplers.sample(sde, exact_score(sde, law), (n, law.dim), sampler, steps,
+                             generator=g, **options)  # fmt: skip
+    return (law.log_prob(x.double()).mean() - fresh_loglik(law_name)).item(), nfe
+
+
+# |gap| measured with n = 4000 at seed 7 (README "Fast sampling"); the sampling noise of the
+# mean alone is about 0.016 (gmm8) / 0.025 (mix5d), so the bounds are the goal where it is met.
+FAST_20 = [
+    ("vp", "gmm8", 0.03), ("vp", "mix5d", 0.03), ("ve", "gmm8", 0.03), ("ve", "mix5d", 0.03),
+    ("subvp", "mix5d", 0.03),
+    ("subvp", "gmm8", 0.08),  # measured -0.064: the goal of 0.03 is not met here
+]
+
+
+@pytest.mark.parametrize(("sde_name", "law_name", "bound"), FAST_20)
+def test_fast_at_20_nfe(sde_name, law_name, bound):
+    value, nfe = gap(sde_name, law_name, "fast", 19)
+    assert nfe == 20 and abs(value) <= bound, value
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve"])
+@pytest.mark.parametrize("law_name", ["gmm8", "mix5d"])
+def test_fast_at_10_nfe_beats_the_former_default_by_three(sde_name, law_name):
+    """Measured |gap| 0.02-0.15 at 10 NFE against 0.42 / 1.41 / 0.59 for DPM-Solver++(2M) on
+    the logSNR grid (issue 10); the goal of 0.05 is not met (see the xfail below)."""
+    value, nfe = gap(sde_name, law_name, "fast", 9)
+    old, _ = gap(sde_name, law_name, "dpm_solver", 9)
+    assert nfe == 10 and abs(value) <= 0.2 and abs(value) * 2.5 <= abs(old), (value, old)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10's goal at 10 NFE (|gap| <= 0.05 on every SDE "
+                   "and law) is not reached: measured up to 0.15")
+def test_fast_meets_the_10_nfe_goal_everywhere():
+    worst = max(abs(gap(s, law, "fast", 9)[0]) for s in ("vp", "subvp", "ve") for law in LAWS)
+    assert worst <= 0.05
+
+
+def test_ddim_default_grid_is_the_measured_best_and_not_the_worst():
+    """DDIM, 50 steps, VP: the default (time-quadratic) grid is within 0.05 on gmm8 and beats the
+    former uniform-t default on both laws (mix5d: 0.11 against 0.32)."""
+    assert samplers.sampler_options("ddim")["grid"] == "quadratic"
+    assert abs(gap("vp", "gmm8", "ddim", 50)[0]) <= 0.05
+    for law in LAWS:
+        assert abs(gap("vp", law, "ddim", 50)[0]) < abs(gap("vp", law, "ddim", 50,
+                                                             grid="uniform")[0])  # fmt: skip
+
+
+def test_fast_reads_the_sde_kind_from_its_coefficients():
+    from samplers.fast import sde_kind
+
+    assert [sde_kind(make_sde(n)) for n in ("vp", "subvp", "ve")] == ["vp", "subvp", "ve"]
+    assert sde_kind(VESDE(sigma_min=0.1, sigma_max=3.0)) == "ve"
+
+
+# ---------------------------------------------------------------- optimised grids
+
+
+def test_optimised_grid_beats_fixed_grids_on_held_out_data_and_round_trips(tmp_path):
+    """A 10-NFE UniPC schedule fitted on 1000 calibration points (VP, gmm8) has, on 2000 held-out
+    points, a smaller mean squared distance to the reference than every fixed grid; written to
+    JSON it gives the same samples through grid=<path>, in Python and from run.py's config."""
+    from samplers.optimise_grid import optimise_grid, reference
+
+    sde, law = make_sde("vp"), gmm8()
+    score = exact_score(sde, law)
+    cal = sde.prior_sampling((1000, 2), generator=torch.Generator().manual_seed(0)).double()
+    held = sde.prior_sampling((2000, 2), generator=torch.Generator().manual_seed(5)).double()
+    ts, info = optimise_grid(sde, score, cal, samplers.sample_unipc, 9)
+    _, states = reference(sde, score, held, 1e-3, 100, 4)
+    target = samplers.tweedie_denoise(sde, score, states[-1], 1e-3)
+
+    def mse(grid):
+        y, _ = samplers.sample(sde, score, held.shape, "unipc", 9, x_T=held, grid=grid)
+        return (y - target).square().sum(1).mean().item()
+
+    fixed = {g: mse(g) for g in samplers.GRIDS}
+    assert mse(ts) < min(fixed.values()), (mse(ts), fixed)
+    path = samplers.save_schedule(tmp_path / "s.json", ts, fit=info)
+    torch.testing.assert_close(
+        samplers.sample(sde, score, held.shape, "unipc", 9, x_T=held, grid=str(path))[0],
+        samplers.sample(sde, score, held.shape, "unipc", 9, x_T=held, grid=ts)[0],
+    )
+
+
+def test_optimise_grid_command_writes_a_usable_schedule(tmp_path, capsys):
+    from samplers.optimise_grid import main
+
+    path = main(["--sde", "ve", "--data", "gmm8", "--solver", "ipndm", "--nfe", "6",
+                 "--batch", "300", "--out", str(tmp_path / "ve6.json")])  # fmt: skip
+    record = json.loads(path.read_text())
+    assert record["steps"] == 5 and len(record["times"]) == 6 and record["solver"] == "ipndm"
+    assert "wrote" in capsys.readouterr().out
+    sde = make_sde("ve")
+    x, nfe = samplers.sample(sde, exact_score(sde, gmm8()), (8, 2), "dpm_solver3", 5,
+                             grid=str(path))  # fmt: skip
+    assert nfe == 6 and torch.isfinite(x).all()
+    with pytest.raises(ValueError, match=r"has 5 steps \(6 times\) but steps=9; set steps=5"):
+        samplers.sample(sde, exact_score(sde, gmm8()), (8, 2), "unipc", 9, grid=str(path))
+
+
+@pytest.mark.xfail(strict=True, reason="tasks/validate.py checks sampler.grid against the names "
+                   "in samplers.GRIDS only; a .json path needs it to defer to samplers.get_grid")
+def test_schedule_file_from_run_py(tmp_path):
+    sde = make_sde("vp")
+    path = samplers.save_schedule(tmp_path / "s.json", samplers.get_grid("edm", sde, 9, 1e-3))
+    m, _ = run_mode(tmp_path, "json", "mode=sample", "model=exact", "sampler=unipc",
+                    "sampler.steps=9", f"sampler.grid={path}", "sampler.n_samples=100")
+    assert m["nfe"] == 10

@@ -35,7 +35,7 @@ def test_registry_names_and_shared_signature():
     assert {"em", "reverse_diffusion", "ancestral", "pc", "ode", "ddim", "fast"} <= set(
         samplers.SAMPLERS
     )
-    assert samplers.SAMPLERS["fast"] is samplers.SAMPLERS["dpm_solver"]
+    assert samplers.SAMPLERS["fast"] is samplers.sample_fast  # its own dispatch (issue 10)
     assert set(samplers.PREDICTORS) == {"euler_maruyama", "reverse_diffusion", "ancestral", "none"}
     assert set(samplers.CORRECTORS) == {"langevin", "annealed_langevin", "none"}
     for name, fn in samplers.SAMPLERS.items():

@@ -1,0 +1,224 @@
+"""Optimised time grids: fit a solver's time steps to a high-NFE reference trajectory.
+
+    python -m samplers.optimise_grid --sde vp --data gmm8 --solver unipc --nfe 10 --out s.json
+
+then `sampler.grid=s.json` (or `grid="s.json"` in Python) uses the schedule with any sampler of the
+same `steps`. The fit, for a score model, a solver, an NFE budget and a calibration batch x_T:
+
+1. reference: the trajectory of x_T under DPM-Solver++(3M) on a logSNR grid of
+   `candidates` x `substeps` steps, kept at the `candidates` + 1 candidate times (uniform in
+   lambda), and its denoised end;
+2. GITS-style dynamic programming (Chen et al. 2024): the path of `steps` intervals through the
+   candidate times that minimises the sum of the local errors of first-order data-prediction
+   steps from the reference, each scaled by how much it grows to t = eps under a Gaussian law of
+   the batch's variance;
+3. the interior times, as positions in lambda, are then refined by pattern search on the mean
+   squared distance of the chosen solver's denoised output to the reference's, starting from the
+   better of the DP grid and the fixed grids.
+
+steps = nfe - 1 with the final denoising (nfe with --no-denoise). Scores may be any model; the CLI
+uses the exact score of a mixture data set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from sde_lib import SDE, ScoreFn
+
+from .exponential import data_prediction, exp_weights, lam, step_h
+from .grids import (
+    GRIDS,
+    get_grid,
+    intervals,
+    log_snr,
+    logsnr_grid,
+    save_schedule,
+    t_from_log_snr,
+)
+
+
+def _denoise(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, t: float) -> torch.Tensor:
+    alpha, sigma = (v.item() for v in sde.alpha_sigma(torch.tensor([t], dtype=torch.float64)))
+    return (x + sigma**2 * score_fn(x, x.new_full((x.shape[0],), t))) / alpha
+
+
+def reference(
+    sde: SDE, score_fn: ScoreFn, x_T: torch.Tensor, eps: float, candidates: int, substeps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(times (M + 1,), states (M + 1, B, *D)) of the reference trajectory at the candidates."""
+    fine = logsnr_grid(sde, candidates * substeps, eps)
+    ts = fine[::substeps]
+    states = [x_T]
+    x = x_T
+    history: list = []  # third-order exponential multistep (DPM-Solver++(3M)) on the fine grid
+    for i, st in enumerate(intervals(sde, fine)):
+        x0 = data_prediction(score_fn, x, st.t, st.alpha_t, st.sigma_t)
+        lam_t = lam(st.alpha_t, st.sigma_t)
+        history = [(lam_t, x0), *history][:3]
+        w = exp_weights([lj - lam_t for lj, _ in history], step_h(st))
+        x = (st.sigma_s / st.sigma_t) * x + st.alpha_s * sum(
+            wi * m for wi, (_, m) in zip(w, history, strict=True)
+        )
+        if (i + 1) % substeps == 0:
+            states.append(x)
+    return ts, torch.stack(states)
+
+
+def dp_grid(
+    sde: SDE, score_fn: ScoreFn, ts: torch.Tensor, states: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """GITS dynamic programming over the candidate times ts (M + 1,): the best `steps`-interval
+    path from ts[0] = T to ts[-1] = eps under first-order local errors: (steps + 1,) float64."""
+    m = ts.numel() - 1
+    if steps > m:
+        raise ValueError(f"steps={steps} needs more than {m} candidate times")
+    alpha, sigma = (v.tolist() for v in sde.alpha_sigma(ts))
+    lam = log_snr(sde, ts).tolist()
+    var = states[-1].flatten(1).var(0).mean().item()
+    x0 = torch.stack([
+        (states[i] + sigma[i] ** 2 * score_fn(states[i], states[i].new_full((states.shape[1],),
+         float(ts[i])))) / alpha[i] for i in range(m)
+    ])  # fmt: skip
+    inf = float("inf")
+    cost = torch.full((m + 1, m + 1), inf, dtype=torch.float64)
+    for i in range(m):
+        for j in range(i + 1, m + 1):
+            h = lam[j] - lam[i]
+            pred = (sigma[j] / sigma[i]) * states[i] - (alpha[j] * math.expm1(-h)) * x0[i]
+            grow = 1 / (alpha[j] * math.sqrt(var + (sigma[j] / alpha[j]) ** 2))
+            cost[i, j] = (grow**2) * (pred - states[j]).double().square().mean().item()
+    best = torch.full((steps + 1, m + 1), inf, dtype=torch.float64)
+    arg = torch.zeros((steps + 1, m + 1), dtype=torch.long)
+    best[0, 0] = 0.0
+    for k in range(1, steps + 1):
+        total = best[k - 1][:, None] + cost  # (from, to)
+        best[k], arg[k] = total.min(0)
+    path = [m]
+    for k in range(steps, 0, -1):
+        path.append(int(arg[k, path[-1]]))
+    return ts[list(reversed(path))].clone()
+
+
+def optimise_grid(
+    sde: SDE,
+    score_fn: ScoreFn | list[ScoreFn],
+    x_T: torch.Tensor | list[torch.Tensor],
+    sampler: Callable[..., torch.Tensor],
+    steps: int,
+    *,
+    eps: float = 1e-3,
+    denoise: bool = True,
+    candidates: int = 100,
+    substeps: int = 4,
+    sweeps: int = 4,
+    options: dict | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Times (steps + 1,) float64 from T to eps fitted for `sampler` on the batch x_T (B, *D).
+
+    score_fn and x_T may be lists (one schedule for several models / laws: the objective is the
+    sum, the DP grid is that of the first). Returns (times, info) with info the mean squared
+    errors to the reference of the DP grid, of each fixed grid and of the result. A reference costs
+    candidates x substeps evaluations; each objective call `steps` (+ 1) evaluations per batch.
+    """
+    options = dict(options or {})
+    scores_fns = score_fn if isinstance(score_fn, list) else [score_fn]
+    batches = x_T if isinstance(x_T, list) else [x_T]
+    with torch.no_grad():
+        refs = [reference(sde, f, x, eps, candidates, substeps) for f, x in zip(scores_fns,
+                batches, strict=True)]  # fmt: skip
+        targets = [_denoise(sde, f, st[-1], eps) if denoise else st[-1]
+                   for f, (_, st) in zip(scores_fns, refs, strict=True)]  # fmt: skip
+
+        def loss(times: torch.Tensor) -> float:
+            err = 0.0
+            if not (times.diff() < 0).all():  # positions closer than the bisection resolves
+                return float("inf")
+            for f, x, target in zip(scores_fns, batches, targets, strict=True):
+                y = sampler(sde, f, x.clone(), steps=steps, eps=eps, grid=times, **options)
+                y = _denoise(sde, f, y, eps) if denoise else y
+                err += (y - target).double().square().flatten(1).sum(1).mean().item()
+            return err if math.isfinite(err) else float("inf")
+
+        ts, states = refs[0]
+        starts = {"dp": dp_grid(sde, scores_fns[0], ts, states, steps)}
+        starts.update({g: get_grid(g, sde, steps, eps) for g in GRIDS})
+        scores = {k: loss(v) for k, v in starts.items()}
+        name = min(scores, key=scores.get)
+        ends = log_snr(sde, torch.tensor([sde.T, eps], dtype=torch.float64)).tolist()
+        span = ends[1] - ends[0]
+        u = ((log_snr(sde, starts[name]) - ends[0]) / span).tolist()
+
+        def times_of(u: list[float]) -> torch.Tensor:
+            lam = torch.tensor(u, dtype=torch.float64) * span + ends[0]
+            t = t_from_log_snr(sde, lam, sde.T, eps)
+            t[0], t[-1] = sde.T, eps
+            return t
+
+        best = scores[name]
+        delta = 0.5
+        for _ in range(sweeps):
+            for k in range(1, steps):
+                for sign in (1.0, -1.0):
+                    while True:
+                        lo, hi = u[k - 1], u[k + 1]
+                        trial = u[k] + sign * delta * (hi - lo) / 2
+                        if not lo < trial < hi:
+                            break
+                        cand = [*u[:k], trial, *u[k + 1 :]]
+                        value = loss(times_of(cand))
+                        if value < best:
+                            best, u = value, cand
+                        else:
+                            break
+            delta /= 2
+    info = {"start": name, "mse_start": scores, "mse": best, "positions": u}
+    return times_of(u), info
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """The command line: fit a schedule for an exact mixture score and write it as JSON."""
+    from models.exact import MixtureScore
+    from sde_lib import VESDE, VPSDE, subVPSDE
+
+    from . import api
+
+    parser = argparse.ArgumentParser(
+        prog="python -m samplers.optimise_grid", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--sde", choices=("vp", "subvp", "ve"), default="vp")
+    parser.add_argument("--data", choices=("gmm8", "mix5d"), default="gmm8")
+    parser.add_argument("--solver", default="unipc", help="a sampler name (see samplers.SAMPLERS)")
+    parser.add_argument("--nfe", type=int, default=10, help="budget, final denoising included")
+    parser.add_argument("--no-denoise", action="store_true")
+    parser.add_argument("--eps", type=float, default=1e-3)
+    parser.add_argument("--batch", type=int, default=1000, help="calibration batch size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True, help="JSON schedule file to write")
+    a = parser.parse_args(argv)
+    from data.mixtures import gmm8, mixture5d
+
+    sde = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}[a.sde]()
+    law = gmm8() if a.data == "gmm8" else mixture5d()
+    steps = a.nfe - (0 if a.no_denoise else 1)
+    if steps < 1:
+        parser.error(f"--nfe {a.nfe} leaves no solver step")
+    fn = api._lookup(a.solver)
+    g = torch.Generator().manual_seed(a.seed)
+    x_T = sde.prior_sampling((a.batch, law.dim), generator=g).double()
+    times, info = optimise_grid(sde, MixtureScore(sde, law), x_T, fn, steps, eps=a.eps,
+                                denoise=not a.no_denoise)  # fmt: skip
+    path = save_schedule(a.out, times, sde=repr(sde), data=a.data, solver=a.solver, nfe=a.nfe,
+                         eps=a.eps, denoise=not a.no_denoise, fit=info)  # fmt: skip
+    print(f"wrote {path}: steps={steps}, start {info['start']}, mse {info['mse']:.3g} "
+          f"(fixed grids: {', '.join(f'{k} {v:.3g}' for k, v in info['mse_start'].items())})")
+    return path
+
+
+if __name__ == "__main__":
+    main()
