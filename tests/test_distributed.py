@@ -1,0 +1,124 @@
+"""Two processes (torchrun, gloo on 127.0.0.1, a free port) against one: training, sampling and
+likelihood give the same numbers; a killed rank ends the run with one line in bounded time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from runs import compose_cfg, run_mode
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+QUIET = ("logger.mode=disabled", "progress=false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, cwd: Path, timeout: float = 300, popen: bool = False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]  # fmt: skip
+    if popen:
+        return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def test_ranks_agree_after_every_step_and_match_one_process(tmp_path):
+    """Global batch 24 as 2 ranks x 12 in micro-batches of 5 (accumulation) vs one process with
+    the whole batch at once: same batches, same per-example noise, same parameters."""
+    steps, batch = 6, 24
+    r = torchrun(str(ROOT / "tests" / "dist_train_check.py"), str(tmp_path), str(steps),
+                 str(batch), "5", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = torch.load(tmp_path / "dist.pt", weights_only=True)
+    assert two["worst"].numel() == steps and float(two["worst"].max()) == 0.0
+
+    from dist_train_check import DATA, flat
+
+    from tasks.common import build_dataset, build_score_model, build_sde
+    from training.loop import TrainSettings, train
+    from training.losses import make_loss
+
+    cfg = compose_cfg(tmp_path, *DATA)
+    sde, ds = build_sde(cfg["sde"]), build_dataset(cfg["data"])
+    model = build_score_model(cfg, sde, ds)
+    start = flat(model).clone()
+    s = TrainSettings(steps=steps, batch_size=batch, lr=1e-3, warmup=2, log_every=2,
+                      ckpt_every=1000, random_flip=True)  # fmt: skip
+    train(model, make_loss("dsm", sde), ds, s, tmp_path / "one", config=cfg, progress=False,
+          log=lambda *a: None)  # fmt: skip
+    one = flat(model)
+    moved = float((one - start).abs().max())
+    # float tolerance: the same sums in another order; far below how far the weights moved
+    assert float((one - two["params"]).abs().max()) < 1e-5 < moved / 100
+
+
+def test_sample_with_two_processes_writes_one_folder_equal_to_one_process(tmp_path):
+    args = ("mode=sample", "model=exact", "sampler=em", "sampler.steps=200",
+            "sampler.n_samples=1200", "sampler.batch_size=250", *QUIET)  # fmt: skip
+    r = torchrun(str(ROOT / "run.py"), *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    folders = list((tmp_path / "outputs" / "sample").iterdir())
+    assert len(folders) == 1 and not list(tmp_path.glob("outputs/**/.shards"))
+    metrics = json.loads((folders[0] / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["n_samples"] == 1200
+    two = np.load(folders[0] / "samples.npz")["samples"]
+    # one process, another batch size: every sample has its own noise stream
+    _, out = run_mode(tmp_path / "one", "one", *args[:-2], "sampler.batch_size=400")
+    one = np.load(out / "samples.npz")["samples"]
+    assert two.shape == (1200, 2)
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
+
+
+def test_nll_with_two_processes_equals_one_process(tmp_path):
+    args = ("mode=nll", "model=exact", "likelihood.n_points=16", "likelihood.batch_size=2",
+            "likelihood.divergence=hutchinson", "likelihood.n_probes=2", *QUIET)  # fmt: skip
+    r = torchrun(str(ROOT / "run.py"), *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (folder,) = list((tmp_path / "outputs" / "nll").iterdir())
+    two = json.loads((folder / "nll.json").read_text())
+    assert two["world_size"] == 2 and two["batches_reused"] == 0
+    # each rank solved its own batches (0, 2, 4 ... and 1, 3, 5 ...) with its own step counts
+    cached = sorted((tmp_path / two["cache_dir"]).glob("batch_*.json"))
+    nfe = [json.loads(p.read_text())["nfe"][0] for p in cached]
+    assert len(nfe) == 8 and sum(nfe[0::2]) != sum(nfe[1::2])
+    one, _ = run_mode(tmp_path / "one", "one", *args[:-2])
+    for key in ("nll_nats", "stderr", "hutchinson_stderr", "exact_nll_nats", "gap", "nfe_mean"):
+        assert one[key] == pytest.approx(two[key], rel=1e-6, abs=1e-9), key
+
+
+def test_a_killed_rank_ends_the_other_with_one_line_in_bounded_time(tmp_path):
+    args = ("training.steps=1000000", "training.ckpt_every=50", "dist_timeout_s=60", *QUIET)
+    proc = torchrun(str(ROOT / "run.py"), *args, cwd=tmp_path, popen=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("outputs/train/*/checkpoints/ckpt_*.pt")):
+            assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint"
+            time.sleep(0.2)
+        ranks = subprocess.run(["pgrep", "-f", f"{ROOT / 'run.py'} training.steps=1000000"],
+                               capture_output=True, text=True).stdout.split()  # fmt: skip
+        workers = [int(p) for p in ranks if int(p) != proc.pid]
+        assert len(workers) == 2, ranks
+        killed = time.monotonic()
+        os.kill(max(workers), signal.SIGKILL)  # the later-started worker: rank 1
+        out, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - killed
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and took < 30
+    lines = [ln for ln in out.splitlines() if ln.startswith("error: rank")]
+    assert lines and "lost another process" in lines[0] and "resume=true" in lines[0], out[-3000:]
