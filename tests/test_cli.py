@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,12 @@ from runs import CONF, compose_cfg
 from tasks import validate
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def run_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -104,3 +111,62 @@ def test_the_three_usage_commands_chain_without_paths(tmp_path):
     assert "ckpt_00000040.pt" in r.stdout
     for mode, name in (("sample", "metrics.json"), ("nll", "nll.json")):
         assert len(list((tmp_path / "outputs" / mode).glob(f"*_vp_gmm8/{name}"))) == 1
+
+
+def test_hydra_flags_and_sweeps_work_as_in_any_hydra_app(tmp_path):
+    r = run_py("--cfg", "job", cwd=tmp_path)
+    assert r.returncode == 0 and "beta_max: 20.0" in r.stdout, r.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists()
+    r = run_py("--info", "defaults", cwd=tmp_path)
+    assert r.returncode == 0 and "sde/vp" in r.stdout, r.stderr[-2000:]
+    r = run_py("-m", "training.steps=30,40", "logger.mode=disabled", "progress=false",
+               cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    jobs = sorted((tmp_path / "outputs" / "train").glob("*_sweep/*/train.json"))
+    assert [json.loads(p.read_text())["step"] for p in jobs] == [30, 40]
+    # a sweep's jobs are found by mode=sample like any other training run
+    r = run_py("mode=sample", "sampler=fast", "sampler.n_samples=50", "logger.mode=disabled",
+               cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0 and "_sweep/1_vp_gmm8" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["-m", "sde=vp,foo"], "sde=foo is not a known sde config"),
+        (["sde=vp,ve"], "add -m"),
+        (["outputs_root=/proc/nope/outputs"], "outputs_root=/proc/nope/outputs is not a writable"),
+        (["hydra/launcher=submitit_slurm"], "pip install -e '.[slurm]'"),
+        pytest.param(["device=cuda"], "device=cuda but no CUDA device",
+                     marks=pytest.mark.skipif(_has_cuda(), reason="needs a machine without CUDA")),
+    ],
+)
+def test_more_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
+    r = run_py(*args, "logger.mode=disabled", cwd=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert not list(tmp_path.glob("outputs/*/*")), "no run folder for a refused command"
+
+
+def test_lookup_prefers_finished_runs_and_non_finite_samples_never_crash(tmp_path):
+    r = run_py("training.lr=1e9", "training.max_bad_steps=3", "training.steps=50",
+               "logger.mode=disabled", "progress=false", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 2 and "non-finite" in r.stderr, r.stderr[-2000:]
+    status = json.loads(next(tmp_path.glob("outputs/train/*/train.json")).read_text())
+    assert status["status"] == "failed"
+    # only the failed run: it is used, said so, and its non-finite samples are counted
+    r = run_py("mode=sample", "sampler=fast", "sampler.n_samples=64", "logger.mode=disabled",
+               cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "newest failed one: step" in r.stdout and "of 50 planned" in r.stdout
+    (metrics,) = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/sample/*/metrics.json")]
+    assert metrics["n_samples"] == 64 and 0 <= metrics["non_finite_samples"] <= 64
+    # a finished run made before a later failed one is preferred to it
+    r = run_py("training.steps=20", "logger.mode=disabled", "progress=false", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_py("training.lr=1e9", "training.max_bad_steps=3", "training.steps=50",
+               "logger.mode=disabled", "progress=false", cwd=tmp_path)  # fmt: skip
+    r = run_py("mode=sample", "sampler=fast", "sampler.n_samples=64", "logger.mode=disabled",
+               cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0 and "newest finished" in r.stdout, r.stdout[-2000:]
