@@ -161,7 +161,7 @@ def test_lookup_prefers_finished_runs_and_non_finite_samples_never_crash(tmp_pat
     assert r.returncode == 0, r.stderr[-2000:]
     assert "newest failed one: step" in r.stdout and "of 50 planned" in r.stdout
     (metrics,) = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/sample/*/metrics.json")]
-    assert metrics["n_samples"] == 64 and 0 <= metrics["non_finite_samples"] <= 64
+    assert metrics["n_samples"] == 64 and metrics["non_finite_samples"] > 0  # lr=1e9 diverged
     # a finished run made before a later failed one is preferred to it
     r = run_py("training.steps=20", "logger.mode=disabled", "progress=false", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
