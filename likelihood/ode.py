@@ -66,7 +66,8 @@ def _augmented_field(
     pf_ode = sde.reverse(score_fn, probability_flow=True)
 
     def field(t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tt = torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
+        # t stays on the device (no host round trip per evaluation); a float for scipy
+        tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
 
         def velocity(y: torch.Tensor) -> torch.Tensor:
             return pf_ode.sde(y, tt)[0]
