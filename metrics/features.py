@@ -16,6 +16,7 @@ features cannot be cached, e.g. a user's module). `build_features` picks one fro
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,8 +106,13 @@ def inception_features(weights: Path, device: str = "cpu") -> Features:
         model = load_fid_inception(weights).to(device)
     except InceptionWeightsError as e:
         raise _user_error(str(e)) from None
-    return Features("inception-v3 (FID pool3)", model, key="inception-pt2015", device=device,
-                    batch=50)
+    h = hashlib.sha256()
+    with open(Path(weights).expanduser(), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    # the reference cache is keyed by the weights' content, not their file name
+    return Features("inception-v3 (FID pool3)", model, key=f"inception-{h.hexdigest()[:16]}",
+                    device=device, batch=50)
 
 
 def default_weights_path(outputs_root) -> Path:
