@@ -20,19 +20,20 @@ class EMA:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+        self._pairs = None  # (model, shadow params, model params), cached for the update
 
     @torch.no_grad()
     def update(self, model: nn.Module, n_updates: int, mask: torch.Tensor | None = None) -> None:
         """One EMA step; with a boolean 0-dim `mask` that is False it changes nothing (decided
         on the device, without a host round trip)."""
         d = min(self.decay, (1 + n_updates) / (10 + n_updates))
-        params = list(self.shadow.parameters())
-        if mask is None:
-            torch._foreach_lerp_(params, [p.detach() for p in model.parameters()], 1.0 - d)
-        else:
-            w = mask.to(params[0].dtype) * (1.0 - d) if params else None
-            for e, p in zip(params, model.parameters()):
-                e.lerp_(p.detach(), w)
+        if self._pairs is None or self._pairs[0] is not model:
+            shadow = list(self.shadow.parameters())
+            self._pairs = (model, shadow, list(model.parameters()))
+        _, shadow, params = self._pairs
+        if shadow:
+            w = 1.0 - d if mask is None else mask.to(shadow[0].dtype) * (1.0 - d)
+            torch._foreach_lerp_(shadow, params, w)
         for e, b in zip(self.shadow.buffers(), model.buffers()):
             e.copy_(b if mask is None else torch.where(mask, b, e))
 
