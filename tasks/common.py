@@ -137,9 +137,18 @@ def start_processes(cfg: dict):
         raise UserError(str(e)) from None
 
 
+# data.* keys that change how training reads the data, not what the data are
+DATA_RUNTIME_KEYS = ("workers", "random_flip")
+
+
+def data_identity(c: dict) -> dict:
+    """The data config without its loading options (workers, random_flip)."""
+    return {k: v for k, v in (c or {}).items() if k not in DATA_RUNTIME_KEYS}
+
+
 def run_identity(cfg: dict) -> dict:
     """What a checkpoint must share with a run to be used by it: the SDE, data and model."""
-    return {"sde": cfg["sde"], "data": cfg["data"], "model": cfg["model"]}
+    return {"sde": cfg["sde"], "data": data_identity(cfg["data"]), "model": cfg["model"]}
 
 
 def find_checkpoint(cfg: dict, log=print) -> tuple[Path, dict]:
@@ -189,7 +198,7 @@ def matching_runs(cfg: dict, log=print) -> list[dict]:
     dicts of dir, status (finished | interrupted | failed | running | unknown), planned steps
     and the mtime of their newest checkpoint (runs without a checkpoint are left out)."""
     root = Path(cfg["outputs_root"])
-    want = {"sde": cfg["sde"], "data": cfg["data"]}
+    want = {"sde": cfg["sde"], "data": data_identity(cfg["data"])}
     runs = []
     for run_json in root.glob("train/**/run.json"):
         try:
@@ -197,7 +206,9 @@ def matching_runs(cfg: dict, log=print) -> list[dict]:
         except (OSError, ValueError) as e:
             log(f"warning: skipping run {run_json.parent}: unreadable run.json ({e})")
             continue
-        if not isinstance(meta, dict) or {k: meta.get(k) for k in want} != want:
+        if not isinstance(meta, dict) or not isinstance(meta.get("data"), dict):
+            continue
+        if {"sde": meta.get("sde"), "data": data_identity(meta["data"])} != want:
             continue
         paths = ckpt.list_checkpoints(run_json.parent / "checkpoints")
         if not paths:

@@ -38,7 +38,7 @@ from sde_lib import SDE
 from training.checkpoint import atomic_write_text
 from training.distributed import broadcast_object, gather_to_main, my_items, teardown
 
-from .common import UserError, load_score_model, start_processes
+from .common import UserError, data_identity, load_score_model, start_processes
 from .logger import RunLogger
 
 METHODS = ("ode", "elbo")
@@ -184,7 +184,7 @@ def cache_material(cfg: dict, ckpt_path: Path | None, device: torch.device) -> d
         "checkpoint_sha256": None if ckpt_path is None else _sha256_file(ckpt_path),
         "use_ema": bool(cfg.get("use_ema", True)) if ckpt_path is not None else None,
         "sde": cfg["sde"],
-        "data": cfg["data"],
+        "data": data_identity(cfg["data"]),
         "model": cfg["model"] if ckpt_path is None else None,  # the checkpoint holds its own
         "seed": int(cfg["seed"]),
         "device": device.type,

@@ -108,8 +108,10 @@ def validate_training(cfg: dict) -> None:
         _num(cfg, f"{t}.{k}", kind=int, lo=1)
     _num(cfg, f"{t}.batch_per_device", kind=int, lo=1, none_ok=True)
     _choice(cfg, f"{t}.precision", ("fp32", "bf16"))
-    for k in ("tf32", "compile", "random_flip"):
+    for k in ("tf32", "compile"):
         _choice(cfg, f"{t}.{k}", (True, False))
+    _choice(cfg, "data.random_flip", (True, False))
+    _num(cfg, "data.workers", kind=int, lo=0)
 
 
 def validate_sampler(cfg: dict) -> None:

@@ -97,14 +97,26 @@ class BatchPlan:
             return self.dataset.law(self.B, g)
         return self.dataset.train[self.global_indices(step)]
 
-    def micro_batches(self, step: int, device: torch.device):
-        """This rank's share of global batch `step`: a list of (x0, noise) micro-batches, x0 on
-        `device` and noise a KeyedNoise over the examples' global positions."""
+    def local_batch(self, step: int) -> torch.Tensor:
+        """This rank's share of global batch `step`: (B / W, *shape), where the data live."""
         lo = self.rank * self.local
         if self.dataset.law is not None:
-            x = self.global_batch(step)[lo : lo + self.local]
-        else:
-            x = self.dataset.train[self.global_indices(step)[lo : lo + self.local]]
+            return self.global_batch(step)[lo : lo + self.local]
+        return self.dataset.train[self.global_indices(step)[lo : lo + self.local]]
+
+    def local_batches(self, start: int, stop: int, workers: int = 0, pin: bool = False):
+        """`local_batch(step)` for step = start .. stop - 1, in order; with workers > 0 they are
+        prepared ahead in background processes by a torch DataLoader (pinned if `pin`)."""
+        if workers == 0:
+            return (self.local_batch(k) for k in range(start, stop))
+        loader = torch.utils.data.DataLoader(
+            _Steps(self, start, stop), batch_size=None, num_workers=workers, pin_memory=pin
+        )
+        return iter(loader)
+
+    def micro_batches(self, step: int, x: torch.Tensor, device: torch.device):
+        """Split this rank's share x of global batch `step` into a list of (x0, noise)
+        micro-batches, x0 on `device` and noise a KeyedNoise over the examples' positions."""
         out = []
         for j, start in enumerate(range(0, self.local, self.micro)):
             noise = self._keys(j, device).derive(step & 0xFFFFFFFF).derive(step >> 32)
@@ -114,3 +126,17 @@ class BatchPlan:
                 x0 = torch.where(flip.view(-1, *[1] * (x0.ndim - 1)), x0.flip(-1), x0)
             out.append((x0, noise))
         return out
+
+
+class _Steps(torch.utils.data.IterableDataset):
+    """The local batches of steps start .. stop - 1; worker w of n makes steps start + w + k n,
+    and the DataLoader takes them from its workers in turn, so they arrive in step order."""
+
+    def __init__(self, plan: BatchPlan, start: int, stop: int) -> None:
+        self.plan, self.start, self.stop = plan, start, stop
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        for step in range(self.start + w, self.stop, n):
+            yield self.plan.local_batch(step)

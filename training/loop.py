@@ -51,6 +51,7 @@ class TrainSettings:
     max_bad_steps: int = 20
     batch_per_device: int | None = None  # micro-batch size per process (gradient accumulation)
     random_flip: bool = False  # images: horizontal flips, decided per example
+    workers: int = 0  # background processes preparing batches (DataLoader)
     precision: str = "fp32"  # fp32 | bf16 (autocast; weights, EMA and loss sums stay fp32)
     tf32: bool = False  # CUDA: TF32 matmuls and convolutions
     compile: bool = False  # torch.compile the network
@@ -151,7 +152,8 @@ def train(
     s, dev, main = settings, dist_info.device, dist_info.is_main
     world = dist_info.world_size
     model.to(dev)
-    if dataset.train is not None and dev.type != "cpu":  # the in-memory set lives on the device
+    if dataset.train is not None and dev.type != "cpu" and s.workers == 0:
+        # an in-memory set lives on the device (with workers it stays on the host, pinned)
         dataset = dataclasses.replace(dataset, train=dataset.train.to(dev))
     if dev.type == "cuda" and s.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -239,6 +241,7 @@ def train(
     zero = torch.zeros((), device=dev)
     loss_sum, good, bad_in_row, bad_total = zero.clone(), zero.clone(), zero.clone(), zero.clone()
     last_path, status, last_loss, gnorm = None, "finished", float("nan"), zero
+    batches = plan.local_batches(step, s.steps, s.workers, pin=dev.type == "cuda")
     model.train()
     with _StopFlag() as stop:
         stop_now = False
@@ -248,7 +251,7 @@ def train(
                 who = f"signal {stop.signum}" if stop.signum else "a signal on another rank"
                 log(f"received {who}: saving a checkpoint at step {step}, stopping")
                 break
-            micro = plan.micro_batches(step, dev)
+            micro = plan.micro_batches(step, next(batches), dev)
             opt.zero_grad(set_to_none=True)
             local = zero.clone()
             for j, (x0, noise) in enumerate(micro):
