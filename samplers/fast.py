@@ -2,12 +2,12 @@
 
 The kind is read from the SDE's coefficients alone (no isinstance): alpha(T) = 1 is variance
 exploding ("ve"), alpha^2 + sigma^2 = 1 variance preserving ("vp"), any other decaying alpha
-"subvp". For each kind and the step counts in FAST_SCHEDULES (9 and 19 steps: 10 and 20 NFE with
-the final denoising) fast uses a schedule fitted by `optimise_grid` to the exact scores of gmm8
-and the 5-D mixture together (calibration seed 0, 1000 points each), stored as positions in
-lambda between lambda(T) and lambda(eps), so it maps onto any eps and any SDE of that kind. Other
-step counts use the solver of the nearest fitted count on the time-quadratic grid (the best
-fixed grid in the same measurements). README "Fast sampling" has the figures; refit with
+"subvp". For each kind and every step count in FITTED_STEPS (4..24 steps: 5..25 NFE with the
+final denoising; the solver choices were measured at 9 and 19) fast uses a schedule fitted by
+`optimise_grid` to the exact scores of gmm8 and the 5-D mixture together (calibration seed 0,
+1000 points each), stored as positions in lambda between lambda(T) and lambda(eps), so it maps
+onto any eps and any SDE of that kind. Other step counts use the solver of the nearest measured
+count on the time-quadratic grid. README "Fast sampling" has the figures; refit with
     python -m samplers.fast --refit
 """
 
@@ -48,12 +48,21 @@ def sde_kind(sde: SDE) -> str:
     return "subvp"
 
 
+FITTED_STEPS = range(4, 25)  # schedules are shipped for these step counts (NFE 5..25)
+
+
 def choose(sde: SDE, steps: int) -> tuple[str, dict, list[float] | None]:
-    """(solver name, its options, schedule positions or None) that fast uses for sde, steps."""
+    """(solver name, its options, schedule positions or None) that fast uses for sde, steps.
+
+    The solver is the measured choice at the nearest of 9 / 19 steps; away from those two counts
+    the final steps are always lower order (the stable choice without a measurement).
+    """
     kind = sde_kind(sde)
     fitted = sorted(n for k, n in CHOICES if k == kind)
     nearest = min(fitted, key=lambda n: (abs(n - steps), n))
     solver, options = CHOICES[(kind, nearest)]
+    if steps != nearest:
+        options = dict(options, lower_order_final=True)
     positions = _schedules().get(f"{kind}/{steps}")
     return solver, dict(options), positions
 
@@ -123,8 +132,9 @@ def refit(seed: int = 0, n: int = 1000) -> dict[str, list[float]]:
 
     sdes = {"vp": VPSDE(), "subvp": subVPSDE(), "ve": VESDE()}
     out = {}
-    for (kind, steps), (solver, options) in CHOICES.items():
+    for kind, steps in ((k, n) for k in sdes for n in FITTED_STEPS):
         sde = sdes[kind]
+        solver, options, _ = choose(sde, steps)
         laws = [gmm8(), mixture5d()]
         fns = [MixtureScore(sde, law) for law in laws]
         g = torch.Generator().manual_seed(seed)
