@@ -60,6 +60,24 @@ def to_images(dataset, x: torch.Tensor) -> np.ndarray:
     return (u * 255).round().to(torch.uint8).cpu().numpy()
 
 
+def image_metrics(dataset, x: torch.Tensor, extra: dict, cfg: dict, out_dir: Path, log) -> dict:
+    """FID, KID, precision/recall and memorisation (metrics.images) of the sample sets: x for
+    eval.seeds entry 0 (when it has eval.n_samples samples), `extra` {entry: batches} for the
+    others; the mean and the min over the entries."""
+    from metrics.images import aggregate_seeds, evaluate_images, summary_line
+
+    e = cfg["eval"]
+    lo = dataset.model_range[0]
+    results = []
+    for s in e.get("seeds") or [0]:
+        xs = x if s not in extra else torch.cat([extra[s][j] for j in sorted(extra[s])])
+        u8 = to_images(dataset, torch.nan_to_num(xs, nan=lo))
+        results.append(evaluate_images(dataset, u8, cfg, out_dir, log, seed=int(s)))
+    out = {"eval_seeds": list(e.get("seeds") or [0]), **aggregate_seeds(results)}
+    log(summary_line(out))
+    return out
+
+
 SAMPLE_STREAM = 0x73616D70  # key word of the sampling noise (training noise has its own)
 
 
@@ -69,14 +87,14 @@ def sample_noise(seed: int, indices: torch.Tensor) -> KeyedNoise:
     return KeyedNoise.for_indices(seed, indices, SAMPLE_STREAM)
 
 
-def draw(sde, model, dataset, cfg: dict, device, info: DistInfo, log) -> tuple[dict, int]:
-    """This rank's batches of samples: ({batch index: (b, *D) CPU tensor}, NFE per batch).
+def draw(sde, model, dataset, cfg: dict, device, info: DistInfo, n: int, seed: int):
+    """This rank's batches of n samples: ({batch index: (b, *D) CPU tensor}, NFE per batch).
 
     Batch j holds the samples with global indices [j bs, (j + 1) bs); rank r draws the batches
     j = r, r + W, ... of W processes, so the work is split and nothing is drawn twice.
     """
     c = cfg["sampler"]
-    n, bs, seed = int(c["n_samples"]), int(c["batch_size"]), int(cfg["seed"])
+    bs = int(c["batch_size"])
     mine = my_items(math.ceil(n / bs), info)
     options = sampler_call_options(c)
     out, nfe = {}, 0
@@ -113,11 +131,27 @@ def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
     quiet = log if info.is_main else (lambda *a: None)
     try:
         sde, dataset, model, ckpt_path = load_score_model(cfg, quiet)
+        if dataset.kind == "images" and cfg.get("eval"):
+            from .evaluate import validate_eval
+
+            validate_eval(cfg)
         model.to(info.device)
         start = time.perf_counter()
-        mine, nfe = draw(sde, model, dataset, cfg, info.device, info, log)
+        n, seed = int(c["n_samples"]), int(cfg["seed"])
+        mine, nfe = draw(sde, model, dataset, cfg, info.device, info, n, seed)
         batches = gather_to_main(mine, info, out_dir / ".shards")
         seconds = time.perf_counter() - start
+        # image data: FID & co. on one sample set per eval.seeds entry (seed + entry), the
+        # first of them the set above when it has eval.n_samples samples
+        extra = {}
+        if dataset.kind == "images" and cfg.get("eval"):
+            e = cfg["eval"]
+            n_eval = int(e.get("n_samples") or n)
+            for k, s in enumerate(e.get("seeds") or [0]):
+                if k == 0 and s == 0 and n_eval == n:
+                    continue
+                part, _ = draw(sde, model, dataset, cfg, info.device, info, n_eval, seed + s)
+                extra[s] = gather_to_main(part, info, out_dir / ".shards")
     finally:
         teardown(info)
     if not info.is_main:
@@ -149,6 +183,8 @@ def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
     good = x[ok]
     if dataset.mixture is not None and good.shape[0] > 1:
         metrics.update(quality_metrics(dataset, good, int(cfg["seed"])))
+    if dataset.kind == "images" and cfg.get("eval"):
+        metrics.update(image_metrics(dataset, x, extra, cfg, out_dir, log))
 
     raw = dataset.inverse_scaler(x)
     buf = io.BytesIO()
