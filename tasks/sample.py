@@ -18,7 +18,7 @@ from sde_lib import KeyedNoise
 from training.checkpoint import atomic_write, atomic_write_text
 from training.distributed import DistInfo, broadcast_object, gather_to_main, my_items, teardown
 
-from .common import load_score_model, start_processes
+from .common import UserError, load_score_model, start_processes
 from .figures import image_grid, scatter_2d
 from .logger import RunLogger
 
@@ -102,18 +102,21 @@ def draw(sde, model, dataset, cfg: dict, device, info: DistInfo, n: int, seed: i
     with tqdm(total=n, desc=f"sample ({c['name']})", disable=not show, dynamic_ncols=True) as bar:
         for j in mine:
             idx = torch.arange(j * bs, min((j + 1) * bs, n))
-            x, nfe = samplers.sample(
-                sde,
-                model,
-                (idx.numel(), *dataset.shape),
-                c["name"],
-                c["steps"],
-                generator=sample_noise(seed, idx.to(device)),
-                device=device,
-                eps=float(c["eps"]),
-                denoise=bool(c["denoise"]),
-                **options,
-            )
+            try:
+                x, nfe = samplers.sample(
+                    sde,
+                    model,
+                    (idx.numel(), *dataset.shape),
+                    c["name"],
+                    c["steps"],
+                    generator=sample_noise(seed, idx.to(device)),
+                    device=device,
+                    eps=float(c["eps"]),
+                    denoise=bool(c["denoise"]),
+                    **options,
+                )
+            except ValueError as e:  # the samplers check their own options: one line
+                raise UserError(f"sampler={c['name']}: {e}") from None
             out[j] = x.cpu()
             bar.update(idx.numel() * info.world_size)
     return out, nfe

@@ -155,8 +155,23 @@ def validate_sampler(cfg: dict) -> None:
     for key in ("rtol", "atol"):
         if key in c:
             _num(cfg, f"{p}.{key}", lo=0, lo_open=True)
-    if "grid" in c:
-        _choice(cfg, f"{p}.grid", tuple(samplers.GRIDS))
+    if "grid" in c and c["grid"] is not None:
+        # a grid name or a .json schedule file (checked against steps, eps and T)
+        steps = c.get("steps") or samplers.sampler_options(name).get("steps")
+        try:
+            samplers.get_grid(c["grid"], build_sde(cfg["sde"]), int(steps), float(c["eps"]))
+        except (ValueError, OSError) as e:
+            raise UserError(f"sampler.grid={c['grid']!r}: {e}") from None
+    orders = {"unipc": 3, "dpm_solver3": 3, "ipndm": 4}
+    if "order" in c and name in orders:
+        _num(cfg, f"{p}.order", kind=int, lo=1, hi=orders[name])
+    if "variant" in c:
+        _choice(cfg, f"{p}.variant", ("bh1", "bh2"))
+    for key in ("use_corrector", "lower_order_final"):
+        if key in c:
+            _choice(cfg, f"{p}.{key}", (True, False))
+    if "solver" in c and name == "fast":
+        _choice(cfg, f"{p}.solver", ("auto", "unipc", "ipndm"))
 
 
 def validate_likelihood(cfg: dict) -> None:

@@ -337,11 +337,18 @@ def test_optimise_grid_command_writes_a_usable_schedule(tmp_path, capsys):
         samplers.sample(sde, exact_score(sde, gmm8()), (8, 2), "unipc", 9, grid=str(path))
 
 
-@pytest.mark.xfail(strict=True, reason="tasks/validate.py checks sampler.grid against the names "
-                   "in samplers.GRIDS only; a .json path needs it to defer to samplers.get_grid")
 def test_schedule_file_from_run_py(tmp_path):
     sde = make_sde("vp")
     path = samplers.save_schedule(tmp_path / "s.json", samplers.get_grid("edm", sde, 9, 1e-3))
     m, _ = run_mode(tmp_path, "json", "mode=sample", "model=exact", "sampler=unipc",
                     "sampler.steps=9", f"sampler.grid={path}", "sampler.n_samples=100")
     assert m["nfe"] == 10
+    # a file fitted for other steps, a bad option value: one line (UserError), before sampling
+    from tasks import UserError
+
+    for bad, needle in ((("sampler.steps=7",), "set steps=9"),
+                        (("sampler.steps=9", "sampler.order=5"), "sampler.order=5"),
+                        (("sampler.steps=9", "sampler.variant=bh3"), "sampler.variant='bh3'")):
+        with pytest.raises(UserError, match=needle):
+            run_mode(tmp_path, "bad", "mode=sample", "model=exact", "sampler=unipc",
+                     f"sampler.grid={path}", *bad)
