@@ -111,7 +111,7 @@ def test_a_killed_rank_ends_the_other_with_one_line_in_bounded_time(tmp_path):
             time.sleep(0.2)
         ranks = subprocess.run(["pgrep", "-f", f"{ROOT / 'run.py'} training.steps=1000000"],
                                capture_output=True, text=True).stdout.split()  # fmt: skip
-        workers = [int(p) for p in ranks if int(p) != proc.pid]
+        workers = [int(p) for p in ranks if int(p) != proc.pid]  # the two ranks
         assert len(workers) == 2, ranks
         killed = time.monotonic()
         os.kill(max(workers), signal.SIGKILL)  # the later-started worker: rank 1
@@ -122,3 +122,50 @@ def test_a_killed_rank_ends_the_other_with_one_line_in_bounded_time(tmp_path):
     assert proc.returncode != 0 and took < 30
     lines = [ln for ln in out.splitlines() if ln.startswith("error: rank")]
     assert lines and "lost another process" in lines[0] and "resume=true" in lines[0], out[-3000:]
+
+
+def _workers(proc: subprocess.Popen, needle: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", needle], capture_output=True, text=True).stdout.split()
+    return sorted(int(p) for p in found if int(p) != proc.pid)
+
+
+def test_sigterm_to_every_rank_saves_once_and_resume_continues_exactly(tmp_path):
+    """What Slurm does at the end of a job: SIGTERM to every process; then resume=true under
+    torchrun reaches the parameters of an uninterrupted two-process run."""
+    from training import checkpoint as ckpt
+
+    args = ("training.steps=400", "training.ckpt_every=20", "model=mlp", "model.hidden=64",
+            "model.depth=2", *QUIET)  # fmt: skip
+    (tmp_path / "cut").mkdir()
+    proc = torchrun(str(ROOT / "run.py"), *args, cwd=tmp_path / "cut", popen=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "cut").glob("outputs/train/*/checkpoints/ckpt_*.pt")):
+            assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint"
+            time.sleep(0.1)
+        workers = _workers(proc, f"{ROOT / 'run.py'} training.steps=400")
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("saving a checkpoint at step") == 1  # rank 0 speaks for the run
+    (status,) = [json.loads(p.read_text())
+                 for p in (tmp_path / "cut").glob("outputs/train/*/train.json")]  # fmt: skip
+    assert status["status"] == "interrupted" and 20 <= status["step"] < 400
+    r = torchrun(str(ROOT / "run.py"), *args, "resume=true", cwd=tmp_path / "cut")
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-3000:]
+    (tmp_path / "whole").mkdir()
+    r = torchrun(str(ROOT / "run.py"), *args, cwd=tmp_path / "whole")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def final(root: Path) -> dict:
+        runs = sorted(root.glob("outputs/train/*/checkpoints"), key=lambda p: p.stat().st_mtime)
+        return ckpt.load(ckpt.list_checkpoints(runs[-1])[-1])
+
+    resumed, whole = final(tmp_path / "cut"), final(tmp_path / "whole")
+    assert resumed["step"] == whole["step"] == 400
+    for k, v in whole["model"].items():
+        torch.testing.assert_close(resumed["model"][k], v, rtol=0, atol=0)

@@ -249,7 +249,8 @@ def train(
             if stop_now:
                 status = "interrupted"
                 who = f"signal {stop.signum}" if stop.signum else "a signal on another rank"
-                log(f"received {who}: saving a checkpoint at step {step}, stopping")
+                if main:
+                    log(f"received {who}: saving a checkpoint at step {step}, stopping")
                 break
             micro = plan.micro_batches(step, next(batches), dev)
             opt.zero_grad(set_to_none=True)
