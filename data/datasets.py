@@ -43,10 +43,32 @@ class Dataset:
     model_range: tuple[float, float] = (-1.0, 1.0)
     meta: dict = field(default_factory=dict)
     labels: dict | None = None  # {"train": (N,), "test": (M,)} int64 class labels, if shipped
+    # for infinite laws with labels: (n, generator) -> (x, y), the same x as `law` draws
+    law_labels: object | None = None
 
     @property
     def dim(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes (0 when the data set has no labels): shipped labels, or the
+        components of a mixture law (the label of a drawn point is its component)."""
+        if self.labels is not None:
+            return int(max(int(v.max()) for v in self.labels.values() if v.numel())) + 1
+        if self.law_labels is not None and self.mixture is not None:
+            return self.mixture.n_components
+        return 0
+
+    def labelled_test_set(self, n: int | None = None, seed: int = 12345):
+        """(test points, their labels), as `test_set`; for laws the components of the draws."""
+        if self.law_labels is not None:
+            g = torch.Generator().manual_seed(seed)
+            return self.law_labels(n or 2000, g)
+        if self.labels is None:
+            raise DataError(f"data set {self.name!r} has no labels")
+        y = self.labels["test"]
+        return (self.test, y) if n is None else (self.test[:n], y[:n])
 
     def scaler(self, raw: torch.Tensor) -> torch.Tensor:
         """Affine map from the raw range to the model range."""
@@ -113,17 +135,23 @@ def _mixture_law(mixture: GaussianMixture):
     return lambda n, g: mixture.sample(n, generator=g)
 
 
+def _mixture_law_labels(mixture: GaussianMixture):
+    return lambda n, g: mixture.sample(n, generator=g, return_labels=True)
+
+
 def toy(name: str) -> Dataset:
     """The embedded 2-D laws: gmm8 (exact density), checkerboard, swissroll, moons."""
     if name == "gmm8":
         mix = gmm8()
-        return Dataset(name, (2,), "points", law=_mixture_law(mix), mixture=mix)
+        return Dataset(name, (2,), "points", law=_mixture_law(mix), mixture=mix,
+                       law_labels=_mixture_law_labels(mix))  # fmt: skip
     laws = {"checkerboard": _checkerboard, "swissroll": _swissroll, "moons": _moons}
     return Dataset(name, (2,), "points", law=laws[name])
 
 
 def mixture_dataset(name: str, mixture: GaussianMixture) -> Dataset:
-    return Dataset(name, mixture.shape, "points", law=_mixture_law(mixture), mixture=mixture)
+    return Dataset(name, mixture.shape, "points", law=_mixture_law(mixture), mixture=mixture,
+                   law_labels=_mixture_law_labels(mixture))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- images
@@ -299,17 +327,26 @@ def npz_dataset(
     raw_range=None,
     levels: int | None = None,
     test_fraction: float = 0.1,
+    label_key: str | None = None,
 ) -> Dataset:
     """A user's array in a .npz (or .npy) file: (N, D) points, (N, H, W) or (N, C, H, W) images.
 
     Images are scaled from `raw_range` (declared, else 0..levels-1 when `levels` is declared,
-    else the data's min..max) to [-1, 1]; points are standardised per dimension.
+    else the data's min..max) to [-1, 1]; points are standardised per dimension. `label_key`
+    names an (N,) array of integer class labels 0..K-1 in the same .npz.
     """
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"data file {p} not found; set data.path to an existing .npz file")
     raw_range, levels = _check_levels_range(p, raw_range, levels)
     arr = _check_array(_read_array(p, key), p, raw_range, levels)
+    if label_key is not None:
+        if key is None:
+            raise DataError(f"{p}: data.label_key needs data.key naming the data array")
+        y = _check_labels(_read_array(p, label_key), arr.shape[0], f"{p}[{label_key!r}]")
+        return _with_labels(
+            npz_dataset(path, key, raw_range, levels, test_fraction), y, test_fraction
+        )
     if arr.ndim == 2 and levels is not None:
         raise DataError(
             f"{p}: data.levels applies to images; (N, D) points are modelled as continuous "
@@ -332,8 +369,25 @@ def npz_dataset(
     return image_dataset(p.stem, x, levels, raw_range, test_fraction, source=str(p))
 
 
+def _check_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
+    """Class labels: (n,) integers 0..K-1, every class present."""
+    if y.ndim != 1 or y.shape[0] != n:
+        raise DataError(f"{where}: labels of shape {y.shape}; expected ({n},), one per example")
+    if y.dtype.kind not in "iub" and not (y.dtype.kind == "f" and np.array_equal(y, np.round(y))):
+        raise DataError(f"{where}: labels of dtype {y.dtype} are not integers")
+    y = y.astype(np.int64)
+    if y.min() < 0:
+        raise DataError(f"{where}: negative label {int(y.min())}; labels are 0..K-1")
+    return y
+
+
 def folder_dataset(path: str, channels: int = 1, test_fraction: float = 0.1) -> Dataset:
-    """A folder of equally sized 8-bit images (e.g. MNIST or CIFAR-10 exported as PNG)."""
+    """A folder of equally sized 8-bit images (e.g. MNIST or CIFAR-10 exported as PNG).
+
+    When every image lies in a sub-folder of `path` (one level down, at least two of them), the
+    sub-folders are the classes: labels 0..K-1 in the sorted order of their names
+    (`meta["classes"]`), as torchvision's ImageFolder does.
+    """
     from PIL import Image
 
     root = Path(path).expanduser()
@@ -371,4 +425,10 @@ def folder_dataset(path: str, channels: int = 1, test_fraction: float = 0.1) -> 
         arrays.append(a)
     x = torch.from_numpy(np.stack(arrays))
     x = x[:, None] if channels == 1 else x.permute(0, 3, 1, 2)
-    return image_dataset(root.name, x, 256, (0, 255), test_fraction, source=str(root))
+    ds = image_dataset(root.name, x, 256, (0, 255), test_fraction, source=str(root))
+    parents = [f.parent for f in files]
+    classes = sorted({q.name for q in parents})
+    if all(q.parent == root for q in parents) and len(classes) >= 2:
+        ds.meta["classes"] = classes
+        ds = _with_labels(ds, [classes.index(q.name) for q in parents], test_fraction)
+    return ds

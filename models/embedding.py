@@ -41,3 +41,12 @@ def make_embedding(kind: str, dim: int) -> nn.Module:
     if kind == "fourier":
         return FourierEmbedding(dim)
     raise ValueError(f"unknown time embedding {kind!r}; allowed: sinusoidal, fourier")
+
+
+def class_index(y: torch.Tensor | None, n_classes: int, batch: int, device) -> torch.Tensor:
+    """Rows of a class-embedding table with n_classes + 1 rows: y, or the null class n_classes
+    for y = None (the whole batch) and for labels y < 0."""
+    if y is None:
+        return torch.full((batch,), n_classes, dtype=torch.long, device=device)
+    y = y.to(device=device, dtype=torch.long)
+    return torch.where(y < 0, torch.full_like(y, n_classes), y)

@@ -87,6 +87,38 @@ class GaussianMixture:
         r = torch.softmax(logj, dim=1).unsqueeze(-1)
         return (r * (mean - xf) / var).sum(1).reshape(x.shape).to(x.dtype)
 
+    def component(self, k: int) -> GaussianMixture:
+        """The law of the draws of component k (the conditional law given the label y = k)."""
+        if not 0 <= int(k) < self.n_components:
+            raise ValueError(f"component {k} out of range 0..{self.n_components - 1}")
+        k = int(k)
+        return GaussianMixture([1.0], self.means[k : k + 1], self.variances[k : k + 1], self.shape)
+
+    def log_posterior_at(
+        self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+    ) -> torch.Tensor:
+        """log p_t(y = k | x), (B, K): the responsibilities under the perturbed mixture, i.e. the
+        exact time-dependent classifier of the component label."""
+        logj, *_ = self._components(x, alpha, sigma)
+        return torch.log_softmax(logj, dim=1)
+
+    def conditional_score_at(
+        self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """grad_x log p_t(x | y): the score of the perturbed component y_i for row i (a Gaussian,
+        N(alpha mu_y, alpha^2 c_y + sigma^2)); rows with y < 0 get the unconditional score."""
+        _, xf, mean, var = self._components(x, alpha, sigma)
+        y = y.to(xf.device).long()
+        rows = torch.arange(x.shape[0], device=xf.device)
+        k = y.clamp_min(0)
+        cond = ((mean[rows, k] if mean.shape[0] == x.shape[0] else mean[0, k]) - xf[:, 0])
+        cond = cond / (var[rows, k] if var.shape[0] == x.shape[0] else var[0, k])
+        cond = cond.reshape(x.shape).to(x.dtype)
+        if bool((y >= 0).all()):
+            return cond
+        uncond = self.score_at(x, alpha, sigma)
+        return torch.where((y >= 0).reshape(-1, *[1] * (x.ndim - 1)), cond, uncond)
+
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log density of the data law itself, (B,)."""
         one = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
@@ -113,10 +145,36 @@ class MixtureScore(nn.Module):
         self.sde = sde
         self.mixture = mixture
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    @property
+    def n_classes(self) -> int:
+        """The component label is the class: the exact model is conditional on it."""
+        return self.mixture.n_components
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """score(x, t), or with labels y (B,) the conditional score of component y (y < 0 is the
+        null class: the unconditional score)."""
         alpha, sigma = self.sde.alpha_sigma(t.double())
-        return self.mixture.score_at(x, alpha, sigma)
+        if y is None:
+            return self.mixture.score_at(x, alpha, sigma)
+        return self.mixture.conditional_score_at(x, alpha, sigma, y)
 
     def log_prob(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         alpha, sigma = self.sde.alpha_sigma(t.double())
         return self.mixture.log_prob_at(x, alpha, sigma)
+
+
+class MixtureClassifier(nn.Module):
+    """The exact time-dependent classifier of a mixture's component label under `sde`:
+    forward(x, t) -> log p_t(y | x), (B, K) (log-probabilities, usable as logits)."""
+
+    def __init__(self, sde: SDE, mixture: GaussianMixture) -> None:
+        super().__init__()
+        self.sde = sde
+        self.mixture = mixture
+        self.n_classes = mixture.n_components
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = self.sde.alpha_sigma(t.double())
+        return self.mixture.log_posterior_at(x, alpha, sigma).to(x.dtype)

@@ -3,7 +3,8 @@
 Residual blocks with GroupNorm and a time-embedding shift, self-attention at chosen resolutions,
 skip connections across the bottleneck, skip scaling by 1/sqrt(2) and a zero-initialised output.
 Works for square images from 8x8 up to 32x32 (and beyond) with a resolution divisible by
-2^(len(ch_mult) - 1). Knows nothing of SDEs: net(x: (B, C, H, W), t: (B,)) -> (B, C, H, W).
+2^(len(ch_mult) - 1). Knows nothing of SDEs: net(x: (B, C, H, W), t: (B,)) -> (B, C, H, W);
+with n_classes > 0, net(x, t, y) adds a class embedding (y = None or < 0: the null class).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .embedding import make_embedding
+from .embedding import class_index, make_embedding
 
 _SKIP_SCALE = 1 / math.sqrt(2)
 
@@ -76,9 +77,11 @@ class UNet(nn.Module):
         attn_resolutions: Sequence[int] = (4,),
         dropout: float = 0.0,
         embedding: str = "sinusoidal",
+        n_classes: int = 0,
     ) -> None:
         super().__init__()
         c_img, res, res_w = shape
+        self.n_classes = int(n_classes)
         if res != res_w or res % 2 ** (len(ch_mult) - 1):
             raise ValueError(
                 f"UNet needs square images with side divisible by 2^(len(ch_mult)-1); got {shape}"
@@ -91,6 +94,8 @@ class UNet(nn.Module):
             nn.Linear(emb_dim, emb_dim),
             nn.SiLU(),
         )
+        if self.n_classes:  # class embedding (+ the null class), added to the time embedding
+            self.label_embed = nn.Embedding(self.n_classes + 1, emb_dim)
         self.conv_in = nn.Conv2d(c_img, ch, 3, padding=1)
         self.down = nn.ModuleList()
         skips, cur = [ch], ch
@@ -126,8 +131,10 @@ class UNet(nn.Module):
                 res *= 2
         self.out = nn.Sequential(_norm(cur), nn.SiLU(), _zero(nn.Conv2d(cur, c_img, 3, padding=1)))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
         emb = self.embed(t)
+        if self.n_classes:
+            emb = emb + self.label_embed(class_index(y, self.n_classes, x.shape[0], x.device))
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:

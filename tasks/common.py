@@ -59,7 +59,8 @@ def build_dataset(c: dict) -> Dataset:
         if name == "mnist":
             return mnist()
         if name == "npz":
-            return npz_dataset(c["path"], c.get("key"), c.get("range"), c.get("levels"))
+            return npz_dataset(c["path"], c.get("key"), c.get("range"), c.get("levels"),
+                               label_key=c.get("label_key"))  # fmt: skip
         if name == "folder":
             return folder_dataset(c["path"], c.get("channels", 1))
     except DataError as e:
@@ -81,6 +82,15 @@ def build_network(c: dict, dataset: Dataset) -> torch.nn.Module:
     if name == "auto":
         name = "mlp" if dataset.kind == "points" else "unet"
     emb = c.get("embedding", "sinusoidal")
+    n_classes = 0
+    if c.get("conditional"):
+        n_classes = dataset.n_classes
+        if n_classes < 2:
+            raise UserError(
+                f"model.conditional=true needs a labelled data set (digits, mnist, gmm8, mix5d, "
+                f"npz with data.label_key, folder with class sub-folders); data={dataset.name} "
+                "has no labels"
+            )
     if name == "mlp":
         return MLP(
             dataset.shape,
@@ -88,6 +98,7 @@ def build_network(c: dict, dataset: Dataset) -> torch.nn.Module:
             depth=int(c.get("depth", 4)),
             emb_dim=int(c.get("emb_dim", 64)),
             embedding=emb,
+            n_classes=n_classes,
         )
     if name == "unet":
         if len(dataset.shape) != 3:
@@ -104,6 +115,7 @@ def build_network(c: dict, dataset: Dataset) -> torch.nn.Module:
             attn_resolutions=c.get("attn_resolutions") or auto["attn_resolutions"],
             dropout=float(c.get("dropout", 0.0)),
             embedding=emb,
+            n_classes=n_classes,
         )
     raise UserError(f"model={name!r} is not known; allowed: {', '.join(MODEL_NAMES)}")
 
@@ -146,9 +158,23 @@ def data_identity(c: dict) -> dict:
     return {k: v for k, v in (c or {}).items() if k not in DATA_RUNTIME_KEYS}
 
 
+def model_identity(c: dict) -> dict:
+    """The model config, with model.conditional=false the same as absent (older runs)."""
+    c = dict(c or {})
+    if not c.get("conditional"):
+        c.pop("conditional", None)
+    return c
+
+
+def is_classifier_run(cfg: dict) -> bool:
+    """A run of training.objective=classifier (a noise-conditional classifier, not a score)."""
+    return ((cfg or {}).get("training") or {}).get("objective") == "classifier"
+
+
 def run_identity(cfg: dict) -> dict:
     """What a checkpoint must share with a run to be used by it: the SDE, data and model."""
-    return {"sde": cfg["sde"], "data": data_identity(cfg["data"]), "model": cfg["model"]}
+    return {"sde": cfg["sde"], "data": data_identity(cfg["data"]),
+            "model": model_identity(cfg["model"])}  # fmt: skip
 
 
 def find_checkpoint(cfg: dict, log=print) -> tuple[Path, dict]:
@@ -167,8 +193,10 @@ def find_checkpoint(cfg: dict, log=print) -> tuple[Path, dict]:
         return path, state
     root = Path(cfg["outputs_root"])
     runs = matching_runs(cfg, log)
-    # finished runs first (newest first), then unfinished or failed ones (newest first)
-    runs.sort(key=lambda r: (r["status"] == "finished", r["mtime"]), reverse=True)
+    # runs with this model config first, finished ones first (newest first), then unfinished or
+    # failed ones (newest first)
+    runs.sort(key=lambda r: (r["model_match"], r["status"] == "finished", r["mtime"]),
+              reverse=True)  # fmt: skip
     for run in runs:
         for path in reversed(ckpt.list_checkpoints(run["dir"] / "checkpoints")):
             try:
@@ -210,6 +238,8 @@ def matching_runs(cfg: dict, log=print) -> list[dict]:
             continue
         if {"sde": meta.get("sde"), "data": data_identity(meta["data"])} != want:
             continue
+        if is_classifier_run(meta) != is_classifier_run(cfg):
+            continue
         paths = ckpt.list_checkpoints(run_json.parent / "checkpoints")
         if not paths:
             continue
@@ -222,6 +252,7 @@ def matching_runs(cfg: dict, log=print) -> list[dict]:
             "status": status or "unknown",
             "planned": meta.get("planned_steps"),
             "mtime": paths[-1].stat().st_mtime,
+            "model_match": model_identity(meta.get("model")) == model_identity(cfg["model"]),
         })  # fmt: skip
     return runs
 
@@ -250,6 +281,11 @@ def load_score_model(cfg: dict, log=print):
         return sde, dataset, build_score_model(cfg, sde, dataset).eval(), None
     path, state = find_checkpoint(cfg, log)
     saved = ckpt.config_of(state)
+    if is_classifier_run(saved):
+        raise UserError(
+            f"ckpt={path} is a noise-conditional classifier (training.objective=classifier), "
+            "not a score model; pass it as sampler.classifier=PATH"
+        )
     if cfg.get("ckpt"):  # an explicit checkpoint brings its own model; sde and data must match
         if cfg["model"] != saved["model"]:
             log(f"using the checkpoint's model config {saved['model']} (ckpt={path}); "

@@ -19,11 +19,14 @@ from training.checkpoint import atomic_write, atomic_write_text
 from training.distributed import DistInfo, broadcast_object, gather_to_main, my_items, teardown
 
 from .common import UserError, load_score_model, start_processes
+from .conditional import conditional_metrics, make_guide, sample_labels
 from .figures import image_grid, scatter_2d
 from .logger import RunLogger
 
 # keys of the sampler config group that are not options of the sampler function itself
-RUN_KEYS = ("name", "steps", "eps", "denoise", "n_samples", "batch_size")
+# (the conditional-generation keys are read in tasks/conditional.py and tasks/control.py)
+RUN_KEYS = ("name", "steps", "eps", "denoise", "n_samples", "batch_size", "task", "mask",
+            "class_label", "guidance", "classifier", "classifier_scale")  # fmt: skip
 
 
 def sampler_call_options(c: dict) -> dict:
@@ -87,11 +90,12 @@ def sample_noise(seed: int, indices: torch.Tensor) -> KeyedNoise:
     return KeyedNoise.for_indices(seed, indices, SAMPLE_STREAM)
 
 
-def draw(sde, model, dataset, cfg: dict, device, info: DistInfo, n: int, seed: int):
+def draw(sde, model, dataset, cfg: dict, device, info: DistInfo, n: int, seed: int, guide=None):
     """This rank's batches of n samples: ({batch index: (b, *D) CPU tensor}, NFE per batch).
 
     Batch j holds the samples with global indices [j bs, (j + 1) bs); rank r draws the batches
     j = r, r + W, ... of W processes, so the work is split and nothing is drawn twice.
+    guide(indices), if given, is the (guided, conditional) score_fn of those samples.
     """
     c = cfg["sampler"]
     bs = int(c["batch_size"])
@@ -105,7 +109,7 @@ def draw(sde, model, dataset, cfg: dict, device, info: DistInfo, n: int, seed: i
             try:
                 x, nfe = samplers.sample(
                     sde,
-                    model,
+                    model if guide is None else guide(idx.to(device)),
                     (idx.numel(), *dataset.shape),
                     c["name"],
                     c["steps"],
@@ -129,6 +133,10 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
 
 def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
     c = cfg["sampler"]
+    if c.get("task", "sample") != "sample":
+        from .control import run_control
+
+        return run_control(cfg, out_dir, log)
     info = start_processes(cfg)
     out_dir = Path(broadcast_object(str(out_dir), info))  # one run folder for all ranks
     quiet = log if info.is_main else (lambda *a: None)
@@ -139,9 +147,10 @@ def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
 
             validate_eval(cfg)
         model.to(info.device)
+        guide, guided = make_guide(cfg, model, dataset, sde, info.device, quiet)
         start = time.perf_counter()
         n, seed = int(c["n_samples"]), int(cfg["seed"])
-        mine, nfe = draw(sde, model, dataset, cfg, info.device, info, n, seed)
+        mine, nfe = draw(sde, model, dataset, cfg, info.device, info, n, seed, guide)
         batches = gather_to_main(mine, info, out_dir / ".shards")
         seconds = time.perf_counter() - start
         # image data: FID & co. on one sample set per eval.seeds entry (seed + entry), the
@@ -153,7 +162,8 @@ def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
             for k, s in enumerate(e.get("seeds") or [0]):
                 if k == 0 and s == 0 and n_eval == n:
                     continue
-                part, _ = draw(sde, model, dataset, cfg, info.device, info, n_eval, seed + s)
+                part, _ = draw(sde, model, dataset, cfg, info.device, info, n_eval, seed + s,
+                               guide)
                 extra[s] = gather_to_main(part, info, out_dir / ".shards")
     finally:
         teardown(info)
@@ -182,16 +192,27 @@ def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
         "sde": cfg["sde"]["name"],
         "data": dataset.name,
         "checkpoint": str(ckpt_path) if ckpt_path else "exact score",
+        **guided,
     }
+    labels = sample_labels(cfg, n, guided["n_classes"]) if guided else None
     good = x[ok]
     if dataset.mixture is not None and good.shape[0] > 1:
         metrics.update(quality_metrics(dataset, good, int(cfg["seed"])))
     if dataset.kind == "images" and cfg.get("eval"):
         metrics.update(image_metrics(dataset, x, extra, cfg, out_dir, log))
+    if good.shape[0] > 0:
+        u8 = to_images(dataset, good) if dataset.kind == "images" else None
+        metrics.update(conditional_metrics(dataset, good, None if labels is None else labels[ok],
+                                           cfg, u8, log))  # fmt: skip
+        if "conditional_accuracy" in metrics:
+            log(f"share of samples of the requested class ({metrics['conditional_judge']}): "
+                f"{metrics['conditional_accuracy_mean']:.3f}; per class "
+                f"{ {k: round(v, 3) for k, v in metrics['conditional_accuracy'].items()} }")
 
     raw = dataset.inverse_scaler(x)
     buf = io.BytesIO()
-    np.savez(buf, samples=raw.numpy(), samples_model_space=x.numpy())
+    extra_arrays = {} if labels is None else {"labels": labels.numpy()}
+    np.savez(buf, samples=raw.numpy(), samples_model_space=x.numpy(), **extra_arrays)
     atomic_write(out_dir / "samples.npz", lambda f: f.write(buf.getvalue()))
     picture = out_dir / "samples.png"
     if dataset.kind == "images":

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from training import checkpoint as ckpt
+from training.conditional import ClassifierLoss, ConditionalLoss
 from training.distributed import broadcast_object, teardown
 from training.loop import NonFiniteError, TrainSettings, train
 from training.losses import make_loss
@@ -89,14 +91,21 @@ def run_train(cfg: dict, out_dir: Path, log=print) -> dict:
     try:
         sde = build_sde(cfg["sde"])
         dataset = build_dataset(cfg["data"])
-        model = build_score_model(cfg, sde, dataset)
-        settings = settings_from(cfg, dataset)
+        t = cfg["training"]
+        classifier = t.get("objective", "score") == "classifier"
+        if classifier:  # a noise-conditional classifier p_t(y | x) for classifier guidance
+            from .conditional import build_classifier
+
+            model = build_classifier(cfg, sde, dataset)
+        else:
+            model = build_score_model(cfg, sde, dataset)
+        conditional = classifier or bool(getattr(model, "n_classes", 0))
+        settings = dataclasses.replace(settings_from(cfg, dataset), labels=conditional)
         if settings.batch_size % info.world_size:
             raise UserError(
                 f"training.batch_size={settings.batch_size} is not divisible by the "
                 f"{info.world_size} processes; use a multiple of {info.world_size}"
             )
-        t = cfg["training"]
         loss = make_loss(
             t["loss"],
             sde,
@@ -106,6 +115,10 @@ def run_train(cfg: dict, out_dir: Path, log=print) -> dict:
             projection=t["projection"],
             n_levels=int(t["n_levels"]),
         )
+        if classifier:
+            loss = ClassifierLoss(sde, eps=float(t["eps"]))
+        elif conditional:  # the conditional and (label dropout) unconditional score in one net
+            loss = ConditionalLoss(loss, float(t.get("label_dropout", 0.0)))
         _, state = _resume_state(cfg, log if info.is_main else (lambda *a: None))
         out_dir = Path(out_dir)
         if info.is_main:

@@ -99,6 +99,12 @@ def validate_training(cfg: dict) -> None:
     _num(cfg, f"{t}.ema_decay", lo=0, hi=0.999999)
     _num(cfg, f"{t}.weight_decay", lo=0)
     _choice(cfg, f"{t}.loss", LOSSES)
+    _choice(cfg, f"{t}.objective", ("score", "classifier"))
+    _num(cfg, f"{t}.label_dropout", lo=0, hi=1, hi_open=True)
+    _choice(cfg, "model.conditional", (True, False))
+    if cfg[t]["objective"] == "classifier" and cfg["model"]["conditional"]:
+        raise UserError("training.objective=classifier trains a classifier p_t(y | x), which "
+                        "is not class-conditional: drop model.conditional=true")  # fmt: skip
     _choice(cfg, f"{t}.likelihood_weighting", (True, False))
     _num(cfg, f"{t}.n_projections", kind=int, lo=1)
     _choice(cfg, f"{t}.projection", ("rademacher", "gaussian"))
@@ -172,6 +178,33 @@ def validate_sampler(cfg: dict) -> None:
             _choice(cfg, f"{p}.{key}", (True, False))
     if "solver" in c and name == "fast":
         _choice(cfg, f"{p}.solver", ("auto", "unipc", "ipndm"))
+    validate_conditional_sampling(cfg)
+
+
+def validate_conditional_sampling(cfg: dict) -> None:
+    """sampler.task, mask, class_label, guidance, classifier, classifier_scale (their fit to the
+    model and data is checked once those are loaded, in tasks/conditional.py and control.py)."""
+    p, c = "sampler", cfg["sampler"]
+    if "task" in c:
+        _choice(cfg, f"{p}.task", ("sample", "inpaint", "colorize"))
+    mask = c.get("mask", "center")
+    if not isinstance(mask, str) or not mask:
+        raise UserError(f"sampler.mask={mask!r} is not allowed; allowed: left, right, top, "
+                        "bottom, center, random or the path of a .npy file")  # fmt: skip
+    label = c.get("class_label")
+    ok = label is None or label == "random" or (
+        isinstance(label, int) and not isinstance(label, bool) and label >= 0) or (
+        isinstance(label, list) and label and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in label))
+    if not ok:
+        raise UserError(f"sampler.class_label={label!r} is not allowed; allowed: a class "
+                        "index K >= 0, a list of them (one per sample), random or null")
+    for key in ("guidance", "classifier_scale"):
+        if key in c:
+            _num(cfg, f"{p}.{key}", lo=0)
+    if c.get("classifier") is not None and not isinstance(c["classifier"], str):
+        raise UserError(f"sampler.classifier={c['classifier']!r} is not allowed; allowed: the "
+                        "path of a classifier checkpoint, exact or null")  # fmt: skip
 
 
 def validate_likelihood(cfg: dict) -> None:

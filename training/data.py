@@ -45,6 +45,7 @@ class BatchPlan:
         world_size: int = 1,
         batch_per_device: int | None = None,
         random_flip: bool = False,
+        labels: bool = False,
     ) -> None:
         if batch_size % world_size:
             raise ValueError(
@@ -56,6 +57,11 @@ class BatchPlan:
         self.local = batch_size // world_size
         self.micro = min(self.local, batch_per_device or self.local)
         self.random_flip = random_flip and dataset.kind == "images"
+        # labels: every batch is (x, y), the labels of the same examples (for laws: the label
+        # drawn with each point, e.g. its mixture component)
+        self.labels = bool(labels)
+        if self.labels and dataset.labels is None and dataset.law_labels is None:
+            raise ValueError(f"data set {dataset.name!r} has no labels")
         self._epochs: dict[int, torch.Tensor] = {}
         self._base: dict[int, KeyedNoise] = {}
 
@@ -90,19 +96,39 @@ class BatchPlan:
             out[sel] = self._perm(e)[pos[sel] % n]
         return out
 
-    def global_batch(self, step: int) -> torch.Tensor:
-        """The whole global batch of `step` in model space, (B, *shape) on the CPU."""
+    def global_batch(self, step: int):
+        """The whole global batch of `step` in model space, (B, *shape) on the CPU; with labels
+        the pair (x, y: (B,) int64)."""
         if self.dataset.law is not None:
             g = torch.Generator().manual_seed(derived_seed(self.seed, "law", step))
+            if self.labels:  # the same points as `law` draws, with their labels
+                x, y = self.dataset.law_labels(self.B, g)
+                return x, y.long()
             return self.dataset.law(self.B, g)
-        return self.dataset.train[self.global_indices(step)]
+        idx = self.global_indices(step)
+        if self.labels:
+            return self.dataset.train[idx], self._train_labels(idx)
+        return self.dataset.train[idx]
 
-    def local_batch(self, step: int) -> torch.Tensor:
-        """This rank's share of global batch `step`: (B / W, *shape), where the data live."""
+    def _train_labels(self, idx: torch.Tensor) -> torch.Tensor:
+        dev = self.dataset.train.device  # the labels are moved where the data live, once
+        if getattr(self, "_y", None) is None or self._y.device != dev:
+            self._y = self.dataset.labels["train"].to(dev)
+        return self._y[idx.to(dev)]
+
+    def local_batch(self, step: int):
+        """This rank's share of global batch `step`: (B / W, *shape), where the data live; with
+        labels the pair (x, y)."""
         lo = self.rank * self.local
         if self.dataset.law is not None:
-            return self.global_batch(step)[lo : lo + self.local]
-        return self.dataset.train[self.global_indices(step)[lo : lo + self.local]]
+            out = self.global_batch(step)
+            if self.labels:
+                return out[0][lo : lo + self.local], out[1][lo : lo + self.local]
+            return out[lo : lo + self.local]
+        idx = self.global_indices(step)[lo : lo + self.local]
+        if self.labels:
+            return self.dataset.train[idx], self._train_labels(idx)
+        return self.dataset.train[idx]
 
     def local_batches(self, start: int, stop: int, workers: int = 0, pin: bool = False):
         """`local_batch(step)` for step = start .. stop - 1, in order; with workers > 0 they are
@@ -116,15 +142,21 @@ class BatchPlan:
 
     def micro_batches(self, step: int, x: torch.Tensor, device: torch.device):
         """Split this rank's share x of global batch `step` into a list of (x0, noise)
-        micro-batches, x0 on `device` and noise a KeyedNoise over the examples' positions."""
+        micro-batches, x0 on `device` and noise a KeyedNoise over the examples' positions; with
+        labels x is the pair (x, y) and the micro-batches are (x0, noise, y0)."""
         out = []
+        if self.labels:
+            x, y = x
         for j, start in enumerate(range(0, self.local, self.micro)):
             noise = self._keys(j, device).derive(step & 0xFFFFFFFF).derive(step >> 32)
             x0 = x[start : start + self.micro].to(device, non_blocking=True)
             if self.random_flip:  # horizontal flip, decided per example by its own key
                 flip = noise.rand((x0.shape[0],), device=device) < 0.5
                 x0 = torch.where(flip.view(-1, *[1] * (x0.ndim - 1)), x0.flip(-1), x0)
-            out.append((x0, noise))
+            if self.labels:
+                out.append((x0, noise, y[start : start + self.micro].to(device, non_blocking=True)))
+            else:
+                out.append((x0, noise))
         return out
 
 

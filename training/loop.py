@@ -55,6 +55,7 @@ class TrainSettings:
     precision: str = "fp32"  # fp32 | bf16 (autocast; weights, EMA and loss sums stay fp32)
     tf32: bool = False  # CUDA: TF32 matmuls and convolutions
     compile: bool = False  # torch.compile the network
+    labels: bool = False  # batches carry class labels, passed to the loss as labels=
 
 
 @dataclass
@@ -163,7 +164,7 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(s.warmup))
     plan = BatchPlan(dataset, s.batch_size, s.seed, dist_info.rank, world, s.batch_per_device,
-                     s.random_flip)  # fmt: skip
+                     s.random_flip, labels=s.labels)  # fmt: skip
     step, skipped = 0, 0
     history: dict = {"step": [], "loss": []}
     if resume is not None:
@@ -255,11 +256,12 @@ def train(
             micro = plan.micro_batches(step, next(batches), dev)
             opt.zero_grad(set_to_none=True)
             local = zero.clone()
-            for j, (x0, noise) in enumerate(micro):
+            for j, (x0, noise, *labels) in enumerate(micro):
                 sync = not dist_info.enabled or j == len(micro) - 1
                 with contextlib.nullcontext() if sync else net.no_sync():
                     with autocast:
-                        per_example = loss_fn(forward, x0, noise)
+                        per_example = loss_fn(forward, x0, noise, **(
+                            {"labels": labels[0]} if labels else {}))  # fmt: skip
                     part = per_example.float().sum()
                     # DDP averages over ranks: this makes the gradient that of the global mean
                     (part * (world / s.batch_size)).backward()
