@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from sde_lib import SDE, ScoreFn
+from sde_lib import SDE, ScoreFn, as_noise
 
 from .api import CountingScore, tweedie_denoise
 from .grids import get_grid, intervals
@@ -44,7 +44,7 @@ def inpaint(
     grid_ts = get_grid(grid, sde, steps, eps)
 
     def replace(x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        z = as_noise(generator).randn(x.shape, dtype=x.dtype, device=x.device)  # or keyed noise
         return torch.where(mask, alpha * known + sigma * z, x)
 
     counted = CountingScore(score_fn)

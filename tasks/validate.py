@@ -187,7 +187,7 @@ def validate_conditional_sampling(cfg: dict) -> None:
     p, c = "sampler", cfg["sampler"]
     if "task" in c:
         _choice(cfg, f"{p}.task", ("sample", "inpaint", "colorize"))
-    mask = c.get("mask", "center")
+    mask = c.get("mask", "left")
     if not isinstance(mask, str) or not mask:
         raise UserError(f"sampler.mask={mask!r} is not allowed; allowed: left, right, top, "
                         "bottom, center, random or the path of a .npy file")  # fmt: skip

@@ -113,3 +113,140 @@ def test_user_errors_are_one_line(tmp_path):
         with pytest.raises(UserError, match=words) as e:
             dispatch(compose_cfg(tmp_path, *base, *extra), out)
         assert "\n" not in str(e.value)
+
+
+def test_labels_follow_the_examples_of_every_batch():
+    """BatchPlan's labels are those of the same examples, for any world size; for a mixture law
+    they are the components of the same points as the unlabelled draw; label dropout is decided
+    per example by its key, not by the batch split."""
+    from data.datasets import digits, toy
+    from training.conditional import ConditionalLoss
+    from training.data import BatchPlan
+
+    ds = digits()
+    one = BatchPlan(ds, 32, seed=3, labels=True)
+    x, y = one.local_batch(5)
+    assert torch.equal(y, ds.labels["train"][one.global_indices(5)])
+    halves = [BatchPlan(ds, 32, seed=3, rank=r, world_size=2, labels=True).local_batch(5)
+              for r in range(2)]  # fmt: skip
+    assert torch.equal(torch.cat([h[1] for h in halves]), y)
+    assert torch.equal(torch.cat([h[0] for h in halves]), x)
+    law = toy("gmm8")
+    xl, yl = BatchPlan(law, 64, seed=1, labels=True).global_batch(2)
+    assert torch.equal(xl, BatchPlan(law, 64, seed=1).global_batch(2))
+    nearest = torch.cdist(xl.double(), law.mixture.means).argmin(1)
+    assert torch.equal(nearest, yl)
+
+    seen = []
+
+    def model(xt, t, labels=None):
+        seen.append(labels.clone())
+        return torch.zeros_like(xt)
+
+    from training.losses import DSMLoss
+
+    loss = ConditionalLoss(DSMLoss(VPSDE()), label_dropout=0.5)
+    for micro in (None, 8):
+        plan = BatchPlan(ds, 32, seed=3, batch_per_device=micro, labels=True)
+        parts = plan.micro_batches(0, plan.local_batch(0), torch.device("cpu"))
+        for x0, noise, y0 in parts:
+            loss(model, x0, noise, labels=y0)
+    whole, split = seen[0], torch.cat(seen[1:])
+    assert torch.equal(whole, split) and 4 < int((whole == -1).sum()) < 28
+
+
+TINY = ("data=digits", "model=unet", "model.ch=8", "model.conditional=true",
+        "training.batch_size=64", "training.warmup=20", "training.log_every=50")  # fmt: skip
+
+
+def test_conditional_digits_guidance_raises_the_share_of_the_class(tmp_path):
+    """A conditional digits U-Net trained from run.py's config: the toolkit's classifier labels
+    far more samples 3 with class_label=3 than without, and more with guidance 2 than 0; the
+    same checkpoint inpaints with the known pixels kept exactly."""
+    run_mode(tmp_path, "train", *TINY, "training.steps=400", "training.label_dropout=0.1")
+    share = {}
+    for name, extra in (("none", ()), ("w0", ("sampler.class_label=3", "sampler.guidance=0")),
+                        ("w2", ("sampler.class_label=3", "sampler.guidance=2"))):  # fmt: skip
+        m, out = run_mode(tmp_path, name, "mode=sample", *TINY, "sampler=fast",
+                          "sampler.n_samples=200", *extra)  # fmt: skip
+        saved = json.loads((out / "metrics.json").read_text())
+        share[name] = saved["predicted_class_shares"][3]
+        if extra:
+            assert saved["conditional_accuracy"]["3"] == share[name]
+            assert (np.load(out / "samples.npz")["labels"] == 3).all()
+    # measured: 0.075 unguided, 0.30 at w = 0, 0.535 at w = 2
+    assert share["none"] < 0.15 and share["w0"] > 2 * share["none"], share
+    assert share["w2"] > share["w0"] + 0.1, share
+
+    m, out = run_mode(tmp_path, "inpaint", "mode=sample", *TINY, "sampler.task=inpaint",
+                      "sampler.mask=left", "sampler.steps=30", "sampler.n_samples=20")  # fmt: skip
+    saved = np.load(out / "samples.npz")
+    keep = ~saved["mask_to_fill"]
+    assert keep[..., :4].sum() == 0 and keep[..., 4:].all()  # left half filled
+    assert np.array_equal(saved["completions"][:, keep], saved["originals"][:, keep])
+    assert m["known_values_max_abs_error"] == 0.0 and (out / "inpaint.png").is_file()
+    assert saved["inputs"].shape == saved["completions"].shape == (20, 1, 8, 8)
+
+
+def test_inpainting_mixture_points_follows_the_exact_conditional(tmp_path):
+    m, out = run_mode(tmp_path, "inp", "mode=sample", "data=mix5d", "model=exact",
+                      "sampler.task=inpaint", "sampler.mask=random", "sampler.n_samples=200")
+    assert m["known_values_max_abs_error"] == 0.0
+    assert abs(m["exact_conditional_loglik_z"]) < 3.5, m
+    assert 0 < m["filled_share"] < 1
+
+
+def test_colorize_keeps_the_grey_level_and_finds_the_colour():
+    """Decoupled colourisation with the exact score of a Gaussian law on 3x2x2 'images' whose
+    colour channels are correlated with the grey level: the grey level is kept exactly and the
+    colour follows the law's conditional mean."""
+    from models import GaussianMixture
+    from tasks.control import COLOR_BASIS, colorize
+
+    torch.manual_seed(0)
+    mean = torch.tensor([0.6, -0.2, -0.4]).repeat_interleave(4)[None]
+    mix = GaussianMixture([1.0], mean.double(), 0.01, shape=(3, 2, 2))
+    sde = VPSDE()
+    x = mix.sample(64, generator=torch.Generator().manual_seed(1))
+    grey, out, nfe = colorize(sde, MixtureScore(sde, mix), x, steps=200,
+                              generator=torch.Generator().manual_seed(2))  # fmt: skip
+    assert torch.allclose(out.mean(1), x.mean(1), atol=1e-5)
+    assert torch.allclose(grey.mean(1), x.mean(1), atol=1e-5) and nfe == 401
+    rot = torch.einsum("ij,bjhw->bihw", COLOR_BASIS.float(), out)
+    want = torch.einsum("ij,bjhw->bihw", COLOR_BASIS.float(), mean.float().reshape(1, 3, 2, 2))
+    assert (rot[:, 1:].mean(0) - want[0, 1:]).abs().max() < 0.05
+
+
+def test_bad_control_and_guidance_input(tmp_path):
+    run_mode(tmp_path, "t", "data=gmm8", "training.steps=5", "training.log_every=5")
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.ones((3, 3)))
+    out = tmp_path / "o"
+    cases = [
+        (("data=gmm8", "sampler.guidance=2", "sampler.class_label=1"), "unconditional"),
+        (("data=gmm8", "sampler.class_label=1"), "conditional model"),
+        (("data=gmm8", "model=exact", "sampler.task=inpaint", f"sampler.mask={bad}"), "shape"),
+        (("data=gmm8", "model=exact", "sampler.task=inpaint", "sampler.mask=top"), "images"),
+        (("data=digits", "model=unet", "model.ch=8", "sampler.task=colorize"), "3-channel"),
+        (("data=digits", "model=unet", "model.ch=8", "sampler.task=inpaint", "sampler=heun"),
+         "replacement"),
+    ]
+    for extra, words in cases:
+        if "data=digits" in extra and not (tmp_path / "train" / "td").exists():
+            run_mode(tmp_path, "td", *extra[:3], "training.steps=2", "training.log_every=1")
+        with pytest.raises(UserError, match=words) as e:
+            dispatch(compose_cfg(tmp_path, "mode=sample", "sampler.n_samples=8", *extra), out)
+        assert "\n" not in str(e.value)
+
+
+def test_run_py_exit_2_on_a_class_out_of_range(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "run.py"), "mode=sample", "data=gmm8",
+                        "model=exact", "sampler.class_label=9", f"outputs_root={tmp_path}",
+                        "logger.mode=disabled"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "out of range" in r.stderr
