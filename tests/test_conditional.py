@@ -250,3 +250,19 @@ def test_run_py_exit_2_on_a_class_out_of_range(tmp_path):
                         "logger.mode=disabled"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "out of range" in r.stderr
+
+
+def test_trained_noise_conditional_classifier_guides_an_unconditional_model(tmp_path):
+    """training.objective=classifier trains p_t(y | x) on perturbed gmm8 points (checkpoint
+    written atomically, loaded weights-only); sampler.classifier=PATH guides the exact
+    unconditional score to the class; the classifier run is never taken as a score model."""
+    m, _ = run_mode(tmp_path, "clf", "data=gmm8", "training.objective=classifier",
+                    "training.steps=300", "training.log_every=100")  # fmt: skip
+    path = m["checkpoint"]
+    base = ("mode=sample", "data=gmm8", "model=exact", "sampler=em", "sampler.steps=200",
+            "sampler.n_samples=400", "sampler.batch_size=400", "sampler.class_label=5")
+    got, _ = run_mode(tmp_path, "s", *base, f"sampler.classifier={path}",
+                      "sampler.classifier_scale=1")  # fmt: skip
+    assert got["guidance_method"] == "classifier" and got["conditional_accuracy"]["5"] > 0.9, got
+    with pytest.raises(UserError, match="no checkpoint"):  # only the classifier run is there
+        dispatch(compose_cfg(tmp_path, "mode=sample", "data=gmm8"), tmp_path / "o")
