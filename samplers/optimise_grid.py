@@ -118,6 +118,7 @@ def optimise_grid(
     substeps: int = 4,
     sweeps: int = 4,
     options: dict | None = None,
+    max_step_ratio: float = 3.0,
 ) -> tuple[torch.Tensor, dict]:
     """Times (steps + 1,) float64 from T to eps fitted for `sampler` on the batch x_T (B, *D).
 
@@ -125,6 +126,11 @@ def optimise_grid(
     sum, the DP grid is that of the first). Returns (times, info) with info the mean squared
     errors to the reference of the DP grid, of each fixed grid and of the result. A reference costs
     candidates x substeps evaluations; each objective call `steps` (+ 1) evaluations per batch.
+
+    Neighbouring steps in lambda may differ by at most `max_step_ratio`: with exact scores an
+    unconstrained fit learns near-empty steps that multistep solvers turn into large
+    extrapolation weights, which amplify a trained network's error (on digits, FID 68 at 10 NFE
+    against 7-10 for the fixed grids before this bound).
     """
     options = dict(options or {})
     scores_fns = score_fn if isinstance(score_fn, list) else [score_fn]
@@ -138,6 +144,11 @@ def optimise_grid(
         def loss(times: torch.Tensor) -> float:
             err = 0.0
             if not (times.diff() < 0).all():  # positions closer than the bisection resolves
+                return float("inf")
+            h = log_snr(sde, times).diff()
+            if float((h[1:] / h[:-1]).abs().max().clamp_min(1)) > max_step_ratio or float(
+                (h[:-1] / h[1:]).abs().max()
+            ) > max_step_ratio:
                 return float("inf")
             for f, x, target in zip(scores_fns, batches, targets, strict=True):
                 y = sampler(sde, f, x.clone(), steps=steps, eps=eps, grid=times, **options)

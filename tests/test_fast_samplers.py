@@ -163,7 +163,9 @@ def test_each_new_sampler_runs_from_run_py(tmp_path, name):
 
 
 def test_bad_new_option_from_run_py_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="unknown UniPC variant 'x'"):
+    from tasks import UserError
+
+    with pytest.raises(UserError, match="sampler.variant='x' is not allowed; allowed: bh1, bh2"):
         run_mode(tmp_path, "bad", "mode=sample", "model=exact", "sampler=unipc",
                  "sampler.variant=x", "sampler.n_samples=10")  # fmt: skip
 
@@ -247,7 +249,7 @@ def gap(sde_name, law_name, sampler, steps, seed=7, n=4000, **options):
 FAST_20 = [
     ("vp", "gmm8", 0.03), ("vp", "mix5d", 0.03), ("ve", "gmm8", 0.03), ("ve", "mix5d", 0.03),
     ("subvp", "mix5d", 0.03),
-    ("subvp", "gmm8", 0.08),  # measured -0.064: the goal of 0.03 is not met here
+    ("subvp", "gmm8", 0.05),  # measured -0.039 at this seed (-0.013 at another): 2 sigma off 0.03
 ]
 
 
@@ -259,16 +261,17 @@ def test_fast_at_20_nfe(sde_name, law_name, bound):
 
 @pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve"])
 @pytest.mark.parametrize("law_name", ["gmm8", "mix5d"])
-def test_fast_at_10_nfe_beats_the_former_default_by_three(sde_name, law_name):
-    """Measured |gap| 0.02-0.15 at 10 NFE against 0.42 / 1.41 / 0.59 for DPM-Solver++(2M) on
-    the logSNR grid (issue 10); the goal of 0.05 is not met (see the xfail below)."""
+def test_fast_at_10_nfe_beats_the_former_default_by_two(sde_name, law_name):
+    """Measured |gap| 0.01-0.19 at 10 NFE against 0.40-1.49 for DPM-Solver++(2M) on the logSNR
+    grid (2.2x to 49x better); the goal of 0.05 is not met (see the xfail below): the schedules
+    that got closer to it were overfitted to exact scores (samplers.fast.max_step_ratio)."""
     value, nfe = gap(sde_name, law_name, "fast", 9)
     old, _ = gap(sde_name, law_name, "dpm_solver", 9)
-    assert nfe == 10 and abs(value) <= 0.2 and abs(value) * 2.5 <= abs(old), (value, old)
+    assert nfe == 10 and abs(value) <= 0.2 and abs(value) * 2 <= abs(old), (value, old)
 
 
 @pytest.mark.xfail(strict=True, reason="issue 10's goal at 10 NFE (|gap| <= 0.05 on every SDE "
-                   "and law) is not reached: measured up to 0.15")
+                   "and law) is not reached: measured up to 0.19")
 def test_fast_meets_the_10_nfe_goal_everywhere():
     worst = max(abs(gap(s, law, "fast", 9)[0]) for s in ("vp", "subvp", "ve") for law in LAWS)
     assert worst <= 0.05
@@ -352,3 +355,18 @@ def test_schedule_file_from_run_py(tmp_path):
         with pytest.raises(UserError, match=needle):
             run_mode(tmp_path, "bad", "mode=sample", "model=exact", "sampler=unipc",
                      f"sampler.grid={path}", *bad)
+
+
+def test_shipped_schedules_have_no_near_empty_steps():
+    """Neighbouring lambda-steps of every shipped schedule differ by at most max_step_ratio:
+    unbounded fits to exact scores learned near-empty steps (ratios above 100) that gave FID 68
+    at 10 NFE on a trained digits U-Net, where every fixed grid gives 7-10."""
+    from samplers.fast import FITTED_STEPS, choose, max_step_ratio, schedule_times
+
+    for name in ("vp", "subvp", "ve"):
+        sde = make_sde(name)
+        for steps in FITTED_STEPS:
+            _, _, positions = choose(sde, steps)
+            h = samplers.grids.log_snr(sde, schedule_times(sde, positions, 1e-3)).diff()
+            ratio = float(torch.maximum(h[1:] / h[:-1], h[:-1] / h[1:]).max())
+            assert ratio <= max_step_ratio(steps) * 1.001, (name, steps, ratio)
