@@ -266,3 +266,32 @@ def test_trained_noise_conditional_classifier_guides_an_unconditional_model(tmp_
     assert got["guidance_method"] == "classifier" and got["conditional_accuracy"]["5"] > 0.9, got
     with pytest.raises(UserError, match="no checkpoint"):  # only the classifier run is there
         dispatch(compose_cfg(tmp_path, "mode=sample", "data=gmm8"), tmp_path / "o")
+
+
+def test_labels_from_npz_and_class_folders(tmp_path):
+    from PIL import Image
+
+    from data.datasets import folder_dataset, npz_dataset
+
+    x = np.random.default_rng(0).integers(0, 256, (40, 1, 4, 4)).astype(np.uint8)
+    y = np.arange(40) % 4
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    ds = npz_dataset(str(tmp_path / "d.npz"), key="x", levels=256, label_key="y")
+    assert ds.n_classes == 4 and len(ds.labels["train"]) == len(ds.train)
+    # the labels follow the images through the split
+    raw = torch.round((ds.train + 1) * 127.5).to(torch.uint8).numpy()
+    for img, lab in zip(raw[:5], ds.labels["train"][:5].tolist()):
+        i = int(np.flatnonzero((x == img).reshape(40, -1).all(1))[0])
+        assert y[i] == lab
+    with pytest.raises(ValueError, match="labels of shape"):
+        np.savez(tmp_path / "b.npz", x=x, y=y[:3])
+        npz_dataset(str(tmp_path / "b.npz"), key="x", levels=256, label_key="y")
+    for c, name in enumerate(("cat", "dog")):
+        (tmp_path / "f" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((4, 4), 40 * c + i, np.uint8)).save(
+                tmp_path / "f" / name / f"{i}.png")  # fmt: skip
+    ds = folder_dataset(str(tmp_path / "f"))
+    assert ds.meta["classes"] == ["cat", "dog"] and ds.n_classes == 2
+    both = torch.cat([ds.labels["train"], ds.labels["test"]])
+    assert sorted(both.tolist()) == [0] * 6 + [1] * 6
