@@ -6,6 +6,7 @@ Each failure is a UserError whose one line names the key, the value and what is 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from .common import DATA_NAMES, MODEL_NAMES, SDE_CLASSES, UserError
 
@@ -164,10 +165,15 @@ def validate_sampler(cfg: dict) -> None:
     if "grid" in c and c["grid"] is not None:
         # a grid name or a .json schedule file (checked against steps, eps and T)
         steps = c.get("steps") or samplers.sampler_options(name).get("steps")
-        try:
-            samplers.get_grid(c["grid"], build_sde(cfg["sde"]), int(steps), float(c["eps"]))
-        except (ValueError, OSError) as e:
-            raise UserError(f"sampler.grid={c['grid']!r}: {e}") from None
+        if steps is None:  # adaptive ODE solvers: a grid only matters for a fixed step count
+            if c["grid"] not in samplers.GRIDS and not Path(str(c["grid"])).is_file():
+                raise UserError(f"sampler.grid={c['grid']!r} is not allowed; allowed: "
+                                f"{', '.join(samplers.GRIDS)}, or a .json schedule file")
+        else:
+            try:
+                samplers.get_grid(c["grid"], build_sde(cfg["sde"]), int(steps), float(c["eps"]))
+            except (ValueError, OSError) as e:
+                raise UserError(f"sampler.grid={c['grid']!r}: {e}") from None
     orders = {"unipc": 3, "dpm_solver3": 3, "ipndm": 4}
     if "order" in c and name in orders:
         _num(cfg, f"{p}.order", kind=int, lo=1, hi=orders[name])
