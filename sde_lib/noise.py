@@ -106,7 +106,7 @@ class KeyedNoise:
         self._set_rows(hash_words([1, *words]), hash_words([2, *words]))
 
     def _set_rows(self, h1: torch.Tensor, h2: torch.Tensor) -> None:
-        self._rows = (h1, h2)  # two independent 32-bit hashes of each row's key: (B,) each
+        self._rows = torch.stack([h1, h2])  # two independent 32-bit hashes of each key: (2, B)
         self.draws = 0
         self._counters: dict = {}
 
@@ -132,19 +132,22 @@ class KeyedNoise:
         at the cost of two finaliser rounds per row."""
         w1 = _mix_int((word * _GOLDEN + 0x2545F491) & _MASK)
         w2 = _mix_int(w1 ^ 0x68E31DA4)
-        return KeyedNoise.from_row_hashes(_mix(self._rows[0] ^ w1), _mix(self._rows[1] ^ w2))
+        w = torch.tensor([[w1], [w2]], dtype=torch.int64, device=self._rows.device)
+        out = KeyedNoise.__new__(KeyedNoise)
+        out._rows, out.draws, out._counters = _mix(self._rows ^ w), 0, {}
+        return out
 
     def __len__(self) -> int:
-        return self._rows[0].shape[0]
+        return self._rows.shape[1]
 
     def _bits(self, shape, device, lanes: int) -> torch.Tensor:
         """(lanes, *shape) independent 32-bit values for this draw, as int64."""
         shape = tuple(shape)
         if not shape or shape[0] != len(self):
             raise ValueError(f"a keyed draw needs shape ({len(self)}, ...), got {shape}")
-        device = torch.device(device) if device is not None else self._rows[0].device
-        if self._rows[0].device != device:
-            self._rows = tuple(r.to(device) for r in self._rows)
+        device = torch.device(device) if device is not None else self._rows.device
+        if self._rows.device != device:
+            self._rows = self._rows.to(device)
         per_row = math.prod(shape[1:])
         counter = self._counters.get((per_row, lanes, device))
         if counter is None:  # element-and-lane counter, pre-multiplied: (lanes, 1, per_row)
@@ -157,7 +160,7 @@ class KeyedNoise:
         self.draws += 1
         a = (self._rows[0] ^ d).view(1, -1, 1)
         b = (self._rows[1] ^ _mix_int(d)).view(1, -1, 1)
-        h = _mix(_mix(a ^ counter) ^ b)
+        h = _mix(_mix(a ^ counter) ^ b)  # (lanes, B, per_row)
         return h.reshape(lanes, *shape)
 
     def rand(self, shape, dtype=torch.float32, device=None) -> torch.Tensor:

@@ -148,7 +148,9 @@ class BatchPlan:
         if self.labels:
             x, y = x
         for j, start in enumerate(range(0, self.local, self.micro)):
-            noise = self._keys(j, device).derive(step & 0xFFFFFFFF).derive(step >> 32)
+            noise = self._keys(j, device).derive(step & 0xFFFFFFFF)
+            if step >> 32:  # steps past 2^32 extend the key by their high word
+                noise = noise.derive(step >> 32)
             x0 = x[start : start + self.micro].to(device, non_blocking=True)
             if self.random_flip:  # horizontal flip, decided per example by its own key
                 flip = noise.rand((x0.shape[0],), device=device) < 0.5
