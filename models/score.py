@@ -30,14 +30,29 @@ class ScoreModel(nn.Module):
             )
         self.net = net
         self.sde = sde
+        # an SDE with trainable parts (sde=vdm: its noise schedule) is owned by the model, so the
+        # optimiser, EMA, DDP and checkpoints hold it with the network
+        if isinstance(getattr(sde, "module", None), nn.Module):
+            self.schedule = sde.module
         self.parameterisation = parameterisation
         self.sigma_data = float(sigma_data)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: (B, *D), t: (B,) in (0, T] -> score (B, *D)."""
+    @property
+    def n_classes(self) -> int:
+        """Classes of a class-conditional network (0: unconditional)."""
+        return int(getattr(self.net, "n_classes", 0))
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, *D), t: (B,) in (0, T] -> score (B, *D); y: (B,) class labels of a
+        conditional network (None or -1: the null class, i.e. the unconditional score)."""
         alpha, sigma = self.sde.alpha_sigma(t)
         c_in = (alpha.square() * self.sigma_data**2 + sigma.square()).rsqrt()
-        out = self.net(append_dims(c_in.to(x.dtype), x.ndim) * x, t)
+        inp = append_dims(c_in.to(x.dtype), x.ndim) * x
+        # the network's noise-level input: t, or what the SDE says (vdm: the normalised gamma(t))
+        tn = self.sde.net_time(t) if hasattr(self.sde, "net_time") else t
+        out = self.net(inp, tn) if y is None else self.net(inp, tn, y)
         if self.parameterisation == "eps":
             return -out / append_dims(sigma.to(x.dtype), x.ndim)
         return out
