@@ -69,10 +69,20 @@ class GaussianMixture:
         xf = x.reshape(x.shape[0], 1, -1).double()
         a = alpha.double().reshape(-1, 1, 1)
         s = sigma.double().reshape(-1, 1, 1)
-        mean = a * self.means.to(xf.device)
-        var = a.square() * self.variances.to(xf.device) + s.square()
+        means, variances, log_w = self._on(xf.device)
+        mean = a * means
+        var = a.square() * variances + s.square()
         logn = -0.5 * ((xf - mean).square() / var + torch.log(2 * math.pi * var)).sum(-1)
-        return logn + self.weights.to(xf.device).log(), xf, mean, var
+        return logn + log_w, xf, mean, var
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(means, variances, log weights) on `device`, copied there once (no host-to-device
+        copy per score evaluation)."""
+        cache = self.__dict__.setdefault("_device_cache", {})
+        if device not in cache:
+            cache[device] = (self.means.to(device), self.variances.to(device),
+                             self.weights.log().to(device))  # fmt: skip
+        return cache[device]
 
     def log_prob_at(
         self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
