@@ -16,6 +16,9 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    # a gloo group for waiting on the other ranks' whole share of a job (sampling, likelihood):
+    # its timeout is a day, since ranks may finish their shares far apart in time
+    wait_group: object = None
 
     @property
     def is_main(self) -> bool:
@@ -52,7 +55,10 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
         dist.init_process_group(
             "nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s)
         )
-    return DistInfo(rank, world, local, dev)
+    wait = None
+    if world > 1:
+        wait = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(timeout_s, 86400.0)))
+    return DistInfo(rank, world, local, dev, wait)
 
 
 def barrier(info: DistInfo) -> None:
@@ -93,8 +99,9 @@ def gather_to_main(mine: dict, info: DistInfo, folder) -> dict | None:
     Values may be tensors, numbers, strings and lists / dicts of them. Each rank writes its part
     to `folder`/rank_<r>.pt (atomically) and rank 0 reads them back with weights_only=True after
     a barrier, so large sample arrays never travel through the process group and no object is
-    unpickled. The barrier has the process group's timeout: a rank that died makes the others
-    fail instead of waiting for ever.
+    unpickled. The first barrier waits on `info.wait_group` (a day's timeout): the ranks' shares
+    may take very different times (adaptive solvers); a rank that dies makes torchrun stop the
+    others. Reading the parts back is bounded by the process group's own timeout.
     """
     if not info.enabled:
         return dict(mine)
@@ -104,7 +111,7 @@ def gather_to_main(mine: dict, info: DistInfo, folder) -> dict | None:
 
     folder = Path(folder)
     atomic_write(folder / f"rank_{info.rank}.pt", lambda f: torch.save(mine, f))
-    dist.barrier()
+    dist.barrier(group=info.wait_group)
     merged = None
     if info.is_main:
         merged = {}
