@@ -2,31 +2,66 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import SDE, append_dims
 
+SCHEDULES = ("linear", "cosine")
+COSINE_S = 0.008  # Nichol & Dhariwal 2021, eq. 17
+
 
 class _LinearBeta(SDE):
-    """Shared linear noise schedule beta(t) = beta_min + t (beta_max - beta_min)."""
+    """Shared noise schedule beta(t), with log alpha(t) = -1/2 int_0^t beta(s) ds.
 
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
+    "linear" (default): beta(t) = beta_min + t (beta_max - beta_min), the continuous limit of
+    DDPM's T = 1000 linear betas 1e-4 .. 0.02 (beta_i = beta(t_i) / T).
+    "cosine" (Nichol & Dhariwal 2021): alpha(t)^2 = f(t) / f(0), f(t) = cos^2(pi/2 (t + s)/(1 + s)),
+    s = 0.008, i.e. beta(t) = pi / (1 + s) tan(pi/2 (t + s)/(1 + s)). That beta is infinite at
+    t = 1 (alpha_1 = 0); to keep it safe at the end point it is capped at beta_max: from the time
+    t* where it reaches beta_max (t* = 0.909 for beta_max = 20) beta stays beta_max, so alpha_1^2
+    = 0.0038 and every coefficient stays finite (the continuous counterpart of clipping the
+    discrete betas, their eq. 17 and below). beta_min is not used by "cosine".
+    """
+
+    def __init__(
+        self, beta_min: float = 0.1, beta_max: float = 20.0, schedule: str = "linear"
+    ) -> None:
         if not 0 < beta_min < beta_max:
             raise ValueError(
                 f"need 0 < beta_min < beta_max, got beta_min={beta_min}, beta_max={beta_max}"
             )
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
         self.beta_min = float(beta_min)
         self.beta_max = float(beta_max)
+        self.schedule = schedule
+        s = COSINE_S
+        theta_cap = math.atan(self.beta_max * (1 + s) / math.pi)
+        self._t_cap = min(theta_cap * 2 * (1 + s) / math.pi - s, self.T)
+
+    def _theta(self, t):
+        return (0.5 * math.pi / (1 + COSINE_S)) * (t + COSINE_S)
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
+        if self.schedule == "cosine":
+            tc = t.clamp_max(self._t_cap)
+            b = (math.pi / (1 + COSINE_S)) * torch.tan(self._theta(tc))
+            return torch.where(t > self._t_cap, torch.full_like(b, self.beta_max), b)
         return self.beta_min + t * (self.beta_max - self.beta_min)
 
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        if self.schedule == "cosine":
+            tc = t.clamp_max(self._t_cap)
+            la = torch.log(torch.cos(self._theta(tc))) - math.log(math.cos(self._theta(0.0)))
+            return la - 0.5 * self.beta_max * (t - tc)
         # log alpha(t) = -1/2 int_0^t beta(s) ds = -1/4 t^2 (b_max - b_min) - 1/2 t b_min
         return -0.25 * t.square() * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(beta_min={self.beta_min}, beta_max={self.beta_max})"
+        extra = f", schedule={self.schedule!r}" if self.schedule != "linear" else ""
+        return f"{type(self).__name__}(beta_min={self.beta_min}, beta_max={self.beta_max}{extra})"
 
 
 class VPSDE(_LinearBeta):

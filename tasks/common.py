@@ -22,7 +22,7 @@ from data.datasets import (
 )
 from data.mixtures import mixture5d
 from models import MLP, MixtureScore, ScoreModel, UNet
-from sde_lib import SDE, VESDE, VPSDE, subVPSDE
+from sde_lib import SDE, VDMSDE, VESDE, VPSDE, subVPSDE
 from training import checkpoint as ckpt
 
 
@@ -30,7 +30,7 @@ class UserError(Exception):
     """Bad input from the user: run.py prints it as one line and exits with code 2."""
 
 
-SDE_CLASSES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
+SDE_CLASSES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE, "vdm": VDMSDE}
 TOY_DATA = ("gmm8", "checkerboard", "swissroll", "moons")
 DATA_NAMES = (*TOY_DATA, "mix5d", "digits", "mnist", "npz", "folder")
 MODEL_NAMES = ("auto", "mlp", "unet", "exact")

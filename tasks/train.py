@@ -114,6 +114,8 @@ def run_train(cfg: dict, out_dir: Path, log=print) -> dict:
             n_projections=int(t["n_projections"]),
             projection=t["projection"],
             n_levels=int(t["n_levels"]),
+            levels=dataset.levels if dataset.kind == "images" else None,
+            data_range=dataset.model_range,
         )
         if classifier:
             loss = ClassifierLoss(sde, eps=float(t["eps"]))

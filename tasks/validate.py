@@ -11,7 +11,7 @@ from pathlib import Path
 from .common import DATA_NAMES, MODEL_NAMES, SDE_CLASSES, UserError
 
 MODES = ("train", "sample", "nll", "eval")
-LOSSES = ("dsm", "ssm", "ddpm", "smld")
+LOSSES = ("auto", "dsm", "ssm", "ddpm", "smld", "vlb")
 
 
 def _num(cfg: dict, key: str, *, kind=float, lo=None, hi=None, lo_open=False, hi_open=False,
@@ -54,6 +54,15 @@ def validate_sde(cfg: dict) -> None:
         hi = _num(cfg, "sde.beta_max", lo=0, lo_open=True)
         if not lo < hi:
             raise UserError(f"sde.beta_min={lo} must be < sde.beta_max={hi}")
+        if "schedule" in cfg["sde"]:
+            _choice(cfg, "sde.schedule", ("linear", "cosine"))
+    elif name == "vdm":
+        lo = _num(cfg, "sde.gamma_min")
+        hi = _num(cfg, "sde.gamma_max")
+        if not lo < hi:
+            raise UserError(f"sde.gamma_min={lo} must be < sde.gamma_max={hi}")
+        _choice(cfg, "sde.learn_endpoints", (True, False))
+        _choice(cfg, "sde.schedule", ("learned", "linear"))
     else:
         lo = _num(cfg, "sde.sigma_min", lo=0, lo_open=True)
         hi = _num(cfg, "sde.sigma_max", lo=0, lo_open=True)

@@ -2,7 +2,7 @@
 
 from .ema import EMA
 from .loop import NonFiniteError, TrainResult, TrainSettings, train
-from .losses import LOSSES, DiscreteDSMLoss, DSMLoss, SSMLoss, make_loss
+from .losses import LOSSES, DiscreteDSMLoss, DSMLoss, SSMLoss, VLBLoss, make_loss
 
 __all__ = [
     "EMA",
@@ -14,5 +14,6 @@ __all__ = [
     "DiscreteDSMLoss",
     "DSMLoss",
     "SSMLoss",
+    "VLBLoss",
     "make_loss",
 ]

@@ -109,7 +109,81 @@ class DiscreteDSMLoss:
         return self.scale * _sum((append_dims(sigma, x0.ndim) * s + z).square())
 
 
-LOSSES = ("dsm", "ssm", "ddpm", "smld")
+class VLBLoss:
+    """The VDM objective (Kingma et al. 2021): the variational bound on -log p(x), in bits/dim.
+
+    prior KL at T + discretised reconstruction at t0 = eps (a decoder over the data's `levels`;
+    None: a Gaussian decoder for continuous data) + the continuous diffusion loss
+    1/2 E_t[(T - t0) gamma'(t) ||eps - eps_hat(z_t, t)||^2] (likelihood.vlb). Each example takes
+    `time_samples` times (u + j) / k, j < k, from one uniform offset u: VDM's low-discrepancy
+    sampler, drawn per example so that every draw stays keyed by the example (the noise
+    source's contract, which keeps training world-size invariant). Time sampling is uniform in t
+    for an SDE with a learned schedule and uniform in log-SNR otherwise (`likelihood.vlb`).
+
+    With a learned schedule (sde=vdm) its shape parameters are trained on the gradient of the
+    squared diffusion loss (the variance of its estimator, the mean being shape-invariant) and
+    the end points on the bound itself (VDM App. I.2; `sde_lib.vdm.GammaSchedule`).
+    Returns (B,) bits per dimension.
+    """
+
+    def __init__(
+        self,
+        sde: SDE,
+        levels: int | None = None,
+        data_range: tuple[float, float] = (-1.0, 1.0),
+        eps: float = 1e-5,
+        time_samples: int = 2,
+        time_sampling: str = "auto",
+    ) -> None:
+        from likelihood.vlb import resolve_time_sampling
+
+        if int(time_samples) < 1:
+            raise ValueError(f"time_samples must be >= 1, got {time_samples}")
+        self.sde, self.levels, self.data_range = sde, levels, tuple(data_range)
+        self.eps, self.k = float(eps), int(time_samples)
+        self.time_sampling = resolve_time_sampling(sde, time_sampling)
+        module = getattr(sde, "module", None)
+        learnable = module is not None and any(p.requires_grad for p in module.parameters())
+        self.schedule = module if learnable and hasattr(module, "variance_gradient") else None
+
+    def __call__(self, score_fn: ScoreFn, x0: torch.Tensor, g=None, labels=None):
+        import contextlib
+        import math
+
+        from likelihood.vlb import diffusion_samples, prior_kl, reconstruction, stratified
+
+        if labels is not None:  # a conditional network: the bound of p(x | y)
+            model = score_fn
+
+            def score_fn(x, t):
+                return model(x, t, labels.repeat_interleave(x.shape[0] // labels.shape[0]))
+
+        noise = as_noise(g)
+        b, k = x0.shape[0], self.k
+        u = noise.rand((b,), dtype=torch.float64, device=x0.device)
+        z = noise.randn((b, k, *x0.shape[1:]), dtype=x0.dtype, device=x0.device).flatten(0, 1)
+        z0 = noise.randn(x0.shape, dtype=x0.dtype, device=x0.device)
+        ts = stratified(u, k).reshape(-1).to(x0.dtype)
+        xs = x0.repeat_interleave(k, dim=0)
+        scope = (self.schedule.variance_gradient(b * k) if self.schedule is not None
+                 else contextlib.nullcontext())  # fmt: skip
+        with scope as holder:
+            diff = diffusion_samples(self.sde, score_fn, xs, ts, z, t0=self.eps,
+                                     time_sampling=self.time_sampling).reshape(b, k).mean(1)
+            prior = prior_kl(self.sde, x0)
+            recon = reconstruction(self.sde, x0, self.eps, z0, self.levels, self.data_range)
+        per_dim = 1.0 / (x0[0].numel() * math.log(2))
+        if holder is not None:  # d(L_diff^2) = 2 L_diff dL_diff for the schedule's shape
+            holder.scale = (2 * per_dim * diff.detach()).repeat_interleave(k)
+        return (prior.to(diff.dtype) + recon.to(diff.dtype) + diff) * per_dim
+
+
+LOSSES = ("dsm", "ssm", "ddpm", "smld", "vlb")
+
+
+def default_loss(sde: SDE) -> str:
+    """training.loss=auto: vlb for an SDE with a learned schedule (sde=vdm), dsm otherwise."""
+    return "vlb" if hasattr(sde, "module") else "dsm"
 
 
 def make_loss(
@@ -121,8 +195,16 @@ def make_loss(
     n_projections: int = 1,
     projection: str = "rademacher",
     n_levels: int = 1000,
+    levels: int | None = None,
+    data_range: tuple[float, float] = (-1.0, 1.0),
+    time_samples: int = 2,
 ):
-    """Build a loss by name: dsm, ssm, ddpm, smld."""
+    """Build a loss by name: dsm, ssm, ddpm, smld, vlb, or auto (`default_loss`). levels and
+    data_range (the discrete data's levels and model range) are used by vlb only."""
+    if name == "auto":
+        name = default_loss(sde)
+    if name == "vlb":
+        return VLBLoss(sde, levels, data_range, eps, time_samples)
     if name == "dsm":
         return DSMLoss(sde, eps, likelihood_weighting)
     if name == "ssm":
