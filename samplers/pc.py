@@ -49,19 +49,34 @@ def reverse_diffusion(
     return x - rev_f + append_dims(G, x.ndim) * _randn(x, generator)
 
 
+VARIANCES = ("posterior", "beta")
+
+
 def ancestral(
-    sde: SDE, score_fn: ScoreFn, x: torch.Tensor, step: Step, generator: torch.Generator | None
+    sde: SDE,
+    score_fn: ScoreFn,
+    x: torch.Tensor,
+    step: Step,
+    generator: torch.Generator | None,
+    variance: str = "posterior",
 ) -> torch.Tensor:
     """Ancestral step: sample the Gaussian posterior q(x_s | x_t, x_0) with x_0 from Tweedie.
 
     With the forward transition x_t = a x_s + sqrt(v) z, a = alpha_t / alpha_s and
-    v = sigma_t^2 - a^2 sigma_s^2, the step is x_s = (x_t + v score) / a + sqrt(v sigma_s^2 /
-    sigma_t^2) z: DDPM's ancestral step for VP (Ho et al. 2020) and SMLD's for VE.
+    v = sigma_t^2 - a^2 sigma_s^2, the step is x_s = (x_t + v score) / a + sigma_step z: DDPM's
+    ancestral step for VP (Ho et al. 2020, Alg. 2) and SMLD's for VE. The step's variance is
+    Ho et al.'s choice (Sec. 3.2): "posterior", sigma_step^2 = beta-tilde = v sigma_s^2 /
+    sigma_t^2 (the posterior's own variance, optimal for a point-mass x_0), or "beta",
+    sigma_step^2 = v, the forward step's variance (for VP exactly DDPM's beta_t; optimal for
+    x_0 ~ N(0, I)). Both give the same law as the steps get small.
     """
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
     a = step.alpha_t / step.alpha_s
     v = max(step.sigma_t**2 - (a * step.sigma_s) ** 2, 0.0)
     score = score_fn(x, x.new_full((x.shape[0],), step.t))
-    return (x + v * score) / a + (v**0.5 * step.sigma_s / step.sigma_t) * _randn(x, generator)
+    std = v**0.5 * step.sigma_s / step.sigma_t if variance == "posterior" else v**0.5
+    return (x + v * score) / a + std * _randn(x, generator)
 
 
 def no_predictor(
@@ -211,10 +226,29 @@ sample_reverse_diffusion = _predictor_only(
     "reverse_diffusion",
     "Reverse-diffusion predictor alone (Song et al. 2021, eq. 46): x_T (B, *D) -> x_eps.",
 )
-sample_ancestral = _predictor_only(
-    "ancestral",
-    "Ancestral sampling (Ho et al. 2020, Alg. 2, for any linear SDE): x_T (B, *D) -> x_eps.",
-)
+def sample_ancestral(
+    sde: SDE,
+    score_fn: ScoreFn,
+    x: torch.Tensor,
+    *,
+    steps: int = 1000,
+    eps: float = 1e-3,
+    grid: str = "uniform",
+    variance: str = "posterior",
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Ancestral sampling (Ho et al. 2020, Alg. 2, for any linear SDE): x_T (B, *D) -> x_eps.
+
+    variance: "posterior" (sigma_t^2 = beta-tilde_t) or "beta" (sigma_t^2 = beta_t), Ho et al.
+    Sec. 3.2; see `ancestral`. With steps=1000 on the default VP the steps are DDPM's T = 1000
+    linear betas. One score evaluation per step.
+    """
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
+    for step in intervals(sde, get_grid(grid, sde, steps, eps), progress):
+        x = ancestral(sde, score_fn, x, step, generator, variance)
+    return x
 
 
 def check_pc(

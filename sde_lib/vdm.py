@@ -85,10 +85,11 @@ class GammaSchedule(nn.Module):
             gen = torch.Generator().manual_seed(0x6D6F6E6F)
             self.w1 = nn.Parameter(torch.tensor(_inv_softplus(1.0)))
             self.b1 = nn.Parameter(torch.zeros(()))
-            # l2: 1 -> hidden, l3: hidden -> 1; small l3 so the initial gamma is nearly linear
-            self.w2 = nn.Parameter(torch.randn(hidden, generator=gen) * 1.0 - 1.0)
-            self.b2 = nn.Parameter(torch.randn(hidden, generator=gen) * 1.0)
-            self.w3 = nn.Parameter(torch.randn(hidden, generator=gen) * 1.0 - 4.0)
+            # l2: 1 -> hidden, l3: hidden -> 1: sigmoids of slopes ~2 spread over t, weighted
+            # about as much as the linear part, so the shape has room to move from the start
+            self.w2 = nn.Parameter(torch.randn(hidden, generator=gen) + 1.5)
+            self.b2 = nn.Parameter(torch.randn(hidden, generator=gen) * 2.0 - 1.0)
+            self.w3 = nn.Parameter(torch.randn(hidden, generator=gen) * 0.5)
         self._scales: list[_GradScale] = []
 
     # ------------------------------------------------------------------ the monotone network

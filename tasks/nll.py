@@ -2,7 +2,10 @@
 
 The test split (its first `likelihood.n_points`) is evaluated in batches of `likelihood.batch_size`:
 log p(x) through the probability-flow ODE (`likelihood.method=ode`) or the variational bound of
-the reverse SDE (`method=elbo`, an upper bound on -log p). Image data with discrete levels are
+the reverse SDE (`method=elbo`, an upper bound on -log p), or the variational bound of the
+diffusion model on the data themselves (`method=vlb`: VDM's continuous-time bound, or with
+`likelihood.steps=N` DDPM's N-step one, both with the discretised decoder on discrete data, so
+no dequantisation; `likelihood.vlb`). Image data with discrete levels are
 dequantised uniformly (`dequant_draws` draws averaged per image) and also reported in bits/dim;
 data with a known density (gmm8, mix5d) are compared with the exact -log p_0 of the same points.
 
@@ -41,7 +44,7 @@ from training.distributed import broadcast_object, gather_to_main, my_items, tea
 from .common import UserError, data_identity, load_score_model, start_processes
 from .logger import RunLogger
 
-METHODS = ("ode", "elbo")
+METHODS = ("ode", "elbo", "vlb")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Solvers per backend: torchdiffeq's adaptive ones; for scipy its own names and the torchdiffeq
 # names of the same Runge-Kutta pairs (dopri5 = RK45, bosh3 = RK23, dopri8 = DOP853).
@@ -51,6 +54,7 @@ SOLVERS = {"torchdiffeq": TORCHDIFFEQ_METHODS, "scipy": (*SCIPY_METHODS, *SCIPY_
 KEY_FIELDS = {
     "ode": ("divergence", "probe", "n_probes", "solver", "rtol", "atol", "eps", "backend"),
     "elbo": ("elbo_samples", "eps"),
+    "vlb": ("vlb_samples", "steps", "vlb_time", "eps"),
 }
 # Bump when the meaning of a cached batch changes, so that old caches are not reused.
 CACHE_VERSION = 1
@@ -94,9 +98,28 @@ class BatchResult:
 
 
 def _log_prob(
-    sde: SDE, score_fn, x: torch.Tensor, lc: dict, generator: torch.Generator
+    sde: SDE, score_fn, x: torch.Tensor, lc: dict, generator: torch.Generator, dataset=None
 ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     """(log p(x): (B,), evaluations, Monte Carlo stderr: (B,) or None) by the configured method."""
+    if lc["method"] == "vlb":
+        from likelihood.vlb import vlb
+
+        rows = max(1, min(65536, ELBO_NUMBERS_PER_CALL // x[0].numel()))
+        images = dataset is not None and dataset.kind == "images" and dataset.levels is not None
+        res = vlb(
+            sde,
+            score_fn,
+            x,
+            levels=dataset.levels if images else None,
+            data_range=dataset.model_range if images else (-1.0, 1.0),
+            n_samples=int(lc["vlb_samples"]),
+            steps=None if lc.get("steps") is None else int(lc["steps"]),
+            eps=float(lc["eps"]),
+            time_sampling=lc.get("vlb_time", "auto"),
+            max_batch=rows,
+            generator=generator,
+        )
+        return -res.bound.to(x.dtype), int(lc["vlb_samples"]), res.stderr.to(x.dtype)
     if lc["method"] == "elbo":
         rows = max(1, min(65536, ELBO_NUMBERS_PER_CALL // x[0].numel()))
         bound, se = elbo(
@@ -138,8 +161,8 @@ def evaluate_batch(
     """log p of a batch x: (B, *D) in model space; images with levels are dequantised
     `dequant_draws` times (lo, hi = the model range) and log p_x is averaged over the draws."""
     start = time.perf_counter()
-    if dataset.kind != "images" or dataset.levels is None:
-        logp, nfe, se = _log_prob(sde, score_fn, x, lc, generator)
+    if dataset.kind != "images" or dataset.levels is None or lc["method"] == "vlb":
+        logp, nfe, se = _log_prob(sde, score_fn, x, lc, generator, dataset)
         nfes, ses = [nfe], None if se is None else se.square()
     else:
         k = dataset.raw_levels(x)
@@ -246,7 +269,9 @@ def summarise(
     ckpt_path: Path | None,
 ) -> dict:
     """The figures of nll.json from the per-batch results (x: all evaluated points)."""
-    lc, elbo_method = cfg["likelihood"], cfg["likelihood"]["method"] == "elbo"
+    lc = cfg["likelihood"]
+    vlb_method = lc["method"] == "vlb"
+    elbo_method = lc["method"] == "elbo" or vlb_method  # Monte Carlo bounds, no ODE solver
     probes = not elbo_method and lc["divergence"] == "hutchinson"
     nll = -torch.tensor([v for r in results for v in r.logp], dtype=torch.float64)
     n, dim = nll.numel(), dataset.dim
@@ -262,7 +287,9 @@ def summarise(
         "bpd": None,
         "bpd_stderr": None,
         "hutchinson_stderr": None if elbo_method else mc_stderr,
-        "elbo_stderr": mc_stderr if elbo_method else None,
+        "elbo_stderr": mc_stderr if lc["method"] == "elbo" else None,
+        "vlb_stderr": mc_stderr if vlb_method else None,
+        "bound": _bound_name(lc, dataset),
         "exact_nll_nats": None,
         "gap": None,
         "gap_stderr": None,
@@ -275,7 +302,9 @@ def summarise(
         **{k: None if elbo_method else lc[k] for k in ("solver", "rtol", "atol")},
         **{k: None if elbo_method else lc[k] for k in ("divergence", "backend")},
         "n_probes": lc["n_probes"] if probes else None,
-        "elbo_samples": lc["elbo_samples"] if elbo_method else None,
+        "elbo_samples": lc["elbo_samples"] if lc["method"] == "elbo" else None,
+        "vlb_samples": lc["vlb_samples"] if vlb_method else None,
+        "vlb_steps": lc.get("steps") if vlb_method else None,
         "dtype": lc["dtype"],
         "checkpoint": None if ckpt_path is None else str(ckpt_path),
         "use_ema": bool(cfg.get("use_ema", True)) if ckpt_path is not None else None,
@@ -285,7 +314,13 @@ def summarise(
         "levels": dataset.levels if dataset.kind == "images" else None,
         "dequant_draws": None,
     }
-    if dataset.kind == "images" and dataset.levels is not None:
+    if dataset.kind == "images" and dataset.levels is not None and vlb_method:
+        # a bound on -log P(x) of the discrete data itself: bits/dim with no dequantisation
+        out.update(
+            bpd=float(nll.mean() / (dim * math.log(2))),
+            bpd_stderr=None if out["stderr"] is None else out["stderr"] / (dim * math.log(2)),
+        )
+    elif dataset.kind == "images" and dataset.levels is not None:
         lo, hi = dataset.model_range
         bpd = bits_per_dim(-nll, dim=dim, levels=dataset.levels, lo=lo, hi=hi)
         out.update(
@@ -303,9 +338,21 @@ def summarise(
     return out
 
 
+def _bound_name(lc: dict, dataset: Dataset) -> str | None:
+    """What method=vlb computed, in words (None for the other methods)."""
+    if lc["method"] != "vlb":
+        return None
+    what = ("continuous-time VLB (VDM, Kingma et al. 2021)" if lc.get("steps") is None
+            else f"discrete {int(lc['steps'])}-step VLB (DDPM, Ho et al. 2020, eq. 5)")  # fmt: skip
+    on = (f"on the {dataset.levels}-level discrete data (discretised decoder)"
+          if dataset.kind == "images" and dataset.levels is not None
+          else "on the density (Gaussian decoder)")  # fmt: skip
+    return f"{what} {on}, decoder at t0 = eps = {lc['eps']}"
+
+
 def summary_line(s: dict) -> str:
     """One line: nll 1.234 nats (± 0.012, n=500), bpd ..., exact 1.228, gap 0.006, nfe 98, 3.2 s"""
-    bound = " (elbo bound)" if s["method"] == "elbo" else ""
+    bound = {"elbo": " (elbo bound)", "vlb": " (vlb bound)"}.get(s["method"], "")
     parts = [f"nll{bound} {s['nll_nats']:.4f} nats ({_pm(s['stderr'])}, n={s['n']})"]
     if s["bpd"] is not None:
         parts.append(f"bpd {s['bpd']:.4f} ({_pm(s['bpd_stderr'])})")
@@ -313,7 +360,7 @@ def summary_line(s: dict) -> str:
         parts.append(
             f"exact {s['exact_nll_nats']:.4f}, gap {s['gap']:.2g} ({_pm(s['gap_stderr'])})"
         )
-    label = "score evals/point" if s["method"] == "elbo" else "nfe"
+    label = "score evals/point" if s["method"] in ("elbo", "vlb") else "nfe"
     parts.append(f"{label} {s['nfe_mean']:.0f}, {s['seconds']:.1f} s")
     if s.get("batches_reused"):
         parts.append(f"{s['batches_reused']}/{s['batches']} batches from the cache")
@@ -444,7 +491,8 @@ def run_nll(cfg: dict, out_dir: Path, log=print) -> dict:
         mine = my_items(len(batches), info)
         cache_dir, files, results = _cache(cfg, ckpt_path, device, batches, quiet)
         reused = sum(r is not None for r in results)
-        what = "ELBO" if lc["method"] == "elbo" else f"PF-ODE ({lc['solver']}, {lc['divergence']})"
+        what = ("ELBO" if lc["method"] == "elbo" else "VLB" if lc["method"] == "vlb"
+                else f"PF-ODE ({lc['solver']}, {lc['divergence']})")  # fmt: skip
         threads = resolve_threads(lc, dataset, device)
         procs = f"{info.world_size} process{'es' if info.world_size > 1 else ''}"
         quiet(f"nll of {x.shape[0]} {dataset.name} test points by {what}, {len(batches)} "

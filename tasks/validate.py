@@ -164,6 +164,8 @@ def validate_sampler(cfg: dict) -> None:
         _num(cfg, f"{p}.snr", lo=0, lo_open=True)
     if "n_corrector_steps" in c:
         _num(cfg, f"{p}.n_corrector_steps", kind=int, lo=0)
+    if "variance" in c:
+        _choice(cfg, f"{p}.variance", ("posterior", "beta"))
     if "eta" in c:
         _num(cfg, f"{p}.eta", lo=0)
     if "method" in c:
@@ -250,6 +252,10 @@ def validate_likelihood(cfg: dict) -> None:
     _num(cfg, f"{p}.batch_size", kind=int, lo=1)
     _num(cfg, f"{p}.dequant_draws", kind=int, lo=1)
     _num(cfg, f"{p}.elbo_samples", kind=int, lo=2)  # its standard error needs two samples
+    if cfg[p]["method"] == "vlb":
+        _num(cfg, f"{p}.vlb_samples", kind=int, lo=2)
+        _num(cfg, f"{p}.steps", kind=int, lo=1, none_ok=True)
+        _choice(cfg, f"{p}.vlb_time", ("auto", "time", "log_snr"))
     _choice(cfg, f"{p}.dtype", tuple(DTYPES))
     if cfg[p].get("threads") != "auto":
         _num(cfg, f"{p}.threads", kind=int, lo=1)
