@@ -158,6 +158,20 @@ def data_identity(c: dict) -> dict:
     return {k: v for k, v in (c or {}).items() if k not in DATA_RUNTIME_KEYS}
 
 
+# keys added to a config group after runs were saved without them, with the value that means
+# what those runs did: a missing key and its default are the same run
+ADDED_DEFAULTS = {"sde": {"schedule": "linear"}}
+
+
+def sde_identity(c: dict) -> dict:
+    """The sde config with keys added later filled in (sde.schedule=linear for older runs)."""
+    c = dict(c or {})
+    if c.get("name") in ("vp", "subvp"):
+        for k, v in ADDED_DEFAULTS["sde"].items():
+            c.setdefault(k, v)
+    return c
+
+
 def model_identity(c: dict) -> dict:
     """The model config, with model.conditional=false the same as absent (older runs)."""
     c = dict(c or {})
@@ -173,7 +187,7 @@ def is_classifier_run(cfg: dict) -> bool:
 
 def run_identity(cfg: dict) -> dict:
     """What a checkpoint must share with a run to be used by it: the SDE, data and model."""
-    return {"sde": cfg["sde"], "data": data_identity(cfg["data"]),
+    return {"sde": sde_identity(cfg["sde"]), "data": data_identity(cfg["data"]),
             "model": model_identity(cfg["model"])}  # fmt: skip
 
 
@@ -226,7 +240,7 @@ def matching_runs(cfg: dict, log=print) -> list[dict]:
     dicts of dir, status (finished | interrupted | failed | running | unknown), planned steps
     and the mtime of their newest checkpoint (runs without a checkpoint are left out)."""
     root = Path(cfg["outputs_root"])
-    want = {"sde": cfg["sde"], "data": data_identity(cfg["data"])}
+    want = {"sde": sde_identity(cfg["sde"]), "data": data_identity(cfg["data"])}
     runs = []
     for run_json in root.glob("train/**/run.json"):
         try:
@@ -236,7 +250,7 @@ def matching_runs(cfg: dict, log=print) -> list[dict]:
             continue
         if not isinstance(meta, dict) or not isinstance(meta.get("data"), dict):
             continue
-        if {"sde": meta.get("sde"), "data": data_identity(meta["data"])} != want:
+        if {"sde": sde_identity(meta.get("sde")), "data": data_identity(meta["data"])} != want:
             continue
         if is_classifier_run(meta) != is_classifier_run(cfg):
             continue

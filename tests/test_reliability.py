@@ -601,3 +601,17 @@ def test_nan_weights_are_never_saved_over_a_good_checkpoint(tmp_path, monkeypatc
     assert [p.name for p in paths] == ["ckpt_00000005.pt"]
     assert_finite(ckpt.load(paths[0]))
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_runs_saved_before_a_config_key_existed_still_match():
+    """sde.schedule (linear | cosine) came after runs were saved without it: a missing key and
+    its default are the same run; another value is not; data loading options never count."""
+    from tasks.common import run_identity
+
+    old = {"sde": {"name": "vp", "beta_min": 0.1, "beta_max": 20.0},
+           "data": {"name": "digits", "levels": 17}, "model": {"name": "unet"}}  # fmt: skip
+    new = {**old, "sde": {**old["sde"], "schedule": "linear"},
+           "data": {**old["data"], "workers": 2, "random_flip": True}}  # fmt: skip
+    assert run_identity(old) == run_identity(new)
+    cosine = {**old, "sde": {**old["sde"], "schedule": "cosine"}}
+    assert run_identity(old) != run_identity(cosine)
