@@ -41,8 +41,11 @@ def _train_gmm8(tmp_path, loss_name: str, steps: int, **loss_opts):
 
 # Measured (seed 0, 3000 steps): DSM 0.12 / 0.014 / 0.032 at t = 0.1 / 0.5 / 1.
 DSM_BOUNDS = {0.1: 0.2, 0.5: 0.05, 1.0: 0.06}
-# Measured (seed 0, 3000 steps, 1 Rademacher probe): SSM 0.30 / 0.032 / 0.041.
-SSM_BOUNDS = {0.1: 0.4, 0.5: 0.08, 1.0: 0.08}
+# Measured (seed 0, 3000 steps, 1 Rademacher probe): SSM 0.42 / 0.033 / 0.060. At t = 0.1 SSM's
+# error depends on the seed far more than DSM's: seeds 0-3 give 0.42 / 0.41 / 0.43 / 0.37 (and
+# the loop before per-example keyed batches gave 0.31 / 0.34 / 0.46 for seeds 0-2), so the bound
+# there is 0.5, still half of what an untrained network scores (> 1).
+SSM_BOUNDS = {0.1: 0.5, 0.5: 0.08, 1.0: 0.08}
 
 
 def test_trained_dsm_score_is_close_to_exact(tmp_path):
@@ -64,6 +67,7 @@ def test_untrained_score_fails_the_bound(tmp_path):
     sde, ds = build_sde(cfg["sde"]), build_dataset(cfg["data"])
     model = build_score_model(cfg, sde, ds).eval()
     assert relative_score_error(model, sde, ds.mixture, 0.5) > 5 * DSM_BOUNDS[0.5]
+    assert relative_score_error(model, sde, ds.mixture, 0.1) > 2 * SSM_BOUNDS[0.1]  # 1.03
 
 
 def _params(outputs_root, run):
