@@ -51,7 +51,7 @@ class ScoreModel(nn.Module):
         c_in = (alpha.square() * self.sigma_data**2 + sigma.square()).rsqrt()
         inp = append_dims(c_in.to(x.dtype), x.ndim) * x
         # the network's noise-level input: t, or what the SDE says (vdm: the normalised gamma(t))
-        tn = self.sde.net_time(t) if hasattr(self.sde, "net_time") else t
+        tn = self.sde.net_time(t, alpha, sigma) if hasattr(self.sde, "net_time") else t
         out = self.net(inp, tn) if y is None else self.net(inp, tn, y)
         if self.parameterisation == "eps":
             return -out / append_dims(sigma.to(x.dtype), x.ndim)

@@ -174,11 +174,13 @@ class VDMSDE(SDE):
         """(gamma(t), gamma'(t)), each (B,)."""
         return self.schedule(t)
 
-    def net_time(self, t: torch.Tensor) -> torch.Tensor:
+    def net_time(self, t: torch.Tensor, alpha=None, sigma=None) -> torch.Tensor:
         """What the network is conditioned on: gamma(t) normalised by the initial end points
         (0 at gamma_min, 1 at gamma_max; fixed numbers, so learning the end points does not
-        rescale the network's input)."""
-        return (self.gamma(t) - self.gamma_min) / (self.gamma_max - self.gamma_min)
+        rescale the network's input). With alpha(t), sigma(t) already at hand, gamma =
+        log(sigma^2 / alpha^2) is read off them instead of evaluating the schedule again."""
+        gamma = self.gamma(t) if alpha is None else 2 * (sigma.log() - alpha.log())
+        return (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)
 
     def sde(self, x, t):
         gamma, dgamma = self.schedule(t)
