@@ -1,18 +1,54 @@
 """Benchmark the fast samplers: NFE x solver x grid x SDE on gmm8 and mix5d with their exact scores.
 
     python bench/fast_samplers.py [--n 4000] [--nfe 5,6,8,10,15,20] [--seed 7] [--best 3]
+    python bench/fast_samplers.py --peers      # + diffusers' schedulers on the same score (VP)
+    python bench/fast_samplers.py --digits [--checkpoint PATH]   # a trained digits U-Net
 
 Each cell is |delta mean exact log-density| of the samples against 200 000 fresh draws (the
 goal of issue 10: <= 0.05 at NFE 10, <= 0.03 at NFE 20), then the sliced W2 to n fresh draws.
 The header gives the fresh-vs-fresh floor of both at the same n. NFE counts the final Tweedie
 denoising: solver steps = NFE - 1 (Heun: NFE / 2 steps, even NFE only). "fast" rows use the
 per-SDE defaults of samplers/fast.py (their own grid; the grid column reads "auto").
+
+--peers and --digits each print one more section instead of the tables above (add --tables to
+get both); the default run is unchanged.
+
+--peers (needs the bench extra: pip install -e ".[bench]"): diffusers' schedulers run on the same
+exact score, in this process, for the VP SDE (beta_min 0.1, beta_max 20, T = 1) through the
+equivalent discrete schedule: "linear" betas from 0.1/1000 to 20/1000 over 1000 train timesteps.
+A scheduler works with sigma_k = sqrt((1 - acp_k) / acp_k) (acp = its alphas_cumprod); the model
+call at sigma_k evaluates the toolkit's score at the continuous time t with alpha(t)^2 = acp_k,
+i.e. lambda(t) = 0.5 log(acp_k / (1 - acp_k)) = -log sigma_k, inverted by
+samplers.grids.t_from_log_snr, and returns epsilon = -sigma(t) * score(x_VP, t). sigma_k is the
+scheduler's own current value (sigmas[step_index]): at an integer timestep k without Karras
+sigmas that is alphas_cumprod[k] exactly (checked on every call); at fractional timesteps
+(Euler/LMS/Heun "linspace") or on Karras grids it is diffusers' own interpolated sigma, the one
+its update uses (diffusers rounds the timestep handed to a network; an exact score needs none).
+DPM/UniPC/DEIS keep x = x_VP; LMS/Euler/Heun keep x = x_VP / sqrt(acp), and their
+scale_model_input (x / sqrt(sigma^2 + 1)) gives x_VP back. All start from the prior draw of the
+toolkit rows (same seed), mapped into the scheduler's space, and all end at sigma = 0 (no
+Tweedie step: diffusers' last update returns its data prediction). NFE = model calls counted
+(Heun: 2 per step but 1 on the last, so 2N - 1; the cell says "@k" where k differs from the
+column). The state is float64, but diffusers keeps its sigmas in float32 and DPM-Solver++ and
+Euler cast the sample to float32 inside step(). Each peer row is checked at --check-nfe (200)
+on gmm8: |delta| must be below 0.05 (printed), which proves the schedule/score mapping.
+
+--digits: a digits score model trained with the library's own mode=train code (tasks.train,
+i.e. python run.py sde=vp mode=train data=digits model=unet model.ch=16 training.steps=1000;
+reused if a finished run with those settings is under --outputs-root, or --checkpoint PATH),
+sampled at NFE 10 and 20 by each solver and grid and compared with a 1000-step PC sample of the
+same model (reverse diffusion + Langevin, snr 0.16; cached next to the checkpoint): FID with the
+classifier features of mode=eval (metrics.features.build_features, eval.features=auto), and MMD
+in pixel space ([0, 1], Gaussian kernels at the median reference distance h, h/2, h/4, h/8).
+The floor is a second, independent 1000-step PC set of the same size scored the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,7 +57,7 @@ import torch  # noqa: E402
 
 import samplers  # noqa: E402
 from data.mixtures import gmm8, mixture5d  # noqa: E402
-from metrics.quality import sliced_wasserstein  # noqa: E402
+from metrics.quality import mmd, sliced_wasserstein  # noqa: E402
 from models import MixtureScore  # noqa: E402
 from sde_lib import VESDE, VPSDE, subVPSDE  # noqa: E402
 
@@ -36,6 +72,29 @@ SOLVERS = {  # name -> (sampler, options)
     "ipndm4": ("ipndm", {}),
     "heun": ("heun", {}),
 }
+# (label, grid column, diffusers scheduler, its config beyond the schedule); defaults otherwise
+PEERS = (
+    ("dpm++2m", "linspace", "DPMSolverMultistepScheduler",
+     dict(algorithm_type="dpmsolver++", solver_order=2)),
+    ("dpm++2m", "karras", "DPMSolverMultistepScheduler",
+     dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True)),
+    ("unipc2-bh2", "linspace", "UniPCMultistepScheduler", {}),
+    ("unipc3-bh2", "linspace", "UniPCMultistepScheduler", dict(solver_order=3)),
+    ("deis2", "linspace", "DEISMultistepScheduler", {}),
+    ("lms4", "linspace", "LMSDiscreteScheduler", {}),
+    ("lms4", "karras", "LMSDiscreteScheduler", dict(use_karras_sigmas=True)),
+    ("euler", "linspace", "EulerDiscreteScheduler", {}),
+    ("heun", "linspace", "HeunDiscreteScheduler", {}),
+)  # fmt: skip
+VP_SPACE = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler")
+# the discrete schedule equivalent to VPSDE(beta_min=0.1, beta_max=20): beta_i = beta(t_i) / 1000
+DISCRETE_VP = dict(num_train_timesteps=1000, beta_start=0.1 / 1000, beta_end=20 / 1000,
+                   beta_schedule="linear")  # fmt: skip
+# toolkit rows printed beside the peers (label in SOLVERS or "fast", grid)
+SIDE_BY_SIDE = (("fast", "auto"), ("dpm++2m", "uniform"), ("dpm++2m", "logsnr"),
+                ("dpm++2m", "edm"), ("unipc3", "logsnr"))  # fmt: skip
+DIGITS_SOLVERS = ("unipc", "dpm_solver3", "ipndm", "dpm_solver", "ddim", "heun")
+DIGITS_GRIDS = ("logsnr", "quadratic", "edm")
 
 
 def steps_for(sampler: str, nfe: int) -> int | None:
@@ -51,18 +110,65 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--best", type=int, default=3, help="also list the best N (solver, grid)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--peers", action="store_true", help="diffusers' schedulers on the VP SDE")
+    p.add_argument("--check-nfe", type=int, default=200, help="--peers: NFE of the gmm8 check")
+    p.add_argument("--digits", action="store_true", help="a trained digits model vs 1000-step PC")
+    p.add_argument("--tables", action="store_true", help="with --peers/--digits: also the tables")
+    p.add_argument("--checkpoint", default=None, help="--digits: this checkpoint, no training")
+    p.add_argument("--outputs-root", default="outputs", help="--digits: runs and caches")
+    p.add_argument("--digits-steps", type=int, default=1000)
+    p.add_argument("--digits-ch", type=int, default=16)
+    p.add_argument("--digits-n", type=int, default=300, help="--digits: samples per set")
+    p.add_argument("--digits-nfe", default="10,20")
     a = p.parse_args()
+    if a.checkpoint is not None and not a.digits:
+        p.error("--checkpoint goes with --digits")
     torch.set_num_threads(a.threads)
     nfes = [int(v) for v in a.nfe.split(",")]
+    diffusers = import_diffusers() if a.peers else None
+    if a.tables or not (a.peers or a.digits):
+        toolkit_tables(a, nfes)
+    if a.peers:
+        peer_tables(a, nfes, diffusers)
+    if a.digits:
+        digits_table(a)
+
+
+def law_header(law_name: str, law, n: int):
+    """Fresh-data reference of a law: (mean log-density of 200 000 draws, n fresh draws)."""
+    big = law.sample(200_000, torch.Generator().manual_seed(1)).double()
+    fresh_ll = law.log_prob(big).mean().item()
+    f1, f2 = (law.sample(n, torch.Generator().manual_seed(s)) for s in (2, 3))
+    floor_ll = abs(law.log_prob(f1.double()).mean().item() - fresh_ll)
+    floor_sw = sliced_wasserstein(f1, f2)
+    print(f"\n## {law_name}: n={n}, fresh |dlogp| {floor_ll:.3f}, fresh-vs-fresh sliced W2 "
+          f"{floor_sw:.3f}")  # fmt: skip
+    return fresh_ll, f2
+
+
+def score_cell(law, x: torch.Tensor, fresh_ll: float, f2: torch.Tensor,
+               note: str = "") -> tuple[float, str]:
+    """(|delta mean exact log-density|, the printed cell: it, the sliced W2, then `note`)."""
+    d = abs(law.log_prob(x.double()).mean().item() - fresh_ll)
+    d = d if d == d else float("inf")
+    sw = sliced_wasserstein(x.float(), f2) if d < 1e3 else float("inf")
+    return d, f"{min(d, 99.99):5.3f} {min(sw, 9.99):5.3f} {note:3s}"
+
+
+def toolkit_row(sde, score, law, label, sampler, options, grid, nfe, seed, fresh_ll, f2, n):
+    steps = steps_for(sampler, nfe)
+    if steps is None or steps < 1:
+        return None, f"{'-':15s}"
+    opts = dict(options) if grid == "auto" else dict(options, grid=grid)
+    g = torch.Generator().manual_seed(seed)
+    x, _ = samplers.sample(sde, score, (n, law.dim), sampler, steps, generator=g, **opts)
+    return score_cell(law, x, fresh_ll, f2)
+
+
+def toolkit_tables(a, nfes: list[int]) -> None:
     for law_name, make in LAWS.items():
         law = make()
-        big = law.sample(200_000, torch.Generator().manual_seed(1)).double()
-        fresh_ll = law.log_prob(big).mean().item()
-        f1, f2 = (law.sample(a.n, torch.Generator().manual_seed(s)) for s in (2, 3))
-        floor_ll = abs(law.log_prob(f1.double()).mean().item() - fresh_ll)
-        floor_sw = sliced_wasserstein(f1, f2)
-        print(f"\n## {law_name}: n={a.n}, fresh |dlogp| {floor_ll:.3f}, fresh-vs-fresh sliced W2 "
-              f"{floor_sw:.3f}")  # fmt: skip
+        fresh_ll, f2 = law_header(law_name, law, a.n)
         for sde_name, cls in SDES.items():
             sde = cls()
             score = MixtureScore(sde, law)
@@ -75,24 +181,274 @@ def main() -> None:
             for label, sampler, options, grid in rows:
                 cells = []
                 for nfe in nfes:
-                    steps = steps_for(sampler, nfe)
-                    if steps is None or steps < 1:
-                        cells.append(f"{'-':15s}")
-                        continue
-                    opts = dict(options) if grid == "auto" else dict(options, grid=grid)
-                    g = torch.Generator().manual_seed(a.seed)
-                    x, _ = samplers.sample(sde, score, (a.n, law.dim), sampler, steps, generator=g,
-                                           **opts)  # fmt: skip
-                    d = abs(law.log_prob(x.double()).mean().item() - fresh_ll)
-                    d = d if d == d else float("inf")
-                    table[(label, grid, nfe)] = d
-                    sw = sliced_wasserstein(x.float(), f2) if d < 1e3 else float("inf")
-                    cells.append(f"{min(d, 99.99):5.3f} {min(sw, 9.99):5.3f}    ")
+                    d, cell = toolkit_row(sde, score, law, label, sampler, options, grid, nfe,
+                                          a.seed, fresh_ll, f2, a.n)  # fmt: skip
+                    if d is not None:
+                        table[(label, grid, nfe)] = d
+                    cells.append(cell)
                 print(f"{'':6s} {label:13s} {grid:9s} " + " ".join(cells), flush=True)
             for nfe in nfes:
                 best = sorted((v, k[0], k[1]) for k, v in table.items() if k[2] == nfe)
                 print(f"{'':6s} best at NFE {nfe}: " + ", ".join(
                     f"{s}/{g} {v:.3f}" for v, s, g in best[: a.best]))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- --peers (diffusers)
+
+
+def import_diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        sys.exit('--peers needs the diffusers library: pip install -e ".[bench]"')
+    return diffusers
+
+
+class DiscreteVPModel:
+    """The toolkit's exact score as diffusers' epsilon model on the equivalent discrete schedule.
+
+    `eps(x_vp, ratio)` is epsilon at the scheduler's sigma_k = ratio = sqrt((1 - acp) / acp):
+    the toolkit's score at the time t with lambda(t) = -log ratio (alpha(t)^2 = acp), times
+    -sigma(t). Times are found once per distinct ratio (float64 bisection) and cached.
+    """
+
+    def __init__(self, sde, score_fn) -> None:
+        self.sde, self.score_fn, self.cache, self.calls = sde, score_fn, {}, 0
+
+    def time_of(self, ratio: float) -> tuple[float, float]:
+        if ratio not in self.cache:
+            lam = torch.tensor([-math.log(ratio)], dtype=torch.float64)
+            # acp_999 lies a little beyond t = T (t = 1.006): bisect on a wider bracket
+            t = samplers.grids.t_from_log_snr(self.sde, lam, 2.0 * self.sde.T, 1e-9)
+            _, sigma = self.sde.alpha_sigma(t)
+            self.cache[ratio] = (t.item(), sigma.item())
+        return self.cache[ratio]
+
+    def eps(self, x_vp: torch.Tensor, ratio: float) -> torch.Tensor:
+        t, sigma = self.time_of(ratio)
+        self.calls += 1
+        return -sigma * self.score_fn(x_vp, x_vp.new_full((x_vp.shape[0],), t))
+
+
+def run_peer(diffusers, sde, score_fn, x_T: torch.Tensor, cls_name: str, config: dict,
+             steps: int) -> tuple[torch.Tensor, int]:
+    """Sample with a diffusers scheduler from the toolkit's prior draw x_T (x_VP at t ~ T):
+    returns (x_0 in float64, model calls made)."""
+    sched = getattr(diffusers, cls_name)(**DISCRETE_VP, **config)
+    sched.set_timesteps(steps)
+    acp = sched.alphas_cumprod.double()
+    sigmas = sched.sigmas.double()
+    karras = bool(config.get("use_karras_sigmas"))
+    vp_space = cls_name in VP_SPACE
+    model = DiscreteVPModel(sde, score_fn)
+    x = x_T.double() * (1.0 if vp_space else math.sqrt(1.0 + float(sigmas[0]) ** 2))
+    for timestep in sched.timesteps:
+        i = sched.step_index if sched.step_index is not None else 0
+        x_in = sched.scale_model_input(x, timestep)
+        ratio = float(sigmas[i])
+        # the schedule mapping, checked on every call where diffusers has a discrete acp_k
+        scale = 1.0 if vp_space else 1.0 / math.sqrt(1.0 + ratio**2)
+        if not torch.allclose(x_in, x * scale, rtol=1e-6, atol=0.0):
+            raise RuntimeError(f"{cls_name}: scale_model_input is not x / {1 / scale:.6g}")
+        k = float(timestep)
+        if not karras and k.is_integer():
+            want = math.sqrt((1 - float(acp[int(k)])) / float(acp[int(k)]))
+            if abs(ratio / want - 1) > 1e-6:
+                raise RuntimeError(f"{cls_name}: sigma {ratio} at timestep {k} != acp's {want}")
+        eps = model.eps(x_in, ratio)
+        x = sched.step(eps, timestep, x).prev_sample
+    return x, model.calls
+
+
+def peer_steps(cls_name: str, nfe: int) -> int:
+    """Scheduler steps for an NFE budget: Heun makes 2N - 1 model calls, the others N."""
+    return (nfe + 1) // 2 if cls_name == "HeunDiscreteScheduler" else nfe
+
+
+def peer_tables(a, nfes: list[int], diffusers) -> None:
+    sde = VPSDE(beta_min=0.1, beta_max=20.0)
+    print(f"\n# peers: diffusers {diffusers.__version__} schedulers on the exact score, vp SDE "
+          f"(linear betas {DISCRETE_VP['beta_start']:g}..{DISCRETE_VP['beta_end']:g}, 1000 "
+          f"timesteps), float64 state; rows marked * are the toolkit's own")  # fmt: skip
+    checks = []
+    for law_name, make in LAWS.items():
+        law = make()
+        score = MixtureScore(sde, law)
+        fresh_ll, f2 = law_header(law_name, law, a.n)
+        print(f"\n{'vp':6s} {'solver':13s} {'grid':9s} " +
+              " ".join(f"NFE {n:<11d}" for n in nfes))  # fmt: skip
+        for label, grid in SIDE_BY_SIDE:
+            sampler, options = ("fast", {}) if label == "fast" else SOLVERS[label]
+            cells = [toolkit_row(sde, score, law, label, sampler, options, grid, nfe, a.seed,
+                                 fresh_ll, f2, a.n)[1] for nfe in nfes]  # fmt: skip
+            print(f"{'*':6s} {label:13s} {grid:9s} " + " ".join(cells), flush=True)
+        for label, grid, cls_name, config in PEERS:
+            cells = []
+            for nfe in nfes:
+                x_T = sde.prior_sampling((a.n, law.dim),
+                                         generator=torch.Generator().manual_seed(a.seed))
+                x, calls = run_peer(diffusers, sde, score, x_T, cls_name, config,
+                                    peer_steps(cls_name, nfe))  # fmt: skip
+                note = "" if calls == nfe else f"@{calls}"
+                cells.append(score_cell(law, x, fresh_ll, f2, note)[1])
+            print(f"{'':6s} {label:13s} {grid:9s} " + " ".join(cells), flush=True)
+            if law_name == "gmm8":
+                x_T = sde.prior_sampling((a.n, law.dim),
+                                         generator=torch.Generator().manual_seed(a.seed))
+                x, calls = run_peer(diffusers, sde, score, x_T, cls_name, config,
+                                    peer_steps(cls_name, a.check_nfe))  # fmt: skip
+                d, _ = score_cell(law, x, fresh_ll, f2)
+                checks.append((label, grid, calls, d))
+    print(f"\ncheck of the score/schedule mapping: each peer at NFE ~{a.check_nfe} on gmm8 "
+          "(|delta| < 0.05 required)")
+    for label, grid, calls, d in checks:
+        print(f"  {label:13s} {grid:9s} NFE {calls:4d}: |delta| {d:.4f} "
+              f"{'ok' if d < 0.05 else 'FAIL'}")
+    if any(d >= 0.05 for *_, d in checks):
+        sys.exit("a peer row failed its high-NFE check: the mapping to diffusers is wrong")
+
+
+# ------------------------------------------------------------------------ --digits (trained model)
+
+
+def digits_config(a) -> dict:
+    """The run config of python run.py sde=vp mode=train data=digits, smaller, as a plain dict."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    overrides = ["mode=train", "sde=vp", "data=digits", "model=unet",
+                 f"model.ch={a.digits_ch}", f"training.steps={a.digits_steps}",
+                 f"outputs_root={a.outputs_root}", "logger.mode=disabled", "progress=false",
+                 "device=cpu"]  # fmt: skip
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def digits_model(a, cfg: dict):
+    """(sde, dataset, model, checkpoint path): --checkpoint, else a finished run with the same
+    settings under outputs_root, else trained now with tasks.train.run_train."""
+    from tasks.common import load_score_model, matching_runs
+    from tasks.train import run_train
+    from training import checkpoint as ckpt
+
+    path = a.checkpoint
+    if path is None:
+        runs = [r for r in matching_runs(cfg, lambda *m: None)
+                if r["model_match"] and r["status"] == "finished"
+                and r["planned"] == a.digits_steps]  # fmt: skip
+        for run in sorted(runs, key=lambda r: r["mtime"], reverse=True):
+            found = ckpt.latest_valid(run["dir"] / "checkpoints", lambda *m: None)
+            if found:
+                path = found[0]
+                print(f"reusing {path} (a finished run with these settings)")
+                break
+    if path is None:
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+        out_dir = Path(a.outputs_root) / "train" / f"{stamp}-bench_vp_digits"
+        print(f"training: python run.py sde=vp mode=train data=digits model=unet "
+              f"model.ch={a.digits_ch} training.steps={a.digits_steps} (into {out_dir})",
+              flush=True)  # fmt: skip
+        t0 = time.perf_counter()
+        summary = run_train(cfg, out_dir, log=lambda *m: None)
+        path = summary["checkpoint"]
+        print(f"trained in {time.perf_counter() - t0:.0f} s: loss {summary['final_loss']:.4g}, "
+              f"{path}", flush=True)  # fmt: skip
+    sde, dataset, model, path = load_score_model({**cfg, "ckpt": str(path)}, lambda *m: None)
+    return sde, dataset, model, Path(path)
+
+
+def digits_table(a) -> None:
+    from metrics.features import build_features
+    from metrics.fid import fid_from_features
+    from metrics.images import dataset_uint8
+    from tasks.common import UserError
+    from tasks.sample import sample_noise, to_images
+
+    t_start = time.perf_counter()
+    cfg = digits_config(a)
+    try:
+        sde, dataset, model, path = digits_model(a, cfg)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    n = a.digits_n
+
+    def draw(sampler: str, steps: int, seed: int, first: int = 0, **options):
+        """uint8 images of samples first .. first + n - 1 (keyed noise) and the NFE."""
+        idx = torch.arange(first, first + n)
+        x, nfe = samplers.sample(sde, model, (n, *dataset.shape), sampler, steps,
+                                 generator=sample_noise(seed, idx), **options)  # fmt: skip
+        return to_images(dataset, torch.nan_to_num(x, nan=dataset.model_range[0])), nfe
+
+    # the reference (samples 0 .. n-1) and a second PC set (n .. 2n-1) for the floor at n vs n
+    ref_seed = a.seed + 1
+    pc_sets = []
+    for part in (0, 1):
+        cache = path.parent / f"bench-pc1000-n{n}-seed{ref_seed}-part{part}.pt"
+        if cache.is_file():
+            saved = torch.load(cache, weights_only=True)
+            pc_sets.append((saved["images"].numpy(), int(saved["nfe"])))
+            print(f"1000-step PC set {part} read from {cache}")
+            continue
+        t0 = time.perf_counter()
+        u8, nfe = draw("pc", 1000, ref_seed, first=part * n)
+        torch.save({"images": torch.from_numpy(u8), "nfe": nfe}, cache)
+        pc_sets.append((u8, nfe))
+        print(f"1000-step PC set {part}: {n} samples, NFE {nfe}, {time.perf_counter() - t0:.0f} s "
+              f"(cached in {cache})", flush=True)  # fmt: skip
+    (ref, ref_nfe), (second, _) = pc_sets
+    train_u8, test_u8 = dataset_uint8(dataset, "train"), dataset_uint8(dataset, "test")
+    feats = build_features(dataset, train_u8, test_u8, cfg, log=print)
+    f_ref, f_test = feats(ref), feats(test_u8)
+    pix_ref = torch.from_numpy(ref).double().flatten(1) / 255
+    h = torch.pdist(pix_ref).median().item()  # MMD bandwidth: the median reference distance
+
+    def scores(u8) -> tuple[float, float]:
+        pix = torch.from_numpy(u8).double().flatten(1) / 255
+        return fid_from_features(feats(u8), f_ref), mmd(pix, pix_ref, bandwidth=h)
+
+    fid_floor, mmd_floor = scores(second)
+    fid_test = fid_from_features(f_ref, f_test)
+    nfes = [int(v) for v in a.digits_nfe.split(",")]
+    print(f"\n## digits: {path}; {n} samples per set (seed {a.seed}); reference: {n} samples of "
+          f"1000-step PC (reverse diffusion + Langevin, snr 0.16, NFE {ref_nfe}, seed {ref_seed})"
+          f"; features: {feats.name} (test accuracy {feats.accuracy:.3f})")  # fmt: skip
+    print(f"FID to the PC reference, then pixel MMD (bandwidth {h:.3f}); floor (a second "
+          f"1000-step PC set of {n}, samples {n}..{2 * n - 1}): FID {fid_floor:.2f}, MMD "
+          f"{mmd_floor:.4f}; PC reference vs the {len(test_u8)} test digits: FID "
+          f"{fid_test:.2f}")  # fmt: skip
+    print(f"\n{'solver':13s} {'grid':9s} " + " ".join(f"NFE {v:<13d}" for v in nfes))
+    rows = [("fast", "auto")] + [(s, g) for s in DIGITS_SOLVERS for g in DIGITS_GRIDS]
+    table = {}
+    for sampler, grid in rows:
+        cells = []
+        for nfe in nfes:
+            steps = steps_for(sampler, nfe)
+            if steps is None or steps < 1:
+                cells.append(f"{'-':17s}")
+                continue
+            opts = {} if grid == "auto" else {"grid": grid}
+            u8, used = draw(sampler, steps, a.seed, **opts)
+            fid, m = scores(u8)
+            table[(sampler, grid, nfe)] = fid
+            at = "" if used == nfe else f"@{used}"
+            cells.append(f"{fid:6.2f} {m:.4f} {at:3s}")
+        print(f"{sampler:13s} {grid:9s} " + " ".join(cells), flush=True)
+    for nfe in nfes:
+        best = sorted((v, k[0], k[1]) for k, v in table.items() if k[2] == nfe)
+        print(f"best FID at NFE {nfe}: " + ", ".join(
+            f"{s}/{g} {v:.2f}" for v, s, g in best[: a.best]))  # fmt: skip
+    # where the probability-flow ODE itself converges for this model (not the PC law)
+    u8, used = draw("dpm_solver3", 199, a.seed, grid="logsnr")
+    fid, m = scores(u8)
+    print(f"ODE limit (dpm_solver3, logsnr, NFE {used}): FID {fid:.2f}, MMD {m:.4f}")
+    print(f"--digits took {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":
