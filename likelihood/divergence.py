@@ -1,7 +1,8 @@
 """Divergence of a vector field x -> v(x), exactly or by Hutchinson's estimator.
 
-Both read the divergence off vector-Jacobian products u^T (dv/dx), computed once per field
-evaluation with `torch.func.vjp` and batched over cotangents u with `torch.func.vmap`:
+Both read the divergence off vector-Jacobian products u^T (dv/dx) of one forward pass per field
+evaluation: up to LOOP_COTANGENTS cotangents u by one `torch.autograd.grad` each, more batched
+over u with `torch.func.vjp` and `torch.func.vmap`:
 
     exact:       div v(x) = sum_i e_i^T J e_i               (D products, one per basis vector)
     Hutchinson:  div v(x) = E_u[u^T J u],  E[u u^T] = I     (Hutchinson 1989; Grathwohl 2019)
@@ -24,14 +25,32 @@ Field = Callable[[torch.Tensor], torch.Tensor]
 PROBES = ("gaussian", "rademacher")
 
 
+# up to this many cotangents are pulled back one autograd call each (retaining the graph);
+# more go through one batched call. For a few cotangents (a 2-D trace, one Hutchinson probe) the
+# plain calls skip the batching machinery, which costs about as much as a small field itself.
+LOOP_COTANGENTS = 8
+
+
 def _vjps(
     fn: Field, x: torch.Tensor, cotangents: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """v = fn(x): (B, *D) and u^T (dv/dx) for each of the P cotangents u: (P, B, *D)."""
+    if cotangents.shape[0] > LOOP_COTANGENTS:
+        with torch.enable_grad():
+            v, pullback = vjp(fn, x)
+            (products,) = vmap(pullback)(cotangents)
+        return v, products
     with torch.enable_grad():
-        v, pullback = vjp(fn, x)
-        (products,) = vmap(pullback)(cotangents)
-    return v, products
+        y = x.detach().requires_grad_(True)
+        v = fn(y)
+        if not v.requires_grad:  # a field that does not depend on x (e.g. VE's drift)
+            return v, torch.zeros_like(cotangents)
+        last = cotangents.shape[0] - 1
+        products = torch.stack([
+            torch.autograd.grad(v, y, u, retain_graph=i < last, materialize_grads=True)[0]
+            for i, u in enumerate(cotangents)
+        ])  # fmt: skip
+    return v.detach(), products
 
 
 def exact_divergence(fn: Field, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
