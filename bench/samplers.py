@@ -143,6 +143,8 @@ def issue_overhead(args) -> None:
     score = ScoreModel(MLP((2,), hidden=256, depth=3), sde).eval()
     runs = [(name, steps, "torch") for name, steps in ISSUE_RUNS]
     runs += [("em", None, "keyed"), ("pc", None, "keyed")]
+    if args.only:
+        runs = [r for r in runs if r[0] in args.only.split(",")]
     for name, steps, noise in runs:
         best = None
         for _ in range(args.repeats):
@@ -193,6 +195,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--quick", action="store_true", help="VP only")
     parser.add_argument("--n-issue", type=int, default=4096, help="batch of issue 10's table")
+    parser.add_argument("--only", default="", help="issue 10's rows of these samplers: em,pc")
     parser.add_argument("--eval-calls", type=int, default=100, help="calls per timing loop")
     parser.add_argument("--repeats", type=int, default=2, help="repeats of issue 10's rows")
     parser.add_argument(
