@@ -17,7 +17,7 @@ same `steps`. The fit, for a score model, a solver, an NFE budget and a calibrat
    better of the DP grid and the fixed grids.
 
 steps = nfe - 1 with the final denoising (nfe with --no-denoise). Scores may be any model; the CLI
-uses the exact score of a mixture data set.
+fits a trained checkpoint (--checkpoint PATH) or the exact score of a mixture data set.
 """
 
 from __future__ import annotations
@@ -193,42 +193,77 @@ def optimise_grid(
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """The command line: fit a schedule for an exact mixture score and write it as JSON."""
-    from models.exact import MixtureScore
-    from sde_lib import VESDE, VPSDE, subVPSDE
+    """The command line: fit a schedule for a trained checkpoint (--checkpoint) or for the exact
+    score of a mixture data set (--sde, --data), and write it as JSON."""
+    from tasks.common import UserError
+    from training.checkpoint import CheckpointError
 
     from . import api
 
     parser = argparse.ArgumentParser(
         prog="python -m samplers.optimise_grid", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--sde", choices=("vp", "subvp", "ve"), default="vp")
-    parser.add_argument("--data", choices=("gmm8", "mix5d"), default="gmm8")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="a trained score model's checkpoint: its SDE, data shape and EMA "
+                        "weights (then --sde / --data are taken from it)")  # fmt: skip
+    parser.add_argument("--sde", choices=("vp", "subvp", "ve"), default=None,
+                        help="exact mixture score: the SDE (default vp)")  # fmt: skip
+    parser.add_argument("--data", choices=("gmm8", "mix5d"), default=None,
+                        help="exact mixture score: the law (default gmm8)")  # fmt: skip
     parser.add_argument("--solver", default="unipc", help="a sampler name (see samplers.SAMPLERS)")
     parser.add_argument("--nfe", type=int, default=10, help="budget, final denoising included")
     parser.add_argument("--no-denoise", action="store_true")
     parser.add_argument("--eps", type=float, default=1e-3)
-    parser.add_argument("--batch", type=int, default=1000, help="calibration batch size")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="calibration batch size (default 1000 points, 256 images)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="JSON schedule file to write")
     a = parser.parse_args(argv)
-    from data.mixtures import gmm8, mixture5d
-
-    sde = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}[a.sde]()
-    law = gmm8() if a.data == "gmm8" else mixture5d()
+    if a.checkpoint is not None and (a.sde or a.data):
+        parser.error("--sde / --data come from the checkpoint; drop them or drop --checkpoint")
     steps = a.nfe - (0 if a.no_denoise else 1)
     if steps < 1:
         parser.error(f"--nfe {a.nfe} leaves no solver step")
-    fn = api._lookup(a.solver)
-    g = torch.Generator().manual_seed(a.seed)
-    x_T = sde.prior_sampling((a.batch, law.dim), generator=g).double()
-    times, info = optimise_grid(sde, MixtureScore(sde, law), x_T, fn, steps, eps=a.eps,
-                                denoise=not a.no_denoise)  # fmt: skip
-    path = save_schedule(a.out, times, sde=repr(sde), data=a.data, solver=a.solver, nfe=a.nfe,
-                         eps=a.eps, denoise=not a.no_denoise, fit=info)  # fmt: skip
+    try:
+        fn = api._lookup(a.solver)
+        if a.checkpoint is not None:
+            sde, score_fn, shape, source = _from_checkpoint(a.checkpoint)
+        else:
+            sde, score_fn, shape, source = _exact(a.sde or "vp", a.data or "gmm8")
+        batch = a.batch or (1000 if len(shape) == 1 else 256)
+        g = torch.Generator().manual_seed(a.seed)
+        x_T = sde.prior_sampling((batch, *shape), generator=g)
+        x_T = x_T.double() if a.checkpoint is None else x_T
+        times, info = optimise_grid(sde, score_fn, x_T, fn, steps, eps=a.eps,
+                                    denoise=not a.no_denoise)  # fmt: skip
+        path = save_schedule(a.out, times, sde=repr(sde), **source, solver=a.solver, nfe=a.nfe,
+                             eps=a.eps, denoise=not a.no_denoise, fit=info)  # fmt: skip
+    except (ValueError, OSError, UserError, CheckpointError) as e:
+        parser.exit(2, f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
     print(f"wrote {path}: steps={steps}, start {info['start']}, mse {info['mse']:.3g} "
           f"(fixed grids: {', '.join(f'{k} {v:.3g}' for k, v in info['mse_start'].items())})")
     return path
+
+
+def _exact(sde_name: str, data: str):
+    from data.mixtures import gmm8, mixture5d
+    from models.exact import MixtureScore
+    from sde_lib import VESDE, VPSDE, subVPSDE
+
+    sde = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}[sde_name]()
+    law = gmm8() if data == "gmm8" else mixture5d()
+    return sde, MixtureScore(sde, law), (law.dim,), {"data": data}
+
+
+def _from_checkpoint(path: Path):
+    """(sde, EMA score model in eval mode, data shape, record fields) of a score checkpoint."""
+    from tasks.common import load_score_model
+    from training import checkpoint as ckpt
+
+    saved = ckpt.config_of(ckpt.load(path))
+    sde, dataset, model, found = load_score_model({**saved, "ckpt": str(path)}, log=lambda *m: None)
+    return sde, model, tuple(dataset.shape), {"checkpoint": str(found),
+                                               "data": saved["data"]["name"]}  # fmt: skip
 
 
 if __name__ == "__main__":
