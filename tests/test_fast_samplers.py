@@ -246,17 +246,18 @@ def gap(sde_name, law_name, sampler, steps, seed=7, n=4000, **options):
 
 # |gap| measured with n = 4000 at seed 7 (README "Fast sampling"); the sampling noise of the
 # mean alone is about 0.016 (gmm8) / 0.025 (mix5d), so the bounds are the goal where it is met.
+# sub-VP gmm8 is measured at n = 20 000 (noise 0.007): at n = 4000 it reads -0.039 at seed 7,
+# 2 sigma off 0.03; at n = 20 000 -0.012 (seed 7) and -0.028 (seed 8).
 FAST_20 = [
-    ("vp", "gmm8", 0.03), ("vp", "mix5d", 0.03), ("ve", "gmm8", 0.03), ("ve", "mix5d", 0.03),
-    ("subvp", "mix5d", 0.03),
-    ("subvp", "gmm8", 0.05),  # measured -0.039 at this seed (-0.013 at another): 2 sigma off 0.03
+    ("vp", "gmm8", 4000), ("vp", "mix5d", 4000), ("ve", "gmm8", 4000), ("ve", "mix5d", 4000),
+    ("subvp", "mix5d", 4000), ("subvp", "gmm8", 20_000),
 ]
 
 
-@pytest.mark.parametrize(("sde_name", "law_name", "bound"), FAST_20)
-def test_fast_at_20_nfe(sde_name, law_name, bound):
-    value, nfe = gap(sde_name, law_name, "fast", 19)
-    assert nfe == 20 and abs(value) <= bound, value
+@pytest.mark.parametrize(("sde_name", "law_name", "n"), FAST_20)
+def test_fast_at_20_nfe(sde_name, law_name, n):
+    value, nfe = gap(sde_name, law_name, "fast", 19, n=n)
+    assert nfe == 20 and abs(value) <= 0.03, value
 
 
 @pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve"])
