@@ -298,24 +298,34 @@ def test_fast_reads_the_sde_kind_from_its_coefficients():
 # ---------------------------------------------------------------- optimised grids
 
 
+def held_out_mse(sde, score, held, steps):
+    """grid -> mean squared distance of UniPC's `steps`-step output from held (B, D) to the
+    400-step reference flow of the same score (both denoised)."""
+    from samplers.optimise_grid import reference
+
+    with torch.no_grad():
+        _, states = reference(sde, score, held, 1e-3, 100, 4)
+        target = samplers.tweedie_denoise(sde, score, states[-1], 1e-3)
+
+    def mse(grid):
+        y, _ = samplers.sample(sde, score, held.shape, "unipc", steps, x_T=held, grid=grid)
+        return (y - target).square().sum(1).mean().item()
+
+    return mse
+
+
 def test_optimised_grid_beats_fixed_grids_on_held_out_data_and_round_trips(tmp_path):
     """A 10-NFE UniPC schedule fitted on 1000 calibration points (VP, gmm8) has, on 2000 held-out
     points, a smaller mean squared distance to the reference than every fixed grid; written to
     JSON it gives the same samples through grid=<path>, in Python and from run.py's config."""
-    from samplers.optimise_grid import optimise_grid, reference
+    from samplers.optimise_grid import optimise_grid
 
     sde, law = make_sde("vp"), gmm8()
     score = exact_score(sde, law)
     cal = sde.prior_sampling((1000, 2), generator=torch.Generator().manual_seed(0)).double()
     held = sde.prior_sampling((2000, 2), generator=torch.Generator().manual_seed(5)).double()
     ts, info = optimise_grid(sde, score, cal, samplers.sample_unipc, 9)
-    _, states = reference(sde, score, held, 1e-3, 100, 4)
-    target = samplers.tweedie_denoise(sde, score, states[-1], 1e-3)
-
-    def mse(grid):
-        y, _ = samplers.sample(sde, score, held.shape, "unipc", 9, x_T=held, grid=grid)
-        return (y - target).square().sum(1).mean().item()
-
+    mse = held_out_mse(sde, score, held, 9)
     fixed = {g: mse(g) for g in samplers.GRIDS}
     assert mse(ts) < min(fixed.values()), (mse(ts), fixed)
     path = samplers.save_schedule(tmp_path / "s.json", ts, fit=info)
@@ -377,7 +387,7 @@ def test_optimise_grid_fits_a_trained_checkpoint(tmp_path, capsys):
     """--checkpoint: the schedule is fitted to the trained model itself; on a held-out batch it is
     closer to that model's reference flow than every fixed grid, run.py samples with it, and a
     bad checkpoint is one line with exit code 2."""
-    from samplers.optimise_grid import main, reference
+    from samplers.optimise_grid import main
     from tasks.common import load_score_model
     from training import checkpoint as ckpt
 
@@ -389,14 +399,7 @@ def test_optimise_grid_fits_a_trained_checkpoint(tmp_path, capsys):
     saved = ckpt.config_of(ckpt.load(summary["checkpoint"]))
     sde, _, model, _ = load_score_model({**saved, "ckpt": summary["checkpoint"]}, lambda *m: None)
     held = sde.prior_sampling((1000, 2), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        _, states = reference(sde, model, held, 1e-3, 100, 4)
-        target = samplers.tweedie_denoise(sde, model, states[-1], 1e-3)
-
-    def mse(grid):
-        y, _ = samplers.sample(sde, model, held.shape, "unipc", 5, x_T=held, grid=grid)
-        return (y - target).square().sum(1).mean().item()
-
+    mse = held_out_mse(sde, model, held, 5)
     fixed = {g: mse(g) for g in samplers.GRIDS}
     assert mse(str(path)) < min(fixed.values()), (mse(str(path)), fixed)
     m, _ = run_mode(tmp_path, "s", "mode=sample", f"ckpt={summary['checkpoint']}",
