@@ -275,6 +275,8 @@ def peer_tables(a, nfes: list[int], diffusers) -> None:
         law = make()
         score = MixtureScore(sde, law)
         fresh_ll, f2 = law_header(law_name, law, a.n)
+        # the toolkit rows' prior draw (the same seed), shared by every peer run of this law
+        x_T = sde.prior_sampling((a.n, law.dim), generator=torch.Generator().manual_seed(a.seed))
         print(f"\n{'vp':6s} {'solver':13s} {'grid':9s} " +
               " ".join(f"NFE {n:<11d}" for n in nfes))  # fmt: skip
         for label, grid in SIDE_BY_SIDE:
@@ -285,16 +287,12 @@ def peer_tables(a, nfes: list[int], diffusers) -> None:
         for label, grid, cls_name, config in PEERS:
             cells = []
             for nfe in nfes:
-                x_T = sde.prior_sampling((a.n, law.dim),
-                                         generator=torch.Generator().manual_seed(a.seed))
                 x, calls = run_peer(diffusers, sde, score, x_T, cls_name, config,
                                     peer_steps(cls_name, nfe))  # fmt: skip
                 note = "" if calls == nfe else f"@{calls}"
                 cells.append(score_cell(law, x, fresh_ll, f2, note)[1])
             print(f"{'':6s} {label:13s} {grid:9s} " + " ".join(cells), flush=True)
             if law_name == "gmm8":
-                x_T = sde.prior_sampling((a.n, law.dim),
-                                         generator=torch.Generator().manual_seed(a.seed))
                 x, calls = run_peer(diffusers, sde, score, x_T, cls_name, config,
                                     peer_steps(cls_name, a.check_nfe))  # fmt: skip
                 d, _ = score_cell(law, x, fresh_ll, f2)
