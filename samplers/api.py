@@ -106,7 +106,11 @@ def sample(
 
     steps=None takes the sampler's default (see `sampler_options`). x_T, if given, replaces the
     prior draw and must have the given shape. With denoise=True the result is Tweedie's estimate
-    E[x_0 | x_eps] (one more score evaluation). Runs without autograd.
+    E[x_0 | x_eps] (one more score evaluation). Runs without autograd. grid="fit" (for the
+    deterministic solvers of samplers.optimise_grid.FITTABLE) first fits the time steps to
+    score_fn's own flow on a fixed calibration batch (`optimise_grid.fit_schedule`); its score
+    evaluations are not in the returned NFE, and every call fits again: to sample many batches,
+    fit once with fit_schedule and pass the times as grid.
     """
     fn = _lookup(sampler)
     check_applicable(sampler, sde)
@@ -126,6 +130,15 @@ def sample(
         raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
     else:
         x = x_T
+    if isinstance(options.get("grid"), str) and options["grid"] == "fit":
+        from .optimise_grid import fit_schedule
+
+        steps_used = options.get("steps", sampler_options(sampler).get("steps"))
+        if steps_used is None:
+            raise ValueError("grid='fit' needs a fixed step count (steps)")
+        options["grid"], _ = fit_schedule(sde, score_fn, tuple(shape[1:]), sampler,
+                                          int(steps_used), eps=eps, denoise=denoise,
+                                          options=options, device=x.device)  # fmt: skip
     counted = CountingScore(score_fn)
     with torch.no_grad():
         x = fn(sde, counted, x, eps=eps, generator=generator, progress=progress, **options)

@@ -41,6 +41,7 @@ from .grids import (
     save_schedule,
     t_from_log_snr,
 )
+from .ode import FIXED_METHODS
 
 
 def _denoise(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, t: float) -> torch.Tensor:
@@ -119,12 +120,16 @@ def optimise_grid(
     sweeps: int = 4,
     options: dict | None = None,
     max_step_ratio: float = 3.0,
+    weights: list[float] | str | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Times (steps + 1,) float64 from T to eps fitted for `sampler` on the batch x_T (B, *D).
 
     score_fn and x_T may be lists (one schedule for several models / laws: the objective is the
-    sum, the DP grid is that of the first). Returns (times, info) with info the mean squared
-    errors to the reference of the DP grid, of each fixed grid and of the result. A reference costs
+    weighted sum, the DP grid is that of the first). weights: one per batch (default all 1), or
+    "logsnr" to divide each batch's error by its error on the logSNR grid, so that models of very
+    different scales (2-D points, 8x8 images) count by their relative improvement. Returns
+    (times, info) with info the (weighted) mean squared errors to the reference of the DP grid, of
+    each fixed grid and of the result. A reference costs
     candidates x substeps evaluations; each objective call `steps` (+ 1) evaluations per batch.
 
     Neighbouring steps in lambda may differ by at most `max_step_ratio`: with exact scores an
@@ -135,14 +140,29 @@ def optimise_grid(
     options = dict(options or {})
     scores_fns = score_fn if isinstance(score_fn, list) else [score_fn]
     batches = x_T if isinstance(x_T, list) else [x_T]
+    if weights is not None and weights != "logsnr" and (isinstance(weights, str)
+                                                        or len(weights) != len(batches)):
+        raise ValueError(f"weights must be 'logsnr' or one number per batch, got {weights!r}")
     with torch.no_grad():
         refs = [reference(sde, f, x, eps, candidates, substeps) for f, x in zip(scores_fns,
                 batches, strict=True)]  # fmt: skip
         targets = [_denoise(sde, f, st[-1], eps) if denoise else st[-1]
                    for f, (_, st) in zip(scores_fns, refs, strict=True)]  # fmt: skip
 
+        def errors(times: torch.Tensor) -> list[float]:
+            out = []
+            for f, x, target in zip(scores_fns, batches, targets, strict=True):
+                y = sampler(sde, f, x.clone(), steps=steps, eps=eps, grid=times, **options)
+                y = _denoise(sde, f, y, eps) if denoise else y
+                out.append((y - target).double().square().flatten(1).sum(1).mean().item())
+            return out
+
+        if weights == "logsnr":
+            w = [1 / max(e, 1e-300) for e in errors(get_grid("logsnr", sde, steps, eps))]
+        else:
+            w = [1.0] * len(batches) if weights is None else [float(v) for v in weights]
+
         def loss(times: torch.Tensor) -> float:
-            err = 0.0
             if not (times.diff() < 0).all():  # positions closer than the bisection resolves
                 return float("inf")
             h = log_snr(sde, times).diff()
@@ -150,10 +170,7 @@ def optimise_grid(
                 (h[:-1] / h[1:]).abs().max()
             ) > max_step_ratio:
                 return float("inf")
-            for f, x, target in zip(scores_fns, batches, targets, strict=True):
-                y = sampler(sde, f, x.clone(), steps=steps, eps=eps, grid=times, **options)
-                y = _denoise(sde, f, y, eps) if denoise else y
-                err += (y - target).double().square().flatten(1).sum(1).mean().item()
+            err = sum(wi * e for wi, e in zip(w, errors(times), strict=True))
             return err if math.isfinite(err) else float("inf")
 
         ts, states = refs[0]
@@ -188,8 +205,52 @@ def optimise_grid(
                         else:
                             break
             delta /= 2
-    info = {"start": name, "mse_start": scores, "mse": best, "positions": u}
+    info = {"start": name, "mse_start": scores, "mse": best, "positions": u, "weights": w}
     return times_of(u), info
+
+
+# the samplers whose output is a deterministic map of x_T onto the probability-flow ODE's end,
+# the only ones a schedule can be fitted for (ddim with eta = 0, ode with a fixed-step method)
+FITTABLE = ("fast", "dpm_solver", "dpm_solver3", "unipc", "ipndm", "heun", "ddim", "ode")
+
+
+def fit_schedule(
+    sde: SDE,
+    score_fn: ScoreFn,
+    shape: tuple[int, ...],
+    sampler: str,
+    steps: int,
+    *,
+    eps: float = 1e-3,
+    denoise: bool = True,
+    options: dict | None = None,
+    batch: int | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Times (steps + 1,) fitted for the named sampler (with its options) to score_fn's own flow.
+
+    shape: one sample's shape (D,) or (C, H, W). The calibration batch is `batch` prior draws
+    (default 1000 points, 256 images) from a generator seeded with `seed`, so a fit is
+    reproducible and independent of the noise it is later used with. This is `grid="fit"` of
+    `samplers.sample` and `sampler.grid=fit` of run.py.
+    """
+    from . import api
+
+    options = {k: v for k, v in (options or {}).items() if k not in ("grid", "steps")}
+    if sampler not in FITTABLE:
+        raise ValueError(f"grid='fit' fits deterministic ODE solvers only ({', '.join(FITTABLE)})"
+                         f"; sampler {sampler!r} is stochastic")  # fmt: skip
+    if sampler == "ddim" and float(options.get("eta", 0.0)) != 0.0:
+        raise ValueError("grid='fit' needs ddim with eta=0 (deterministic)")
+    if sampler == "ode" and options.get("method", "dopri5") not in FIXED_METHODS:
+        methods = ", ".join(FIXED_METHODS)
+        raise ValueError(f"grid='fit' needs ode with a fixed-step method ({methods})")
+    n = batch or (1000 if len(shape) == 1 else 256)
+    x_T = sde.prior_sampling((n, *shape), generator=torch.Generator().manual_seed(seed))
+    x_T = x_T.to(device) if device is not None else x_T
+    return optimise_grid(sde, score_fn, x_T, api._lookup(sampler), steps, eps=eps,
+                         denoise=denoise, options=options)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -126,6 +126,37 @@ def draw(sde, model, dataset, cfg: dict, device, info: DistInfo, n: int, seed: i
     return out, nfe
 
 
+def fit_grid(cfg: dict, sde, model, dataset, info: DistInfo, out_dir: Path, guided: bool,
+             log) -> dict:  # fmt: skip
+    """sampler.grid=fit: the time steps fitted once (rank 0) to this model's own flow, written to
+    out_dir/schedule.json; returns cfg with sampler.grid set to that file."""
+    from samplers.grids import save_schedule
+    from samplers.optimise_grid import fit_schedule
+
+    c = cfg["sampler"]
+    if guided:
+        raise UserError("sampler.grid=fit fits an unguided model's flow; drop class_label / "
+                        "guidance, or fit without them and pass the file as sampler.grid")
+    path = out_dir / "schedule.json"
+    if info.is_main:
+        start = time.perf_counter()
+        try:
+            times, fit = fit_schedule(sde, model, tuple(dataset.shape), c["name"], int(c["steps"]),
+                                      eps=float(c["eps"]), denoise=bool(c["denoise"]),
+                                      options=sampler_call_options(c), device=info.device)
+        except ValueError as e:
+            raise UserError(f"sampler.grid=fit: {e}") from None
+        save_schedule(path, times, sde=repr(sde), solver=c["name"], eps=float(c["eps"]),
+                      denoise=bool(c["denoise"]), checkpoint=cfg.get("ckpt"), fit=fit)  # fmt: skip
+        fixed = ", ".join(f"{k} {v:.3g}" for k, v in fit["mse_start"].items()
+                          if k in samplers.GRIDS and math.isfinite(v))  # fmt: skip
+        log(f"fitted a {c['steps']}-step schedule for sampler={c['name']} to this model's flow "
+            f"in {time.perf_counter() - start:.0f} s (squared error to its reference flow "
+            f"{fit['mse']:.3g}; fixed grids: {fixed}); reuse it with sampler.grid={path}")
+    broadcast_object(None, info)  # the others wait for the file
+    return {**cfg, "sampler": {**c, "grid": str(path)}}
+
+
 def finite_rows(x: torch.Tensor) -> torch.Tensor:
     """(N,) bool: the samples with no NaN or inf value."""
     return torch.isfinite(x.flatten(1)).all(1)
@@ -148,6 +179,9 @@ def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
             validate_eval(cfg)
         model.to(info.device)
         guide, guided = make_guide(cfg, model, dataset, sde, info.device, quiet)
+        if c.get("grid") == "fit":
+            cfg = fit_grid(cfg, sde, model, dataset, info, out_dir, guide is not None, quiet)
+            c = cfg["sampler"]
         start = time.perf_counter()
         n, seed = int(c["n_samples"]), int(cfg["seed"])
         mine, nfe = draw(sde, model, dataset, cfg, info.device, info, n, seed, guide)

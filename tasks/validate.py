@@ -173,7 +173,20 @@ def validate_sampler(cfg: dict) -> None:
     for key in ("rtol", "atol"):
         if key in c:
             _num(cfg, f"{p}.{key}", lo=0, lo_open=True)
-    if "grid" in c and c["grid"] is not None:
+    if c.get("grid") == "fit":  # fitted to the model when sampling (tasks.sample.fit_grid)
+        from samplers.optimise_grid import FITTABLE
+
+        steps = c.get("steps") or samplers.sampler_options(name).get("steps")
+        if name not in FITTABLE or steps is None:
+            raise UserError(f"sampler.grid=fit is not allowed for sampler={name}"
+                            f"{'' if steps else ' without sampler.steps'}: it fits the steps of "
+                            f"a deterministic solver ({', '.join(FITTABLE)})")  # fmt: skip
+        if name == "ddim" and float(c.get("eta", 0)) != 0:
+            raise UserError("sampler.grid=fit needs sampler.eta=0 (deterministic DDIM)")
+        if name == "ode" and c.get("method") not in samplers.FIXED_METHODS:
+            raise UserError(f"sampler.grid=fit needs a fixed-step sampler.method "
+                            f"({', '.join(samplers.FIXED_METHODS)})")  # fmt: skip
+    elif "grid" in c and c["grid"] is not None:
         # a grid name or a .json schedule file (checked against steps, eps and T)
         steps = c.get("steps") or samplers.sampler_options(name).get("steps")
         if steps is None:  # adaptive ODE solvers: a grid only matters for a fixed step count

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from closed_form import exact_score, gmm8, make_sde, mixture5d
@@ -335,6 +336,38 @@ def test_optimised_grid_beats_fixed_grids_on_held_out_data_and_round_trips(tmp_p
     )
 
 
+def test_optimise_grid_weights_each_batch():
+    """weights: a zero weight drops a batch from the objective (the fit equals the one on the other
+    batch alone), "logsnr" divides each batch's error by its error on the logSNR grid, and a
+    wrong count is refused before any score evaluation."""
+    from samplers.optimise_grid import optimise_grid
+
+    sde, laws = make_sde("vp"), [gmm8(), mixture5d()]
+    fns = [exact_score(sde, law) for law in laws]
+    g = torch.Generator().manual_seed(0)
+    cal = [sde.prior_sampling((300, law.dim), generator=g).double() for law in laws]
+    fit = dict(sweeps=2, candidates=40)
+    alone, _ = optimise_grid(sde, fns[0], cal[0], samplers.sample_unipc, 5, **fit)
+    dropped, info = optimise_grid(sde, fns, cal, samplers.sample_unipc, 5, weights=[1.0, 0.0],
+                                  **fit)  # fmt: skip
+    torch.testing.assert_close(dropped, alone, rtol=0, atol=0)
+    assert info["weights"] == [1.0, 0.0]
+    _, info = optimise_grid(sde, fns, cal, samplers.sample_unipc, 5, weights="logsnr", **fit)
+    from samplers.optimise_grid import _denoise, reference
+
+    for f, x, w in zip(fns, cal, info["weights"], strict=True):
+        target = _denoise(sde, f, reference(sde, f, x, 1e-3, 40, 4)[1][-1], 1e-3)
+        y, _ = samplers.sample(sde, f, x.shape, "unipc", 5, x_T=x, grid="logsnr")
+        assert w == pytest.approx(1 / (y - target).square().sum(1).mean().item(), rel=1e-6)
+    # every fixed grid's objective is then a sum of ratios to logSNR's: logSNR's own is 2
+    assert info["mse_start"]["logsnr"] == pytest.approx(2.0, rel=1e-6)
+    calls = []
+    with pytest.raises(ValueError, match=r"weights must be 'logsnr' or one number per batch"):
+        optimise_grid(sde, lambda x, t: calls.append(1) or x, cal[0], samplers.sample_unipc, 5,
+                      weights=[1.0, 2.0])  # fmt: skip
+    assert not calls
+
+
 def test_optimise_grid_command_writes_a_usable_schedule(tmp_path, capsys):
     from samplers.optimise_grid import main
 
@@ -383,7 +416,15 @@ def test_shipped_schedules_have_no_near_empty_steps():
             assert ratio <= max_step_ratio(steps) * 1.001, (name, steps, ratio)
 
 
-def test_optimise_grid_fits_a_trained_checkpoint(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def trained_gmm8(tmp_path_factory):
+    """The training summary of a gmm8 MLP score model trained for 150 steps (VP)."""
+    summary, _ = run_mode(tmp_path_factory.mktemp("gmm8"), "t", "mode=train",
+                          "training.steps=150")  # fmt: skip
+    return summary
+
+
+def test_optimise_grid_fits_a_trained_checkpoint(tmp_path, capsys, trained_gmm8):
     """--checkpoint: the schedule is fitted to the trained model itself; on a held-out batch it is
     closer to that model's reference flow than every fixed grid, run.py samples with it, and a
     bad checkpoint is one line with exit code 2."""
@@ -391,7 +432,7 @@ def test_optimise_grid_fits_a_trained_checkpoint(tmp_path, capsys):
     from tasks.common import load_score_model
     from training import checkpoint as ckpt
 
-    summary, _ = run_mode(tmp_path, "t", "mode=train", "training.steps=150")
+    summary = trained_gmm8
     path = main(["--checkpoint", str(summary["checkpoint"]), "--solver", "unipc", "--nfe", "6",
                  "--batch", "300", "--out", str(tmp_path / "fit.json")])  # fmt: skip
     record = json.loads(path.read_text())
@@ -411,3 +452,46 @@ def test_optimise_grid_fits_a_trained_checkpoint(tmp_path, capsys):
         main(["--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x.json")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "none.pt" in err, err
+
+
+def test_fast_with_a_fitted_grid_leads_on_a_trained_model(tmp_path, trained_gmm8):
+    """sampler.grid=fit from run.py: the steps are fitted once to the trained model's own flow and
+    written to the run folder. On a held-out batch that schedule puts fast ahead of fast's shipped
+    one and of every fixed grid with UniPC, DPM-Solver++(2M) and iPNDM at the same 10 NFE (the
+    trained-model ordering of issue 10); the file reproduces the run's samples through
+    sampler.grid=<path>; a stochastic sampler is refused with one line."""
+    from tasks import UserError
+    from tasks.common import load_score_model
+    from training import checkpoint as ckpt
+
+    ck = str(trained_gmm8["checkpoint"])
+    run = ("mode=sample", f"ckpt={ck}", "sampler=fast", "sampler.steps=9", "sampler.n_samples=300")
+    m, out = run_mode(tmp_path, "fit", *run, "sampler.grid=fit")
+    path = out / "schedule.json"
+    record = json.loads(path.read_text())
+    assert m["nfe"] == 10 and record["solver"] == "fast" and record["steps"] == 9
+    m2, out2 = run_mode(tmp_path, "reuse", *run, f"sampler.grid={path}")
+    a, b = (np.load(o / "samples.npz")["samples"] for o in (out, out2))
+    np.testing.assert_array_equal(a, b)
+
+    saved = ckpt.config_of(ckpt.load(ck))
+    sde, _, model, _ = load_score_model({**saved, "ckpt": ck}, lambda *m: None)
+    held = sde.prior_sampling((1000, 2), generator=torch.Generator().manual_seed(5))
+    from samplers.optimise_grid import reference
+
+    with torch.no_grad():
+        target = samplers.tweedie_denoise(sde, model, reference(sde, model, held, 1e-3, 100,
+                                                                4)[1][-1], 1e-3)  # fmt: skip
+
+    def err(sampler, **options):
+        y, nfe = samplers.sample(sde, model, held.shape, sampler, 9, x_T=held, **options)
+        assert nfe == 10
+        return (y - target).square().sum(1).mean().item()
+
+    fitted = err("fast", grid=str(path))
+    others = {"fast/shipped": err("fast")}
+    others.update({f"{s}/{g}": err(s, grid=g) for s in ("unipc", "dpm_solver", "ipndm")
+                   for g in samplers.GRIDS})  # fmt: skip
+    assert fitted < min(others.values()), (fitted, others)
+    with pytest.raises(UserError, match=r"sampler.grid=fit is not allowed for sampler=pc"):
+        run_mode(tmp_path, "bad", "mode=sample", f"ckpt={ck}", "sampler=pc", "sampler.grid=fit")
