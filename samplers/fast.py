@@ -49,7 +49,6 @@ def sde_kind(sde: SDE) -> str:
 
 
 FITTED_STEPS = range(4, 25)  # schedules are shipped for these step counts (NFE 5..25)
-JOINT_STEPS = 12  # up to here the shipped schedules are also fitted to trained models (refit)
 
 
 def choose(sde: SDE, steps: int) -> tuple[str, dict, list[float] | None]:
@@ -139,6 +138,14 @@ def max_step_ratio(steps: int) -> float:
     return 3.0 if steps <= 12 else 6.0
 
 
+def trained_weight(steps: int) -> float:
+    """The weight of the trained model's (logSNR-normalised) error in the joint fit: 1 up to 12
+    steps, 0.2 above, where weight 1 cost the exact mixtures their 0.03 at 20 NFE (VP mix5d
+    -0.080) and 0.2 keeps them (0.001 / -0.020) with the digits flow error at 0.004 (exact-only
+    fit: 0.011)."""
+    return 1.0 if steps <= 12 else 0.2
+
+
 def refit(
     seed: int = 0,
     n: int = 1000,
@@ -151,14 +158,13 @@ def refit(
     others of SCHEDULE_FILE, as it reads when the fit ends) and write SCHEDULE_FILE.
 
     Each kind's objective is the error to the reference flow on the exact scores of gmm8 and
-    mix5d (n calibration points each) and, for steps up to JOINT_STEPS where images[kind] names a
-    checkpoint of that kind, on that trained model (n_images prior draws), each batch divided by
-    its error on the logSNR grid (optimise_grid's weights="logsnr"). A schedule fitted to the
-    closed-form laws alone does not transfer to trained models at few steps: at 10 NFE on the
-    trained digits U-Nets it was 2.5x (VP) to 50x (VE) further from the model's own flow than the
-    joint fit. Above JOINT_STEPS the exact-only fit stays: there every schedule is close to the
-    trained flows and the joint fit cost the exact laws their 0.03 at 20 NFE (README "Fast
-    sampling").
+    mix5d (n calibration points each) and, where images[kind] names a checkpoint of that kind,
+    on that trained model (n_images prior draws, weight `trained_weight(steps)`), each batch's
+    error divided by its error on the logSNR grid (optimise_grid's normalise=True). A schedule
+    fitted to the closed-form laws alone does not transfer to trained models: at 10 NFE on the
+    trained digits U-Nets it was 2.5x (VP) to 90x (VE) further from the model's own flow than the
+    joint fit, and at 20 NFE on an undertrained digits U-Net 10.5 against 0.06-0.14 for the
+    logSNR and EDM grids (README "Fast sampling").
     """
     from data.mixtures import gmm8, mixture5d
     from models.exact import MixtureScore
@@ -184,24 +190,32 @@ def refit(
         fns = [MixtureScore(sde, law) for law in laws]
         g = torch.Generator().manual_seed(seed)
         cal = [sde.prior_sampling((n, law.dim), generator=g).double() for law in laws]
-        joint = kind in trained and steps <= JOINT_STEPS
+        joint = kind in trained
         if joint:
             fns.append(trained[kind][1])
             cal.append(trained[kind][2])
         _, info = optimise_grid(sde, fns, cal, SOLVERS[solver], steps, options=options,
-                                max_step_ratio=max_step_ratio(steps),
-                                weights="logsnr" if joint else None)  # fmt: skip
+                                max_step_ratio=max_step_ratio(steps), normalise=joint,
+                                weights=[1.0, 1.0, trained_weight(steps)] if joint else None,
+                                )  # fmt: skip
         out[f"{kind}/{steps}"] = info["positions"]
         print(f"{kind} steps={steps} {solver} {options}: objective {info['mse']:.3g} "
               f"(start {info['start']})", flush=True)  # fmt: skip
-    record = {"fitted_on": f"exact scores of gmm8 + mix5d ({n} points each), for steps <= "
-              f"{JOINT_STEPS} also trained models {images} ({n_images} images) with each "
-              f"batch's error divided by its logSNR-grid error; eps=1e-3, denoise, seed {seed}, "
-              "neighbouring lambda-steps within a factor 3 (<= 12 steps) or 6",
-              "positions": {}}  # fmt: skip
+    record = {"fitted_on": f"exact scores of gmm8 + mix5d ({n} points each, calibration seed "
+              f"{seed}); the entries of with_trained_models also {n_images} prior draws of a "
+              "trained digits U-Net of the same kind (python run.py mode=train sde=<kind> "
+              "data=digits model=unet model.ch=16 training.steps=1000), weight "
+              "trained_weight(steps), each batch's error divided by its logSNR-grid error; "
+              "eps=1e-3, denoise, neighbouring lambda-steps within max_step_ratio(steps). "
+              "Refit: python -m samplers.fast --refit --images vp=CKPT --images subvp=CKPT "
+              "--images ve=CKPT [--steps 4-24] [--kinds vp,ve]", "positions": {}}  # fmt: skip
+    joint = {f"{k}/{steps}" for k in trained for steps in todo if (kinds is None or k in kinds)}
     if SCHEDULE_FILE.is_file():
-        record["positions"] = json.loads(SCHEDULE_FILE.read_text())["positions"]
+        old = json.loads(SCHEDULE_FILE.read_text())
+        record["positions"] = old["positions"]
+        joint |= set(old.get("with_trained_models", [])) - (set(out) - joint)
     record["positions"] = dict(sorted({**record["positions"], **out}.items(), key=_order))
+    record["with_trained_models"] = sorted(joint, key=lambda k: _order((k, [])))
     SCHEDULE_FILE.write_text(json.dumps(record, indent=1) + "\n")
     return out
 

@@ -120,16 +120,17 @@ def optimise_grid(
     sweeps: int = 4,
     options: dict | None = None,
     max_step_ratio: float = 3.0,
-    weights: list[float] | str | None = None,
+    weights: list[float] | None = None,
+    normalise: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """Times (steps + 1,) float64 from T to eps fitted for `sampler` on the batch x_T (B, *D).
 
     score_fn and x_T may be lists (one schedule for several models / laws: the objective is the
-    weighted sum, the DP grid is that of the first). weights: one per batch (default all 1), or
-    "logsnr" to divide each batch's error by its error on the logSNR grid, so that models of very
-    different scales (2-D points, 8x8 images) count by their relative improvement. Returns
-    (times, info) with info the (weighted) mean squared errors to the reference of the DP grid, of
-    each fixed grid and of the result. A reference costs
+    weighted sum, the DP grid is that of the first). weights: one per batch (default all 1);
+    normalise=True also divides each batch's error by its error on the logSNR grid, so that
+    models of very different scales (2-D points, 8x8 images) count by their relative
+    improvement. Returns (times, info) with info the (weighted) mean squared errors to the
+    reference of the DP grid, of each fixed grid and of the result. A reference costs
     candidates x substeps evaluations; each objective call `steps` (+ 1) evaluations per batch.
 
     Neighbouring steps in lambda may differ by at most `max_step_ratio`: with exact scores an
@@ -140,9 +141,8 @@ def optimise_grid(
     options = dict(options or {})
     scores_fns = score_fn if isinstance(score_fn, list) else [score_fn]
     batches = x_T if isinstance(x_T, list) else [x_T]
-    if weights is not None and weights != "logsnr" and (isinstance(weights, str)
-                                                        or len(weights) != len(batches)):
-        raise ValueError(f"weights must be 'logsnr' or one number per batch, got {weights!r}")
+    if weights is not None and len(weights) != len(batches):
+        raise ValueError(f"weights must be one number per batch ({len(batches)}), got {weights!r}")
     with torch.no_grad():
         refs = [reference(sde, f, x, eps, candidates, substeps) for f, x in zip(scores_fns,
                 batches, strict=True)]  # fmt: skip
@@ -157,10 +157,10 @@ def optimise_grid(
                 out.append((y - target).double().square().flatten(1).sum(1).mean().item())
             return out
 
-        if weights == "logsnr":
-            w = [1 / max(e, 1e-300) for e in errors(get_grid("logsnr", sde, steps, eps))]
-        else:
-            w = [1.0] * len(batches) if weights is None else [float(v) for v in weights]
+        w = [1.0] * len(batches) if weights is None else [float(v) for v in weights]
+        if normalise:
+            base = errors(get_grid("logsnr", sde, steps, eps))
+            w = [wi / max(e, 1e-300) for wi, e in zip(w, base, strict=True)]
 
         def loss(times: torch.Tensor) -> float:
             if not (times.diff() < 0).all():  # positions closer than the bisection resolves

@@ -338,8 +338,8 @@ def test_optimised_grid_beats_fixed_grids_on_held_out_data_and_round_trips(tmp_p
 
 def test_optimise_grid_weights_each_batch():
     """weights: a zero weight drops a batch from the objective (the fit equals the one on the other
-    batch alone), "logsnr" divides each batch's error by its error on the logSNR grid, and a
-    wrong count is refused before any score evaluation."""
+    batch alone), normalise=True divides each batch's weight by its error on the logSNR grid, and
+    a wrong count is refused before any score evaluation."""
     from samplers.optimise_grid import optimise_grid
 
     sde, laws = make_sde("vp"), [gmm8(), mixture5d()]
@@ -352,17 +352,18 @@ def test_optimise_grid_weights_each_batch():
                                   **fit)  # fmt: skip
     torch.testing.assert_close(dropped, alone, rtol=0, atol=0)
     assert info["weights"] == [1.0, 0.0]
-    _, info = optimise_grid(sde, fns, cal, samplers.sample_unipc, 5, weights="logsnr", **fit)
+    _, info = optimise_grid(sde, fns, cal, samplers.sample_unipc, 5, weights=[1.0, 0.5],
+                            normalise=True, **fit)  # fmt: skip
     from samplers.optimise_grid import _denoise, reference
 
-    for f, x, w in zip(fns, cal, info["weights"], strict=True):
+    for f, x, w, given in zip(fns, cal, info["weights"], (1.0, 0.5), strict=True):
         target = _denoise(sde, f, reference(sde, f, x, 1e-3, 40, 4)[1][-1], 1e-3)
         y, _ = samplers.sample(sde, f, x.shape, "unipc", 5, x_T=x, grid="logsnr")
-        assert w == pytest.approx(1 / (y - target).square().sum(1).mean().item(), rel=1e-6)
-    # every fixed grid's objective is then a sum of ratios to logSNR's: logSNR's own is 2
-    assert info["mse_start"]["logsnr"] == pytest.approx(2.0, rel=1e-6)
+        assert w == pytest.approx(given / (y - target).square().sum(1).mean().item(), rel=1e-6)
+    # every fixed grid's objective is then a weighted sum of ratios to logSNR's: 1 + 0.5 there
+    assert info["mse_start"]["logsnr"] == pytest.approx(1.5, rel=1e-9)
     calls = []
-    with pytest.raises(ValueError, match=r"weights must be 'logsnr' or one number per batch"):
+    with pytest.raises(ValueError, match=r"weights must be one number per batch \(1\)"):
         optimise_grid(sde, lambda x, t: calls.append(1) or x, cal[0], samplers.sample_unipc, 5,
                       weights=[1.0, 2.0])  # fmt: skip
     assert not calls
