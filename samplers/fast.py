@@ -4,11 +4,14 @@ The kind is read from the SDE's coefficients alone (no isinstance): alpha(T) = 1
 exploding ("ve"), alpha^2 + sigma^2 = 1 variance preserving ("vp"), any other decaying alpha
 "subvp". For each kind and every step count in FITTED_STEPS (4..24 steps: 5..25 NFE with the
 final denoising; the solver choices were measured at 9 and 19) fast uses a schedule fitted by
-`optimise_grid` to the exact scores of gmm8 and the 5-D mixture together (calibration seed 0,
-1000 points each), stored as positions in lambda between lambda(T) and lambda(eps), so it maps
-onto any eps and any SDE of that kind. Other step counts use the solver of the nearest measured
-count on the time-quadratic grid. README "Fast sampling" has the figures; refit with
-    python -m samplers.fast --refit
+`optimise_grid` to the exact scores of gmm8 and the 5-D mixture together and, for the entries
+listed under "with_trained_models" in the file, to a trained digits U-Net of that kind as well
+(see `refit`). The schedules are stored as positions in lambda between lambda(T) and
+lambda(eps), so they map onto any eps and any SDE of that kind. Other step counts use the solver
+of the nearest measured count on the time-quadratic grid. For a trained model, grid="fit"
+(sampler.grid=fit) fits the steps to that model instead. README "Fast sampling" has the
+figures; refit with
+    python -m samplers.fast --refit --images vp=CKPT --images subvp=CKPT --images ve=CKPT
 """
 
 from __future__ import annotations
