@@ -177,6 +177,10 @@ def validate_sampler(cfg: dict) -> None:
         from samplers.optimise_grid import FITTABLE
 
         steps = c.get("steps") or samplers.sampler_options(name).get("steps")
+        if c.get("task", "sample") != "sample":
+            raise UserError(f"sampler.grid=fit works with sampler.task=sample only, not "
+                            f"{c['task']}; fit with task=sample, then pass the schedule.json it "
+                            "writes as sampler.grid")  # fmt: skip
         if name not in FITTABLE or steps is None:
             raise UserError(f"sampler.grid=fit is not allowed for sampler={name}"
                             f"{'' if steps else ' without sampler.steps'}: it fits the steps of "

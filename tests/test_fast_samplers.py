@@ -461,7 +461,7 @@ def test_fast_with_a_fitted_grid_leads_on_a_trained_model(tmp_path, trained_gmm8
     written to the run folder. On a held-out batch that schedule puts fast ahead of fast's shipped
     one and of every fixed grid with UniPC, DPM-Solver++(2M) and iPNDM at the same 10 NFE (the
     trained-model ordering of issue 10); the file reproduces the run's samples through
-    sampler.grid=<path>; a stochastic sampler is refused with one line."""
+    sampler.grid=<path>; a stochastic sampler or another task is refused with one line."""
     from tasks import UserError
     from tasks.common import load_score_model
     from training import checkpoint as ckpt
@@ -497,3 +497,6 @@ def test_fast_with_a_fitted_grid_leads_on_a_trained_model(tmp_path, trained_gmm8
     assert fitted < min(others.values()), (fitted, others)
     with pytest.raises(UserError, match=r"sampler.grid=fit is not allowed for sampler=pc"):
         run_mode(tmp_path, "bad", "mode=sample", f"ckpt={ck}", "sampler=pc", "sampler.grid=fit")
+    with pytest.raises(UserError, match=r"sampler.grid=fit works with sampler.task=sample only"):
+        run_mode(tmp_path, "bad2", "mode=sample", "model=exact", "sampler=unipc",
+                 "sampler.grid=fit", "sampler.task=inpaint")  # fmt: skip
