@@ -133,12 +133,12 @@ def sample(
     if isinstance(options.get("grid"), str) and options["grid"] == "fit":
         from .optimise_grid import fit_schedule
 
-        steps_used = options.get("steps", sampler_options(sampler).get("steps"))
-        if steps_used is None:
-            raise ValueError("grid='fit' needs a fixed step count (steps)")
-        options["grid"], _ = fit_schedule(sde, score_fn, tuple(shape[1:]), sampler,
-                                          int(steps_used), eps=eps, denoise=denoise,
-                                          options=options, device=x.device)  # fmt: skip
+        n = options.get("steps", sampler_options(sampler).get("steps"))
+        try:
+            options["grid"], _ = fit_schedule(sde, score_fn, tuple(shape[1:]), sampler, n, eps=eps,
+                                              denoise=denoise, options=options, device=x.device)
+        except ValueError as e:
+            raise ValueError(f"grid='fit': {e}") from None
     counted = CountingScore(score_fn)
     with torch.no_grad():
         x = fn(sde, counted, x, eps=eps, generator=generator, progress=progress, **options)

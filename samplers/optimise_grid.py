@@ -214,6 +214,19 @@ def optimise_grid(
 FITTABLE = ("fast", "dpm_solver", "dpm_solver3", "unipc", "ipndm", "heun", "ddim", "ode")
 
 
+def check_fittable(sampler: str, options: dict, steps: int | None) -> None:
+    """Raise ValueError unless a schedule can be fitted for this sampler, options and steps."""
+    if sampler not in FITTABLE:
+        raise ValueError(f"it fits the steps of a deterministic solver ({', '.join(FITTABLE)}); "
+                         f"sampler {sampler!r} is not one")  # fmt: skip
+    if steps is None:
+        raise ValueError(f"it needs a fixed step count; set steps for sampler {sampler!r}")
+    if sampler == "ddim" and float(options.get("eta", 0.0)) != 0.0:
+        raise ValueError("it needs ddim with eta=0 (deterministic)")
+    if sampler == "ode" and options.get("method", "dopri5") not in FIXED_METHODS:
+        raise ValueError(f"it needs ode with a fixed-step method ({', '.join(FIXED_METHODS)})")
+
+
 def fit_schedule(
     sde: SDE,
     score_fn: ScoreFn,
@@ -238,14 +251,7 @@ def fit_schedule(
     from . import api
 
     options = {k: v for k, v in (options or {}).items() if k not in ("grid", "steps")}
-    if sampler not in FITTABLE:
-        raise ValueError(f"grid='fit' fits deterministic ODE solvers only ({', '.join(FITTABLE)})"
-                         f"; sampler {sampler!r} is stochastic")  # fmt: skip
-    if sampler == "ddim" and float(options.get("eta", 0.0)) != 0.0:
-        raise ValueError("grid='fit' needs ddim with eta=0 (deterministic)")
-    if sampler == "ode" and options.get("method", "dopri5") not in FIXED_METHODS:
-        methods = ", ".join(FIXED_METHODS)
-        raise ValueError(f"grid='fit' needs ode with a fixed-step method ({methods})")
+    check_fittable(sampler, options, steps)
     n = batch or (1000 if len(shape) == 1 else 256)
     x_T = sde.prior_sampling((n, *shape), generator=torch.Generator().manual_seed(seed))
     x_T = x_T.to(device) if device is not None else x_T

@@ -174,22 +174,16 @@ def validate_sampler(cfg: dict) -> None:
         if key in c:
             _num(cfg, f"{p}.{key}", lo=0, lo_open=True)
     if c.get("grid") == "fit":  # fitted to the model when sampling (tasks.sample.fit_grid)
-        from samplers.optimise_grid import FITTABLE
+        from samplers.optimise_grid import check_fittable
 
-        steps = c.get("steps") or samplers.sampler_options(name).get("steps")
         if c.get("task", "sample") != "sample":
             raise UserError(f"sampler.grid=fit works with sampler.task=sample only, not "
                             f"{c['task']}; fit with task=sample, then pass the schedule.json it "
                             "writes as sampler.grid")  # fmt: skip
-        if name not in FITTABLE or steps is None:
-            raise UserError(f"sampler.grid=fit is not allowed for sampler={name}"
-                            f"{'' if steps else ' without sampler.steps'}: it fits the steps of "
-                            f"a deterministic solver ({', '.join(FITTABLE)})")  # fmt: skip
-        if name == "ddim" and float(c.get("eta", 0)) != 0:
-            raise UserError("sampler.grid=fit needs sampler.eta=0 (deterministic DDIM)")
-        if name == "ode" and c.get("method") not in samplers.FIXED_METHODS:
-            raise UserError(f"sampler.grid=fit needs a fixed-step sampler.method "
-                            f"({', '.join(samplers.FIXED_METHODS)})")  # fmt: skip
+        try:
+            check_fittable(name, c, c.get("steps") or samplers.sampler_options(name).get("steps"))
+        except ValueError as e:
+            raise UserError(f"sampler.grid=fit is not allowed for sampler={name}: {e}") from None
     elif "grid" in c and c["grid"] is not None:
         # a grid name or a .json schedule file (checked against steps, eps and T)
         steps = c.get("steps") or samplers.sampler_options(name).get("steps")
