@@ -117,8 +117,9 @@ def schedule_times(sde: SDE, positions: list[float], eps: float) -> torch.Tensor
 _CACHE: dict[str, list[float]] | None = None
 
 
-def _order(item: tuple[str, list[float]]) -> tuple[int, int]:
-    kind, steps = item[0].split("/")
+def _order(key: str) -> tuple[int, int]:
+    """Sort key of a schedule entry "kind/steps"."""
+    kind, steps = key.split("/")
     return ("vp", "subvp", "ve").index(kind), int(steps)
 
 
@@ -189,7 +190,7 @@ def refit(
             raise ValueError(f"{path} has {sde!r}; the {kind} fit needs {sdes[kind]!r}")
         x = sde.prior_sampling((n_images, *shape), generator=torch.Generator().manual_seed(seed))
         trained[kind] = (sde, model, x)
-    out = {}
+    out, with_trained = {}, set()
     todo = FITTED_STEPS if steps_list is None else steps_list
     for kind, steps in ((k, n) for k in kinds or sdes for n in todo):
         sde = sdes[kind]
@@ -207,6 +208,8 @@ def refit(
                                 weights=[1.0, 1.0, trained_weight(kind, steps)] if joint else None,
                                 )  # fmt: skip
         out[f"{kind}/{steps}"] = info["positions"]
+        if joint:
+            with_trained.add(f"{kind}/{steps}")
         print(f"{kind} steps={steps} {solver} {options}: objective {info['mse']:.3g} "
               f"(start {info['start']})", flush=True)  # fmt: skip
     record = {"fitted_on": f"exact scores of gmm8 + mix5d ({n} points each, calibration seed "
@@ -217,14 +220,13 @@ def refit(
               "eps=1e-3, denoise, neighbouring lambda-steps within max_step_ratio(steps). "
               "Refit: python -m samplers.fast --refit --images vp=CKPT --images subvp=CKPT "
               "--images ve=CKPT [--steps 4-24] [--kinds vp,ve]", "positions": {}}  # fmt: skip
-    joint = {f"{k}/{steps}" for k in trained for steps in todo
-             if (kinds is None or k in kinds) and trained_weight(k, steps) > 0}  # fmt: skip
-    if SCHEDULE_FILE.is_file():
+    if SCHEDULE_FILE.is_file():  # keep the entries not refitted now
         old = json.loads(SCHEDULE_FILE.read_text())
         record["positions"] = old["positions"]
-        joint |= set(old.get("with_trained_models", [])) - (set(out) - joint)
-    record["positions"] = dict(sorted({**record["positions"], **out}.items(), key=_order))
-    record["with_trained_models"] = sorted(joint, key=lambda k: _order((k, [])))
+        with_trained |= set(old.get("with_trained_models", [])) - set(out)
+    merged = {**record["positions"], **out}
+    record["positions"] = {k: merged[k] for k in sorted(merged, key=_order)}
+    record["with_trained_models"] = sorted(with_trained, key=_order)
     SCHEDULE_FILE.write_text(json.dumps(record, indent=1) + "\n")
     return out
 
