@@ -240,13 +240,15 @@ def fit_schedule(
     batch: int | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Times (steps + 1,) fitted for the named sampler (with its options) to score_fn's own flow.
 
     shape: one sample's shape (D,) or (C, H, W). The calibration batch is `batch` prior draws
     (default 1000 points, 256 images) from a generator seeded with `seed`, so a fit is
-    reproducible and independent of the noise it is later used with. This is `grid="fit"` of
-    `samplers.sample` and `sampler.grid=fit` of run.py.
+    reproducible and independent of the noise it is later used with, on `device` in `dtype`
+    (default: the prior's). This is `grid="fit"` of `samplers.sample`, `sampler.grid=fit` of
+    run.py and the fit of the command line below.
     """
     from . import api
 
@@ -254,7 +256,7 @@ def fit_schedule(
     check_fittable(sampler, options, steps)
     n = batch or (1000 if len(shape) == 1 else 256)
     x_T = sde.prior_sampling((n, *shape), generator=torch.Generator().manual_seed(seed))
-    x_T = x_T.to(device) if device is not None else x_T
+    x_T = x_T.to(device=device, dtype=dtype or x_T.dtype)
     return optimise_grid(sde, score_fn, x_T, api._lookup(sampler), steps, eps=eps,
                          denoise=denoise, options=options)  # fmt: skip
 
@@ -292,17 +294,14 @@ def main(argv: list[str] | None = None) -> Path:
     if steps < 1:
         parser.error(f"--nfe {a.nfe} leaves no solver step")
     try:
-        fn = api._lookup(a.solver)
+        api._lookup(a.solver)
         if a.checkpoint is not None:
             sde, score_fn, shape, source = _from_checkpoint(a.checkpoint)
         else:
             sde, score_fn, shape, source = _exact(a.sde or "vp", a.data or "gmm8")
-        batch = a.batch or (1000 if len(shape) == 1 else 256)
-        g = torch.Generator().manual_seed(a.seed)
-        x_T = sde.prior_sampling((batch, *shape), generator=g)
-        x_T = x_T.double() if a.checkpoint is None else x_T
-        times, info = optimise_grid(sde, score_fn, x_T, fn, steps, eps=a.eps,
-                                    denoise=not a.no_denoise)  # fmt: skip
+        times, info = fit_schedule(sde, score_fn, shape, a.solver, steps, eps=a.eps,
+                                   denoise=not a.no_denoise, batch=a.batch, seed=a.seed,
+                                   dtype=torch.float64 if a.checkpoint is None else None)
         path = save_schedule(a.out, times, sde=repr(sde), **source, solver=a.solver, nfe=a.nfe,
                              eps=a.eps, denoise=not a.no_denoise, fit=info)  # fmt: skip
     except (ValueError, OSError, UserError, CheckpointError) as e:

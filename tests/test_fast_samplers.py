@@ -302,16 +302,19 @@ def test_fast_reads_the_sde_kind_from_its_coefficients():
 
 
 def held_out_mse(sde, score, held, steps):
-    """grid -> mean squared distance of UniPC's `steps`-step output from held (B, D) to the
-    400-step reference flow of the same score (both denoised)."""
+    """(grid, sampler) -> mean squared distance of the sampler's (default UniPC) `steps`-step
+    output from held (B, D) to the 400-step reference flow of the same score (both denoised);
+    grid=None takes the sampler's own default."""
     from samplers.optimise_grid import reference
 
     with torch.no_grad():
         _, states = reference(sde, score, held, 1e-3, 100, 4)
         target = samplers.tweedie_denoise(sde, score, states[-1], 1e-3)
 
-    def mse(grid):
-        y, _ = samplers.sample(sde, score, held.shape, "unipc", steps, x_T=held, grid=grid)
+    def mse(grid=None, sampler="unipc"):
+        options = {} if grid is None else {"grid": grid}
+        y, nfe = samplers.sample(sde, score, held.shape, sampler, steps, x_T=held, **options)
+        assert nfe == steps + 1
         return (y - target).square().sum(1).mean().item()
 
     return mse
@@ -480,20 +483,10 @@ def test_fast_with_a_fitted_grid_leads_on_a_trained_model(tmp_path, trained_gmm8
     saved = ckpt.config_of(ckpt.load(ck))
     sde, _, model, _ = load_score_model({**saved, "ckpt": ck}, lambda *m: None)
     held = sde.prior_sampling((1000, 2), generator=torch.Generator().manual_seed(5))
-    from samplers.optimise_grid import reference
-
-    with torch.no_grad():
-        target = samplers.tweedie_denoise(sde, model, reference(sde, model, held, 1e-3, 100,
-                                                                4)[1][-1], 1e-3)  # fmt: skip
-
-    def err(sampler, **options):
-        y, nfe = samplers.sample(sde, model, held.shape, sampler, 9, x_T=held, **options)
-        assert nfe == 10
-        return (y - target).square().sum(1).mean().item()
-
-    fitted = err("fast", grid=str(path))
-    others = {"fast/shipped": err("fast")}
-    others.update({f"{s}/{g}": err(s, grid=g) for s in ("unipc", "dpm_solver", "ipndm")
+    err = held_out_mse(sde, model, held, 9)
+    fitted = err(str(path), "fast")
+    others = {"fast/shipped": err(None, "fast")}
+    others.update({f"{s}/{g}": err(g, s) for s in ("unipc", "dpm_solver", "ipndm")
                    for g in samplers.GRIDS})  # fmt: skip
     assert fitted < min(others.values()), (fitted, others)
     with pytest.raises(UserError, match=r"sampler.grid=fit is not allowed for sampler=pc"):
