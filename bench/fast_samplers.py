@@ -101,7 +101,7 @@ DISCRETE_VP = dict(num_train_timesteps=1000, beta_start=0.1 / 1000, beta_end=20 
 SIDE_BY_SIDE = (("fast", "auto"), ("dpm++2m", "uniform"), ("dpm++2m", "logsnr"),
                 ("dpm++2m", "edm"), ("unipc3", "logsnr"))  # fmt: skip
 DIGITS_SOLVERS = ("unipc", "dpm_solver3", "ipndm", "dpm_solver", "ddim", "heun")
-DIGITS_GRIDS = ("logsnr", "quadratic", "edm")
+DIGITS_GRIDS = ("logsnr", "quadratic", "edm", "uniform")
 
 
 def steps_for(sampler: str, nfe: int) -> int | None:
@@ -125,6 +125,8 @@ def main() -> None:
     p.add_argument("--outputs-root", default="outputs", help="--digits: runs and caches")
     p.add_argument("--digits-steps", type=int, default=1000)
     p.add_argument("--digits-ch", type=int, default=16)
+    p.add_argument("--digits-sde", choices=("vp", "subvp", "ve"), default="vp",
+                   help="--digits: the SDE of the trained model")
     p.add_argument("--digits-n", type=int, default=300, help="--digits: samples per set")
     p.add_argument("--digits-nfe", default="10,20")
     a = p.parse_args()
@@ -317,12 +319,13 @@ def peer_tables(a, nfes: list[int], diffusers) -> None:
 
 
 def digits_config(a) -> dict:
-    """The run config of python run.py sde=vp mode=train data=digits, smaller, as a plain dict."""
+    """The run config of python run.py sde=<--digits-sde> mode=train data=digits, smaller, as a
+    plain dict."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    overrides = ["mode=train", "sde=vp", "data=digits", "model=unet",
+    overrides = ["mode=train", f"sde={a.digits_sde}", "data=digits", "model=unet",
                  f"model.ch={a.digits_ch}", f"training.steps={a.digits_steps}",
                  f"outputs_root={a.outputs_root}", "logger.mode=disabled", "progress=false",
                  "device=cpu"]  # fmt: skip
@@ -441,7 +444,8 @@ def digits_table(a) -> None:
     # fast/fit: grid="fit", the steps fitted to this model's flow first (256 calibration draws,
     # seed 0, not the samples scored; the fit's own evaluations are not in the NFE)
     rows = [("fast", "auto"), ("fast", "fit")] + [(s, g) for s in DIGITS_SOLVERS
-                                                  for g in DIGITS_GRIDS]  # fmt: skip
+                                                  for g in DIGITS_GRIDS
+                                                  if not (s == "ddim" and a.digits_sde == "ve")]
     table, flow = {}, {}
     for sampler, grid in rows:
         cells = []
