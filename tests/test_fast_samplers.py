@@ -247,9 +247,8 @@ def gap(sde_name, law_name, sampler, steps, seed=7, n=4000, **options):
 
 # |gap| measured with n = 4000 at seed 7 (README "Fast sampling"); the sampling noise of the
 # mean alone is about 0.016 (gmm8) / 0.025 (mix5d), so the bounds are the goal where it is met.
-# sub-VP is measured at n = 20 000 (noise 0.007 / 0.011): at n = 4000 it reads -0.046 (gmm8) and
-# 0.034 (mix5d) at seed 7, within 2 sigma of its value; at n = 20 000, seeds 7..11: gmm8 -0.021,
-# -0.037, -0.025, -0.016, -0.021 (mean -0.024), mix5d 0.023, 0.025, 0.023, 0.024, 0.033 (0.026).
+# sub-VP is measured at n = 20 000 (noise 0.007 / 0.011): with its gap-constrained 19-step
+# schedule 0.017 / 0.001 (gmm8, seeds 7 / 8) and -0.001 / 0.002 (mix5d) at n = 20 000.
 FAST_20 = [
     ("vp", "gmm8", 4000), ("vp", "mix5d", 4000), ("ve", "gmm8", 4000), ("ve", "mix5d", 4000),
     ("subvp", "mix5d", 20_000), ("subvp", "gmm8", 20_000),
