@@ -27,7 +27,7 @@ import torch
 
 from sde_lib import SDE, ScoreFn
 
-from .grids import get_grid, log_snr, t_from_log_snr
+from .grids import get_grid, lambda_positions, schedule_times
 from .ipndm import sample_ipndm
 from .unipc import sample_unipc
 
@@ -117,15 +117,6 @@ def sample_fast(
     grid = get_grid(grid, sde, steps, eps)
     return SOLVERS[name](sde, score_fn, x, steps=steps, eps=eps, grid=grid, progress=progress,
                          **options)  # fmt: skip
-
-
-def schedule_times(sde: SDE, positions: list[float], eps: float) -> torch.Tensor:
-    """Times (N + 1,) from positions u in [0, 1] of lambda between lambda(T) and lambda(eps)."""
-    ends = log_snr(sde, torch.tensor([sde.T, eps], dtype=torch.float64)).tolist()
-    lam = torch.tensor(positions, dtype=torch.float64) * (ends[1] - ends[0]) + ends[0]
-    t = t_from_log_snr(sde, lam, sde.T, eps)
-    t[0], t[-1] = sde.T, eps
-    return t
 
 
 _CACHE: dict[str, list[float]] | None = None
@@ -242,7 +233,7 @@ def gap_constrained_fit(
                     for (f, x), y in zip(objective, targets, strict=True)]  # fmt: skip
             return gaps, errs
 
-        base = parts(_positions(sde, get_grid("logsnr", sde, steps, eps), eps))[1]
+        base = parts(lambda_positions(sde, get_grid("logsnr", sde, steps, eps), eps))[1]
         bound = max_step_ratio(steps)
 
         def u_of(z) -> list[float]:
@@ -261,7 +252,7 @@ def gap_constrained_fit(
 
         best = None
         for name in ["given", *(starts or ())]:
-            u0 = list(positions) if name == "given" else _within_ratio(_positions(
+            u0 = list(positions) if name == "given" else _within_ratio(lambda_positions(
                 sde, get_grid(name, sde, steps, eps), eps), bound)  # fmt: skip
             z = np.log(np.diff(np.asarray(u0, dtype=np.float64)))
             for penalty in penalties:
@@ -298,13 +289,6 @@ def _within_ratio(u: list[float], bound: float) -> list[float]:
             break
     h = [math.exp(v) for v in z]
     return [0.0, *(sum(h[: i + 1]) / sum(h) for i in range(len(h) - 1)), 1.0]
-
-
-def _positions(sde: SDE, times: torch.Tensor, eps: float) -> list[float]:
-    """Inverse of `schedule_times`: positions in [0, 1] of lambda between lambda(T) and
-    lambda(eps)."""
-    ends = log_snr(sde, torch.tensor([sde.T, eps], dtype=torch.float64)).tolist()
-    return ((log_snr(sde, times.double()) - ends[0]) / (ends[1] - ends[0])).tolist()
 
 
 def refit(

@@ -210,3 +210,19 @@ def _check(steps: int, T: float, eps: float) -> None:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if not 0 < eps < T:
         raise ValueError(f"eps must lie in (0, T) = (0, {T}), got {eps!r}")
+
+
+def schedule_times(sde: SDE, positions: list[float], eps: float) -> torch.Tensor:
+    """Times (N + 1,) from positions u in [0, 1] of lambda between lambda(T) and lambda(eps)."""
+    ends = log_snr(sde, torch.tensor([sde.T, eps], dtype=torch.float64)).tolist()
+    lam = torch.tensor(positions, dtype=torch.float64) * (ends[1] - ends[0]) + ends[0]
+    t = t_from_log_snr(sde, lam, sde.T, eps)
+    t[0], t[-1] = sde.T, eps
+    return t
+
+
+def lambda_positions(sde: SDE, times: torch.Tensor, eps: float) -> list[float]:
+    """Inverse of `schedule_times`: the positions in [0, 1] of lambda(times) between lambda(T)
+    and lambda(eps)."""
+    ends = log_snr(sde, torch.tensor([sde.T, eps], dtype=torch.float64)).tolist()
+    return ((log_snr(sde, times.double()) - ends[0]) / (ends[1] - ends[0])).tolist()

@@ -36,10 +36,11 @@ from .grids import (
     GRIDS,
     get_grid,
     intervals,
+    lambda_positions,
     log_snr,
     logsnr_grid,
     save_schedule,
-    t_from_log_snr,
+    schedule_times,
 )
 from .ode import FIXED_METHODS
 
@@ -178,15 +179,10 @@ def optimise_grid(
         starts.update({g: get_grid(g, sde, steps, eps) for g in GRIDS})
         scores = {k: loss(v) for k, v in starts.items()}
         name = min(scores, key=scores.get)
-        ends = log_snr(sde, torch.tensor([sde.T, eps], dtype=torch.float64)).tolist()
-        span = ends[1] - ends[0]
-        u = ((log_snr(sde, starts[name]) - ends[0]) / span).tolist()
+        u = lambda_positions(sde, starts[name], eps)
 
         def times_of(u: list[float]) -> torch.Tensor:
-            lam = torch.tensor(u, dtype=torch.float64) * span + ends[0]
-            t = t_from_log_snr(sde, lam, sde.T, eps)
-            t[0], t[-1] = sde.T, eps
-            return t
+            return schedule_times(sde, u, eps)
 
         best = scores[name]
         delta = 0.5

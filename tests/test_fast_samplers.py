@@ -372,13 +372,14 @@ def test_gap_constrained_fit_brings_the_paired_gaps_within_tol():
     brings both laws' paired log-density gaps within tol (plus the penalty's slack), reports
     gaps that an independent run reproduces, keeps the step-ratio bound, and the objective's
     error is the one it reports."""
-    from samplers.fast import _positions, choose, gap_constrained_fit, schedule_times
+    from samplers.fast import choose, gap_constrained_fit
+    from samplers.grids import lambda_positions, schedule_times
     from samplers.optimise_grid import _denoise, reference
 
     sde, laws = make_sde("vp"), [gmm8(), mixture5d()]
     g = torch.Generator().manual_seed(3)
     xs = [sde.prior_sampling((1000, law.dim), generator=g).double() for law in laws]
-    start = _positions(sde, samplers.grids.get_grid("logsnr", sde, 9, 1e-3), 1e-3)
+    start = lambda_positions(sde, samplers.grids.get_grid("logsnr", sde, 9, 1e-3), 1e-3)
     objective = [(exact_score(sde, laws[0]), xs[0][:300])]
     u, info = gap_constrained_fit(sde, 9, start, laws, xs, objective, tol=0.03,
                                   penalties=(1e3,), evals=250)  # fmt: skip
