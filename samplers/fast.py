@@ -251,7 +251,7 @@ def gap_constrained_fit(
             return value if math.isfinite(value) else 1e9
 
         best = None
-        for name in ["given", *(starts or ())]:
+        for name in ["given", *starts]:
             u0 = list(positions) if name == "given" else _within_ratio(lambda_positions(
                 sde, get_grid(name, sde, steps, eps), eps), bound)  # fmt: skip
             z = np.log(np.diff(np.asarray(u0, dtype=np.float64)))
