@@ -6,7 +6,9 @@ A sampler is a plain function with one shared signature,
 
 registered by name in SAMPLERS. Its own keyword options and defaults are read from its signature, so
 adding a sampler is one file plus one line here. `sample` draws x_T from the prior, runs the sampler
-to t = eps, optionally denoises with Tweedie's formula and counts score evaluations (NFE).
+to t = eps, optionally denoises with Tweedie's formula and counts score evaluations (NFE). A
+sampler that takes a `denoise` keyword as well is handed that flag and spends the final evaluation
+itself (sampler=fast, whose measured final-step policy may be one more solver step).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 # name -> check(sde) returning None when the sampler applies, else what it needs
 REQUIREMENTS: dict[str, Callable[[SDE], str | None]] = {"ddim": decaying_alpha}
 
-_SHARED = ("steps", "eps", "generator", "progress")
+_SHARED = ("steps", "eps", "generator", "progress", "denoise")
 
 
 class CountingScore:
@@ -140,9 +142,14 @@ def sample(
         except ValueError as e:
             raise ValueError(f"grid='fit': {e}") from None
     counted = CountingScore(score_fn)
+    # a sampler with a `denoise` keyword spends the final evaluation itself (sampler=fast may
+    # spend it on one more solver step instead of Tweedie's formula); NFE is the same
+    own_final = "denoise" in inspect.signature(fn).parameters
+    if own_final:
+        options["denoise"] = denoise
     with torch.no_grad():
         x = fn(sde, counted, x, eps=eps, generator=generator, progress=progress, **options)
-        if denoise:
+        if denoise and not own_final:
             x = tweedie_denoise(sde, counted, x, eps)
     return x, counted.nfe
 

@@ -7,10 +7,12 @@ final denoising; the solver choices were measured at 9 and 19) fast uses a sched
 `optimise_grid` to the exact scores of gmm8 and the 5-D mixture together and, for the entries
 listed under "with_trained_models" in the file, to a trained digits U-Net of that kind as well
 (see `refit`); the 9-step (10-NFE) schedules, and sub-VP's and VE's 19-step ones, are then
-polished by `gap_constrained_fit` (GAP_CONSTRAINED), which
-holds the mixtures' mean exact log-density within GAP_TOL of their reference flow's while it
-minimises the trained model's error. The schedules are stored as positions in lambda between
-lambda(T) and lambda(eps), so they map onto any eps and any SDE of that kind. Other step counts
+polished by `gap_constrained_fit` (GAP_CONSTRAINED), which holds the mixtures' mean exact
+log-density within GAP_TOL of their reference flow's while it minimises the trained model's
+error. Where FINAL_STEP names an entry (sub-VP at 9 steps), the final evaluation, elsewhere
+Tweedie's denoising, is one more solver step on its own gap-constrained schedule
+(`final_step_fit`). The schedules are stored as positions in lambda between lambda(T) and
+lambda(eps), so they map onto any eps and any SDE of that kind. Other step counts
 use the solver of the nearest measured count on the time-quadratic grid. For a trained model,
 grid="fit" (sampler.grid=fit) fits the steps to that model instead. README "Fast sampling" has the
 figures; refit with
@@ -51,6 +53,22 @@ GAP_CONSTRAINED_SOLVER: dict[tuple[str, int], tuple[str, dict]] = {
 }
 
 
+# (kind, steps) -> (solver, options) of the entries whose final evaluation is one more solver step
+# to eps instead of Tweedie's denoising (with denoise=True; the schedule, under "final_step" in
+# SCHEDULE_FILE, has steps + 1 steps). Sub-VP's sigma(eps) is 1e-4 (VP's and VE's 1e-2), so the
+# denoising moves a sample by about 1e-4 and its evaluation is better spent: on the sub-VP digits
+# U-Net at 10 NFE, iPNDM on the uniform-t grid is 0.167 from the model's flow with 10 steps
+# against 0.253 with 9 and the denoising (256 held-out draws). Fitted by `final_step_fit` for
+# iPNDM of order 2, 3 and 4 with and without lower-order final steps, order 3 without them came
+# first: 0.044 (order 2: 0.097 / 0.139 with them; order 4 with them 0.75).
+FINAL_STEP: dict[tuple[str, int], tuple[str, dict]] = {
+    ("subvp", 9): ("ipndm", dict(order=3, lower_order_final=False)),
+}
+# the step-ratio bound of those schedules (max_step_ratio's 3 cost the digits model 0.06 there:
+# the trained model is in their objective, and it rejects near-empty steps itself)
+FINAL_STEP_RATIO = 6.0
+
+
 def sde_kind(sde: SDE) -> str:
     """'ve', 'vp' or 'subvp' from alpha(t) and sigma(t) at a few times (see module docstring)."""
     t = torch.tensor([0.25, 0.5, sde.T], dtype=torch.float64) * sde.T
@@ -84,6 +102,17 @@ def choose(sde: SDE, steps: int) -> tuple[str, dict, list[float] | None]:
     return solver, dict(options), positions
 
 
+def final_step_entry(sde: SDE, steps: int) -> tuple[str, dict, list[float]] | None:
+    """(solver, options, positions of steps + 1 steps) where fast spends its final evaluation on
+    one more solver step (FINAL_STEP and a shipped schedule for it), else None."""
+    kind = sde_kind(sde)
+    positions = _record().get("final_step", {}).get(f"{kind}/{steps}")
+    if (kind, steps) not in FINAL_STEP or positions is None:
+        return None
+    solver, options = FINAL_STEP[(kind, steps)]
+    return solver, dict(options), positions
+
+
 def sample_fast(
     sde: SDE,
     score_fn: ScoreFn,
@@ -93,33 +122,44 @@ def sample_fast(
     eps: float = 1e-3,
     solver: str = "auto",
     grid: str | None = None,
+    denoise: bool = False,
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """The fast default: x_T (B, *D) -> x_eps (B, *D) in `steps` score evaluations.
+    """The fast default: x_T (B, *D) -> x_0 (B, *D) in steps (+ 1 with denoise) evaluations.
 
-    With the final denoising of `sample`, NFE = steps + 1: steps=9 is the 10-NFE setting and the
-    default 19 the 20-NFE one. solver="auto" takes the measured choice of `choose`; "unipc" or
-    "ipndm" force that solver (with the same grid). grid=None takes the fitted schedule (else the
-    time-quadratic grid); any other value is a grid as for every sampler (a name of GRIDS or a
-    .json schedule). `generator` is unused (deterministic).
+    `sample` passes its denoise flag (True by default), so NFE = steps + 1 there: steps=9 is the
+    10-NFE setting and the default 19 the 20-NFE one. With denoise, the final evaluation is
+    Tweedie's denoising at eps or, for the entries of FINAL_STEP, one more solver step on their
+    (steps + 1)-step schedule (the measured final-step policy). solver="auto" takes the measured
+    choice of `choose`; "unipc" or "ipndm" force that solver (with the same grid). grid=None
+    takes the fitted schedule (else the time-quadratic grid); any other value is a grid as for
+    every sampler (a name of GRIDS or a .json schedule) and then the final evaluation is always
+    the denoising. `generator` is unused (deterministic).
     """
+    from .api import tweedie_denoise
+
     allowed = ("auto", *SOLVERS)
     if solver not in allowed:
         raise ValueError(f"unknown solver {solver!r} for sampler 'fast'; allowed: "
                          f"{', '.join(allowed)}")  # fmt: skip
     name, options, positions = choose(sde, steps)
+    final = final_step_entry(sde, steps) if denoise and grid is None else None
+    n = steps
+    if final is not None:
+        (name, options, positions), n = final, steps + 1
     if solver != "auto":
         name = solver
         options = {}
     if grid is None:
         grid = "quadratic" if positions is None else schedule_times(sde, positions, eps)
-    grid = get_grid(grid, sde, steps, eps)
-    return SOLVERS[name](sde, score_fn, x, steps=steps, eps=eps, grid=grid, progress=progress,
-                         **options)  # fmt: skip
+    grid = get_grid(grid, sde, n, eps)
+    x = SOLVERS[name](sde, score_fn, x, steps=n, eps=eps, grid=grid, progress=progress,
+                      **options)  # fmt: skip
+    return tweedie_denoise(sde, score_fn, x, eps) if denoise and final is None else x
 
 
-_CACHE: dict[str, list[float]] | None = None
+_CACHE: dict | None = None
 
 
 def _order(key: str) -> tuple[int, int]:
@@ -128,12 +168,16 @@ def _order(key: str) -> tuple[int, int]:
     return ("vp", "subvp", "ve").index(kind), int(steps)
 
 
-def _schedules() -> dict[str, list[float]]:
+def _record() -> dict:
+    """SCHEDULE_FILE's contents ({} without the file), read once."""
     global _CACHE
     if _CACHE is None:
-        _CACHE = json.loads(SCHEDULE_FILE.read_text())["positions"] if SCHEDULE_FILE.is_file() \
-            else {}  # fmt: skip
+        _CACHE = json.loads(SCHEDULE_FILE.read_text()) if SCHEDULE_FILE.is_file() else {}
     return _CACHE
+
+
+def _schedules() -> dict[str, list[float]]:
+    return _record().get("positions", {})
 
 
 def max_step_ratio(steps: int) -> float:
@@ -175,93 +219,122 @@ GAP_TOL = 0.01
 def gap_constrained_fit(
     sde: SDE,
     steps: int,
-    positions: list[float],
+    positions: list[float] | None,
     laws: list,
     x_laws: list[torch.Tensor],
     objective: list[tuple[ScoreFn, torch.Tensor]],
     *,
     tol: float = GAP_TOL,
     eps: float = 1e-3,
-    penalties: tuple[float, ...] = (1e2, 1e3, 1e4, 1e5),
-    evals: int = 400,
+    evals: int = 600,
     starts: tuple[str, ...] = (),
+    hops: int = 0,
+    final_step: bool = False,
 ) -> tuple[list[float], dict]:
-    """Polish schedule positions so that the exact mixtures' log-density gaps stay within tol.
+    """Fit schedule positions to `objective` with the exact mixtures' log-density gaps within tol.
 
     The squared distance to the reference flow, which `optimise_grid` minimises, barely sees a
     small systematic change of each component's spread, and the mean log-density is first-order
     sensitive to it: a 3.5 % spread error on gmm8 is a gap of 0.07 at a squared error of 2e-4.
     Here the objective is the (logSNR-normalised) squared error of the `objective` batches
-    (score, prior draws), e.g. a trained model's, plus penalty * sum over the laws of
-    max(0, |gap| - tol)^2, where gap is the mean exact log-density of fast's denoised output from
-    x_laws minus that of the reference flow from the same draws (paired, so without the sampling
-    noise of a comparison with fresh data). Nelder-Mead over the log lambda-increments, from
-    `positions` and from each fixed grid named in `starts` (blended towards uniform lambda steps
-    until it meets the step-ratio bound: `_within_ratio`), once per penalty in increasing order,
-    `evals` evaluations each; schedules that break max_step_ratio(steps) are rejected, and the
-    start with the lowest final objective wins. Returns (positions, info with the gaps, errors
-    and the winning start).
+    (score, prior draws), e.g. a trained model's, under the constraints |gap| <= tol for each law,
+    where gap is the mean exact log-density of fast's denoised output from x_laws minus that of
+    the reference flow from the same draws (paired, so without the sampling noise of a comparison
+    with fresh data), and neighbouring lambda-steps within max_step_ratio(steps) (linear
+    constraints on the log-steps). Solved by COBYQA (Powell's derivative-free trust-region SQP,
+    scipy's "COBYQA"), `evals` evaluations from `positions` (if given) and from each fixed grid
+    named in `starts` (blended towards uniform lambda steps until it meets the step-ratio bound:
+    `_within_ratio`), then `hops` times from the best end with its log-steps perturbed by
+    N(0, 0.3^2) (seeded; the objective has many local minima); the best end within the bounds
+    wins (Nelder-Mead on a penalised objective, used before, stalled far from it: 0.62 on sub-VP's
+    digits model where COBYQA reaches 0.14, and 0.041 with five hops). final_step=True
+    fits the FINAL_STEP entry instead: its solver, steps + 1 steps and no denoising, step ratios
+    within FINAL_STEP_RATIO. Returns (positions, info with the gaps, errors and the winning start).
     """
     import numpy as np
-    from scipy.optimize import minimize
+    from scipy.optimize import LinearConstraint, NonlinearConstraint, minimize
 
     from models.exact import MixtureScore
 
     from .optimise_grid import _denoise, reference
 
-    solver, options, _ = choose(sde, steps)
+    if final_step:
+        solver, options = FINAL_STEP[(sde_kind(sde), steps)]
+        n, bound = steps + 1, FINAL_STEP_RATIO
+    else:
+        solver, options, _ = choose(sde, steps)
+        n, bound = steps, max_step_ratio(steps)
     sampler = SOLVERS[solver]
 
     def run(score_fn, x, times):
-        return _denoise(sde, score_fn, sampler(sde, score_fn, x.clone(), steps=steps, eps=eps,
-                                               grid=times, **options), eps)  # fmt: skip
+        y = sampler(sde, score_fn, x.clone(), steps=n, eps=eps, grid=times, **options)
+        return y if final_step else _denoise(sde, score_fn, y, eps)
 
     def flow(score_fn, x):
         return _denoise(sde, score_fn, reference(sde, score_fn, x, eps, 100, 4)[1][-1], eps)
+
+    def u_of(z) -> list[float]:  # z: the log-steps after the first, relative to it
+        z = np.concatenate([[0.0], z])
+        inc = np.exp(z - z.max())
+        return [0.0, *np.cumsum(inc / inc.sum())[:-1].tolist(), 1.0]
+
+    def z_of(u: list[float]):
+        z = np.log(np.diff(np.asarray(u, dtype=np.float64)))
+        return z[1:] - z[0]
 
     with torch.no_grad():
         fns = [MixtureScore(sde, law) for law in laws]
         ref_logp = [law.log_prob(flow(f, x).double()).mean().item()
                     for law, f, x in zip(laws, fns, x_laws, strict=True)]  # fmt: skip
         targets = [flow(f, x) for f, x in objective]
+        cache: dict[tuple, tuple[list[float], list[float]]] = {}
 
         def parts(u: list[float]) -> tuple[list[float], list[float]]:
-            times = schedule_times(sde, u, eps)
-            gaps = [law.log_prob(run(f, x, times).double()).mean().item() - r
-                    for law, f, x, r in zip(laws, fns, x_laws, ref_logp, strict=True)]  # fmt: skip
-            errs = [(run(f, x, times) - y).double().square().flatten(1).sum(1).mean().item()
-                    for (f, x), y in zip(objective, targets, strict=True)]  # fmt: skip
-            return gaps, errs
+            key = tuple(u)
+            if key not in cache:
+                times = schedule_times(sde, u, eps)
+                gaps = [law.log_prob(run(f, x, times).double()).mean().item() - r
+                        for law, f, x, r in zip(laws, fns, x_laws, ref_logp, strict=True)]
+                errs = [(run(f, x, times) - y).double().square().flatten(1).sum(1).mean().item()
+                        for (f, x), y in zip(objective, targets, strict=True)]  # fmt: skip
+                if not all(math.isfinite(v) for v in (*gaps, *errs)):  # a diverged schedule
+                    gaps, errs = [1e3] * len(gaps), [1e30] * len(errs)
+                cache[key] = gaps, errs
+            return cache[key]
 
-        base = parts(lambda_positions(sde, get_grid("logsnr", sde, steps, eps), eps))[1]
-        bound = max_step_ratio(steps)
+        base = parts(lambda_positions(sde, get_grid("logsnr", sde, n, eps), eps))[1]
 
-        def u_of(z) -> list[float]:
-            inc = np.exp(z - z.max())
-            return [0.0, *np.cumsum(inc / inc.sum())[:-1].tolist(), 1.0]
+        def value(z) -> float:
+            return sum(e / b for e, b in zip(parts(u_of(z))[1], base, strict=True))
 
-        def loss(z, penalty: float) -> float:
-            u = u_of(z)
-            h = np.diff(u)
-            if max((h[1:] / h[:-1]).max(), (h[:-1] / h[1:]).max()) > bound:
-                return 1e9
-            gaps, errs = parts(u)
-            value = sum(e / b for e, b in zip(errs, base, strict=True)) + penalty * sum(
-                max(0.0, abs(g) - tol) ** 2 for g in gaps)  # fmt: skip
-            return value if math.isfinite(value) else 1e9
+        def slack(z):  # >= 0 where every |gap| <= tol
+            gaps = np.asarray(parts(u_of(z))[0])
+            return np.concatenate([tol - gaps, tol + gaps])
+
+        steps_diff = np.eye(n - 1) - np.eye(n - 1, k=-1)  # z_i - z_{i-1}, with z_0 = 0
+        limit = math.log(bound) * (1 - 1e-9)
+        constraints = [NonlinearConstraint(slack, 0.0, np.inf),
+                       LinearConstraint(steps_diff, -limit, limit)]  # fmt: skip
+
+        def solve(z0) -> tuple[tuple, list[float]]:  # (rank: within the bounds first, end)
+            result = minimize(value, z0, method="COBYQA", constraints=constraints,
+                              options=dict(maxfev=evals, initial_tr_radius=0.3,
+                                           final_tr_radius=1e-3))  # fmt: skip
+            violation = max(0.0, -float(slack(result.x).min()))
+            return (violation > 1e-3 * tol, violation, value(result.x)), u_of(result.x)
 
         best = None
-        for name in ["given", *starts]:
+        for name in ["given", *starts] if positions is not None else starts:
             u0 = list(positions) if name == "given" else _within_ratio(lambda_positions(
-                sde, get_grid(name, sde, steps, eps), eps), bound)  # fmt: skip
-            z = np.log(np.diff(np.asarray(u0, dtype=np.float64)))
-            for penalty in penalties:
-                result = minimize(loss, z, args=(penalty,), method="Nelder-Mead",
-                                  options=dict(maxfev=evals, xatol=1e-4, fatol=1e-7,
-                                               adaptive=True))  # fmt: skip
-                z = result.x
-            if best is None or result.fun < best[0]:
-                best = (result.fun, u_of(z), name, u0)
+                sde, get_grid(name, sde, n, eps), eps), bound)  # fmt: skip
+            rank, u = solve(z_of(u0))
+            if best is None or rank < best[0]:
+                best = (rank, u, name, u0)
+        rng = np.random.default_rng(0)
+        for _ in range(hops):  # basin hopping: restart from a perturbation of the best end
+            rank, u = solve(z_of(best[1]) + rng.normal(0.0, 0.3, n - 1))
+            if rank < best[0]:
+                best = (rank, u, *best[2:])
         _, u, name, u0 = best
         start = parts(u0)
         gaps, errs = parts(u)
@@ -289,6 +362,30 @@ def _within_ratio(u: list[float], bound: float) -> list[float]:
             break
     h = [math.exp(v) for v in z]
     return [0.0, *(sum(h[: i + 1]) / sum(h) for i in range(len(h) - 1)), 1.0]
+
+
+def _report(what: str, info: dict) -> None:
+    print(f"  {what}: gaps {' '.join(f'{v:.3f}' for v in info['start_gaps'])} -> "
+          f"{' '.join(f'{v:.3f}' for v in info['gaps'])}, errors "
+          f"{' '.join(f'{v:.3g}' for v in info['start_errors'])} -> "
+          f"{' '.join(f'{v:.3g}' for v in info['errors'])}", flush=True)  # fmt: skip
+
+
+def final_step_fit(sde: SDE, steps: int, trained: tuple[ScoreFn, torch.Tensor], seed: int = 0,
+                   n_gap: int = 4000) -> list[float]:
+    """The FINAL_STEP schedule of sde's kind at `steps`: `gap_constrained_fit` of steps + 1
+    solver steps (no denoising) to the trained model (score, prior draws), from the uniform-t
+    grid and five hops (from 0.14 to 0.041 on sub-VP's digits model at 10 NFE, about 8 min on one
+    thread); the laws' draws as in `refit`. Returns the positions."""
+    from data.mixtures import gmm8, mixture5d
+
+    laws = [gmm8(), mixture5d()]
+    g = torch.Generator().manual_seed(seed)
+    x_laws = [sde.prior_sampling((n_gap, law.dim), generator=g).double() for law in laws]
+    u, info = gap_constrained_fit(sde, steps, None, laws, x_laws, [trained], starts=("uniform",),
+                                  hops=5, final_step=True)  # fmt: skip
+    _report(f"final step ({steps + 1} solver steps)", info)
+    return u
 
 
 def refit(
@@ -327,7 +424,7 @@ def refit(
             raise ValueError(f"{path} has {sde!r}; the {kind} fit needs {sdes[kind]!r}")
         x = sde.prior_sampling((n_images, *shape), generator=torch.Generator().manual_seed(seed))
         trained[kind] = (sde, model, x)
-    out, with_trained, constrained = {}, set(), set()
+    out, with_trained, constrained, final = {}, set(), set(), {}
     todo = FITTED_STEPS if steps_list is None else steps_list
     for kind, steps in ((k, n) for k in kinds or sdes for n in todo):
         sde = sdes[kind]
@@ -357,10 +454,9 @@ def refit(
                                         starts=("uniform",) if steps <= 12 else ())  # fmt: skip
             out[f"{kind}/{steps}"] = u
             constrained.add(f"{kind}/{steps}")
-            print(f"  gap-constrained: gaps {' '.join(f'{v:.3f}' for v in gi['start_gaps'])} -> "
-                  f"{' '.join(f'{v:.3f}' for v in gi['gaps'])}, errors "
-                  f"{' '.join(f'{v:.3g}' for v in gi['start_errors'])} -> "
-                  f"{' '.join(f'{v:.3g}' for v in gi['errors'])}", flush=True)  # fmt: skip
+            _report("gap-constrained", gi)
+        if (kind, steps) in FINAL_STEP and joint:
+            final[f"{kind}/{steps}"] = final_step_fit(sde, steps, trained[kind][1:], seed, n_gap)
     record = {"fitted_on": f"exact scores of gmm8 + mix5d ({n} points each, calibration seed "
               f"{seed}); the entries of with_trained_models also {n_images} prior draws of a "
               "trained digits U-Net of the same kind (python run.py mode=train sde=<kind> "
@@ -368,7 +464,8 @@ def refit(
               "trained_weight(kind, steps), each batch's error divided by its logSNR-grid error; "
               "eps=1e-3, denoise, neighbouring lambda-steps within max_step_ratio(steps); the "
               f"entries of gap_constrained then polished by gap_constrained_fit (tol {GAP_TOL}, "
-              f"{n_gap} draws per law, calibration seed {seed}). "
+              f"{n_gap} draws per law, calibration seed {seed}); those of final_step "
+              "(steps + 1 solver steps, no denoising) fitted by final_step_fit. "
               "Refit: python -m samplers.fast --refit --images vp=CKPT --images subvp=CKPT "
               "--images ve=CKPT [--steps 4-24] [--kinds vp,ve]", "positions": {}}  # fmt: skip
     if SCHEDULE_FILE.is_file():  # keep the entries not refitted now
@@ -376,10 +473,12 @@ def refit(
         record["positions"] = old["positions"]
         with_trained |= set(old.get("with_trained_models", [])) - set(out)
         constrained |= set(old.get("gap_constrained", [])) - set(out)
+        final = {**old.get("final_step", {}), **final}
     merged = {**record["positions"], **out}
     record["positions"] = {k: merged[k] for k in sorted(merged, key=_order)}
     record["with_trained_models"] = sorted(with_trained, key=_order)
     record["gap_constrained"] = sorted(constrained, key=_order)
+    record["final_step"] = {k: final[k] for k in sorted(final, key=_order)}
     SCHEDULE_FILE.write_text(json.dumps(record, indent=1) + "\n")
     return out
 

@@ -133,6 +133,34 @@ def test_nfe_is_steps_plus_the_denoising(sampler, steps, options, nfe):
     assert count == nfe and torch.isfinite(x).all()
 
 
+def test_fast_final_step_spends_the_denoising_evaluation_on_a_solver_step():
+    """Sub-VP at 9 steps (FINAL_STEP): 10 NFE, exactly iPNDM's 10 steps on the shipped final-step
+    schedule without denoising; denoise=False or an explicit grid: the plain 9-step path (plus
+    Tweedie's denoising for the grid), as for every other entry."""
+    from samplers.fast import FINAL_STEP, FINAL_STEP_RATIO, final_step_entry, schedule_times
+
+    sde, law = make_sde("subvp"), gmm8()
+    score = exact_score(sde, law)
+    x_T = sde.prior_sampling((64, 2), generator=torch.Generator().manual_seed(3)).double()
+    solver, options, positions = final_step_entry(sde, 9)
+    assert (solver, options) == FINAL_STEP[("subvp", 9)] and len(positions) == 11
+    times = schedule_times(sde, positions, 1e-3)
+    h = samplers.grids.log_snr(sde, times).diff()
+    assert float(torch.maximum(h[1:] / h[:-1], h[:-1] / h[1:]).max()) <= FINAL_STEP_RATIO * 1.001
+    x, nfe = samplers.sample(sde, score, x_T.shape, "fast", 9, x_T=x_T.clone())
+    want = samplers.SAMPLERS[solver](sde, score, x_T.clone(), steps=10, grid=times, **options)
+    assert nfe == 10
+    torch.testing.assert_close(x, want, rtol=0, atol=1e-12)
+    _, nfe = samplers.sample(sde, score, x_T.shape, "fast", 9, x_T=x_T.clone(), denoise=False)
+    assert nfe == 9
+    x, nfe = samplers.sample(sde, score, x_T.shape, "fast", 9, x_T=x_T.clone(), grid="edm")
+    plain = samplers.sample(sde, score, x_T.shape, "fast", 9, x_T=x_T.clone(), grid="edm",
+                            denoise=False)[0]  # fmt: skip
+    assert nfe == 10
+    torch.testing.assert_close(x, samplers.tweedie_denoise(sde, score, plain, 1e-3))
+    assert final_step_entry(make_sde("vp"), 9) is None and final_step_entry(sde, 19) is None
+
+
 @pytest.mark.parametrize(
     ("sampler", "options", "match"),
     [
@@ -368,8 +396,8 @@ def test_optimise_grid_weights_each_batch():
 
 
 def test_gap_constrained_fit_brings_the_paired_gaps_within_tol():
-    """From the logSNR grid (paired gaps about 0.4 on VP gmm8 and mix5d at 10 NFE), the polish
-    brings both laws' paired log-density gaps within tol (plus the penalty's slack), reports
+    """From the logSNR grid (paired gaps about 0.4 on VP gmm8 and mix5d at 10 NFE), the fit
+    brings both laws' paired log-density gaps within tol (plus the solver's slack), reports
     gaps that an independent run reproduces, keeps the step-ratio bound, and the objective's
     error is the one it reports."""
     from samplers.fast import choose, gap_constrained_fit
@@ -381,8 +409,7 @@ def test_gap_constrained_fit_brings_the_paired_gaps_within_tol():
     xs = [sde.prior_sampling((1000, law.dim), generator=g).double() for law in laws]
     start = lambda_positions(sde, samplers.grids.get_grid("logsnr", sde, 9, 1e-3), 1e-3)
     objective = [(exact_score(sde, laws[0]), xs[0][:300])]
-    u, info = gap_constrained_fit(sde, 9, start, laws, xs, objective, tol=0.03,
-                                  penalties=(1e3,), evals=250)  # fmt: skip
+    u, info = gap_constrained_fit(sde, 9, start, laws, xs, objective, tol=0.03, evals=150)
     assert min(abs(v) for v in info["start_gaps"]) > 0.1, info["start_gaps"]
     assert max(abs(v) for v in info["gaps"]) <= 0.04, info["gaps"]
     times = schedule_times(sde, u, 1e-3)
@@ -399,6 +426,35 @@ def test_gap_constrained_fit_brings_the_paired_gaps_within_tol():
     y, _ = samplers.sample(sde, f, x.shape, solver, 9, x_T=x.clone(), grid=times, **options)
     ref = _denoise(sde, f, reference(sde, f, x, 1e-3, 100, 4)[1][-1], 1e-3)
     assert (y - ref).square().sum(1).mean().item() == pytest.approx(info["errors"][0], rel=1e-9)
+
+
+def test_gap_constrained_fit_of_a_final_step_entry():
+    """final_step=True fits FINAL_STEP's solver with steps + 1 steps and no denoising, within
+    FINAL_STEP_RATIO: from the uniform-t grid (sub-VP mix5d paired gap -0.07) to within tol
+    (plus slack), with gaps that 10 plain iPNDM steps on the result reproduce."""
+    from samplers.fast import FINAL_STEP, FINAL_STEP_RATIO, gap_constrained_fit
+    from samplers.grids import schedule_times
+    from samplers.optimise_grid import _denoise, reference
+
+    sde, laws = make_sde("subvp"), [gmm8(), mixture5d()]
+    g = torch.Generator().manual_seed(3)
+    xs = [sde.prior_sampling((600, law.dim), generator=g).double() for law in laws]
+    objective = [(exact_score(sde, laws[1]), xs[1][:200])]
+    u, info = gap_constrained_fit(sde, 9, None, laws, xs, objective, tol=0.02, evals=150,
+                                  starts=("uniform",), final_step=True)  # fmt: skip
+    assert len(u) == 11 and info["start"] == "uniform"
+    assert max(abs(v) for v in info["start_gaps"]) > 0.05, info["start_gaps"]
+    assert max(abs(v) for v in info["gaps"]) <= 0.021, info["gaps"]
+    times = schedule_times(sde, u, 1e-3)
+    h = samplers.grids.log_snr(sde, times).diff()
+    assert float(torch.maximum(h[1:] / h[:-1], h[:-1] / h[1:]).max()) <= FINAL_STEP_RATIO
+    solver, options = FINAL_STEP[("subvp", 9)]
+    for law, x, reported in zip(laws, xs, info["gaps"], strict=True):
+        f = exact_score(sde, law)
+        y = samplers.SAMPLERS[solver](sde, f, x.clone(), steps=10, grid=times, **options)
+        ref = _denoise(sde, f, reference(sde, f, x, 1e-3, 100, 4)[1][-1], 1e-3)
+        assert (law.log_prob(y).mean() - law.log_prob(ref).mean()).item() == pytest.approx(
+            reported, abs=1e-9)  # fmt: skip
 
 
 def test_optimise_grid_command_writes_a_usable_schedule(tmp_path, capsys):
@@ -438,7 +494,14 @@ def test_shipped_schedules_have_no_near_empty_steps():
     """Neighbouring lambda-steps of every shipped schedule differ by at most max_step_ratio:
     unbounded fits to exact scores learned near-empty steps (ratios above 100) that gave FID 68
     at 10 NFE on a trained digits U-Net, where every fixed grid gives 7-10."""
-    from samplers.fast import FITTED_STEPS, choose, max_step_ratio, schedule_times
+    from samplers.fast import (
+        FINAL_STEP_RATIO,
+        FITTED_STEPS,
+        choose,
+        final_step_entry,
+        max_step_ratio,
+        schedule_times,
+    )
 
     for name in ("vp", "subvp", "ve"):
         sde = make_sde(name)
@@ -447,6 +510,11 @@ def test_shipped_schedules_have_no_near_empty_steps():
             h = samplers.grids.log_snr(sde, schedule_times(sde, positions, 1e-3)).diff()
             ratio = float(torch.maximum(h[1:] / h[:-1], h[:-1] / h[1:]).max())
             assert ratio <= max_step_ratio(steps) * 1.001, (name, steps, ratio)
+            final = final_step_entry(sde, steps)  # FINAL_STEP's own bound (its fit has the model)
+            if final is not None:
+                h = samplers.grids.log_snr(sde, schedule_times(sde, final[2], 1e-3)).diff()
+                ratio = float(torch.maximum(h[1:] / h[:-1], h[:-1] / h[1:]).max())
+                assert ratio <= FINAL_STEP_RATIO * 1.001, (name, steps, ratio)
 
 
 @pytest.fixture(scope="module")
