@@ -11,7 +11,7 @@ polished by `gap_constrained_fit` (GAP_CONSTRAINED), which holds the mixtures' m
 log-density within GAP_TOL of their reference flow's while it minimises the trained model's
 error. Where FINAL_STEP names an entry (sub-VP at 9 steps), the final evaluation, elsewhere
 Tweedie's denoising, is one more solver step on its own gap-constrained schedule
-(`final_step_fit`). The schedules are stored as positions in lambda between lambda(T) and
+(`refit`). The schedules are stored as positions in lambda between lambda(T) and
 lambda(eps), so they map onto any eps and any SDE of that kind. Other step counts
 use the solver of the nearest measured count on the time-quadratic grid. For a trained model,
 grid="fit" (sampler.grid=fit) fits the steps to that model instead. README "Fast sampling" has the
@@ -58,7 +58,7 @@ GAP_CONSTRAINED_SOLVER: dict[tuple[str, int], tuple[str, dict]] = {
 # SCHEDULE_FILE, has steps + 1 steps). Sub-VP's sigma(eps) is 1e-4 (VP's and VE's 1e-2), so the
 # denoising moves a sample by about 1e-4 and its evaluation is better spent: on the sub-VP digits
 # U-Net at 10 NFE, iPNDM on the uniform-t grid is 0.167 from the model's flow with 10 steps
-# against 0.253 with 9 and the denoising (256 held-out draws). Fitted by `final_step_fit` for
+# against 0.253 with 9 and the denoising (256 held-out draws). Fitted as `refit` does for
 # iPNDM of order 2, 3 and 4 with and without lower-order final steps, order 3 without them came
 # first: 0.044 (order 2: 0.097 / 0.139 with them; order 4 with them 0.75).
 FINAL_STEP: dict[tuple[str, int], tuple[str, dict]] = {
@@ -372,23 +372,6 @@ def _report(what: str, info: dict) -> None:
           f"{' '.join(f'{v:.3g}' for v in info['errors'])}", flush=True)  # fmt: skip
 
 
-def final_step_fit(sde: SDE, steps: int, trained: tuple[ScoreFn, torch.Tensor], seed: int = 0,
-                   n_gap: int = 4000) -> list[float]:
-    """The FINAL_STEP schedule of sde's kind at `steps`: `gap_constrained_fit` of steps + 1
-    solver steps (no denoising) to the trained model (score, prior draws), from the uniform-t
-    grid and five hops (from 0.14 to 0.041 on sub-VP's digits model at 10 NFE, about 8 min on one
-    thread); the laws' draws as in `refit`. Returns the positions."""
-    from data.mixtures import gmm8, mixture5d
-
-    laws = [gmm8(), mixture5d()]
-    g = torch.Generator().manual_seed(seed)
-    x_laws = [sde.prior_sampling((n_gap, law.dim), generator=g).double() for law in laws]
-    u, info = gap_constrained_fit(sde, steps, None, laws, x_laws, [trained], starts=("uniform",),
-                                  hops=5, final_step=True)  # fmt: skip
-    _report(f"final step ({steps + 1} solver steps)", info)
-    return u
-
-
 def refit(
     seed: int = 0,
     n: int = 1000,
@@ -447,17 +430,20 @@ def refit(
             with_trained.add(f"{kind}/{steps}")
         print(f"{kind} steps={steps} {solver} {options}: objective {info['mse']:.3g} "
               f"(start {info['start']})", flush=True)  # fmt: skip
+        g = torch.Generator().manual_seed(seed)
+        x_laws = [sde.prior_sampling((n_gap, law.dim), generator=g).double() for law in laws]
         if steps in GAP_CONSTRAINED[kind]:
-            g = torch.Generator().manual_seed(seed)
-            x_laws = [sde.prior_sampling((n_gap, law.dim), generator=g).double() for law in laws]
             objective = [trained[kind][1:]] if joint else list(zip(fns, cal, strict=True))
             u, gi = gap_constrained_fit(sde, steps, info["positions"], laws, x_laws, objective,
                                         starts=("uniform",) if steps <= 12 else ())  # fmt: skip
             out[f"{kind}/{steps}"] = u
             constrained.add(f"{kind}/{steps}")
             _report("gap-constrained", gi)
-        if (kind, steps) in FINAL_STEP and joint:
-            final[f"{kind}/{steps}"] = final_step_fit(sde, steps, trained[kind][1:], seed, n_gap)
+        if (kind, steps) in FINAL_STEP and joint:  # from uniform-t, with five basin hops
+            u, gi = gap_constrained_fit(sde, steps, None, laws, x_laws, [trained[kind][1:]],
+                                        starts=("uniform",), hops=5, final_step=True)  # fmt: skip
+            final[f"{kind}/{steps}"] = u
+            _report(f"final step ({steps + 1} solver steps)", gi)
     record = {"fitted_on": f"exact scores of gmm8 + mix5d ({n} points each, calibration seed "
               f"{seed}); the entries of with_trained_models also {n_images} prior draws of a "
               "trained digits U-Net of the same kind (python run.py mode=train sde=<kind> "
@@ -466,7 +452,8 @@ def refit(
               "eps=1e-3, denoise, neighbouring lambda-steps within max_step_ratio(steps); the "
               f"entries of gap_constrained then polished by gap_constrained_fit (tol {GAP_TOL}, "
               f"{n_gap} draws per law, calibration seed {seed}); those of final_step "
-              "(steps + 1 solver steps, no denoising) fitted by final_step_fit. "
+              "(steps + 1 solver steps, no denoising) by gap_constrained_fit from the uniform-t "
+              "grid with five basin hops. "
               "Refit: python -m samplers.fast --refit --images vp=CKPT --images subvp=CKPT "
               "--images ve=CKPT [--steps 4-24] [--kinds vp,ve]", "positions": {}}  # fmt: skip
     if SCHEDULE_FILE.is_file():  # keep the entries not refitted now
