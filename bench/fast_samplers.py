@@ -48,6 +48,8 @@ samples FID against the SDE reference does not separate accurate ODE solvers (th
 itself scores above some 10-NFE rows); the flow error does.
 The row fast/fit is fast with grid="fit": its steps fitted to this model's own flow first
 (samplers.optimise_grid.fit_schedule, 256 calibration draws of seed 0; about 35 s at 10 NFE).
+With --peers as well, on a VP model (beta 0.1..20) the table gains the diffusers rows (peer:...),
+run on the same U-Net from the same prior draws through the mapping of --peers.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def main() -> None:
     if a.peers:
         peer_tables(a, nfes, diffusers)
     if a.digits:
-        digits_table(a)
+        digits_table(a, diffusers)
 
 
 def law_header(law_name: str, law, n: int):
@@ -372,7 +374,7 @@ def digits_model(a, cfg: dict):
     return sde, dataset, model, Path(path)
 
 
-def digits_table(a) -> None:
+def digits_table(a, diffusers=None) -> None:
     from metrics.features import build_features
     from metrics.fid import fid_from_features
     from metrics.images import dataset_uint8
@@ -462,6 +464,27 @@ def digits_table(a) -> None:
             at = "" if used == nfe else f"@{used}"
             cells.append(f"{fid:6.2f} {m:.4f} {err:6.3f} {at:3s}")
         print(f"{sampler:13s} {grid:9s} " + " ".join(cells), flush=True)
+    if diffusers is not None and repr(sde) == repr(VPSDE(beta_min=0.1, beta_max=20.0)):
+        # --peers: diffusers' schedulers on the same model, from the same prior draws
+        x_T = sde.prior_sampling((n, *dataset.shape), generator=sample_noise(a.seed,
+                                                                             torch.arange(n)))
+        def score64(x, t):  # the float32 U-Net on diffusers' float64 state
+            return model(x.float(), t.float()).double()
+
+        for label, grid, cls_name, config in PEERS:
+            cells = []
+            for nfe in nfes:
+                with torch.no_grad():
+                    x, calls = run_peer(diffusers, sde, score64, x_T, cls_name, config,
+                                        peer_steps(cls_name, nfe))  # fmt: skip
+                x = torch.nan_to_num(x.float(), nan=dataset.model_range[0])
+                fid, m = scores(to_images(dataset, x))
+                err = (x - x_ode).double().square().flatten(1).sum(1).mean().item()
+                key = (f"peer:{label}", grid, nfe)
+                table[key], flow[key] = fid, err
+                at = "" if calls == nfe else f"@{calls}"
+                cells.append(f"{fid:6.2f} {m:.4f} {err:6.3f} {at:3s}")
+            print(f"{'peer:' + label:13s} {grid:9s} " + " ".join(cells), flush=True)
     for nfe in nfes:
         for what, values, fmt in (("FID", table, ".2f"), ("flow error", flow, ".3f")):
             best = sorted((v, k[0], k[1]) for k, v in values.items() if k[2] == nfe)

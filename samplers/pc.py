@@ -226,6 +226,8 @@ sample_reverse_diffusion = _predictor_only(
     "reverse_diffusion",
     "Reverse-diffusion predictor alone (Song et al. 2021, eq. 46): x_T (B, *D) -> x_eps.",
 )
+
+
 def sample_ancestral(
     sde: SDE,
     score_fn: ScoreFn,
