@@ -449,6 +449,16 @@ def digits_table(a, diffusers=None) -> None:
                                                   for g in DIGITS_GRIDS
                                                   if not (s == "ddim" and a.digits_sde == "ve")]
     table, flow = {}, {}
+
+    def cell(key: tuple, x: torch.Tensor, used: int) -> str:
+        """Score samples x (model range) of row key = (sampler, grid, nfe): record FID and flow
+        error, return the printed cell."""
+        fid, m = scores(to_images(dataset, x))
+        err = (x - x_ode).double().square().flatten(1).sum(1).mean().item()
+        table[key], flow[key] = fid, err
+        at = "" if used == key[2] else f"@{used}"
+        return f"{fid:6.2f} {m:.4f} {err:6.3f} {at:3s}"
+
     for sampler, grid in rows:
         cells = []
         for nfe in nfes:
@@ -457,17 +467,14 @@ def digits_table(a, diffusers=None) -> None:
                 cells.append(f"{'-':24s}")
                 continue
             opts = {} if grid == "auto" else {"grid": grid}
-            u8, used, x = draw(sampler, steps, a.seed, raw=True, **opts)
-            fid, m = scores(u8)
-            err = (x - x_ode).double().square().flatten(1).sum(1).mean().item()
-            table[(sampler, grid, nfe)], flow[(sampler, grid, nfe)] = fid, err
-            at = "" if used == nfe else f"@{used}"
-            cells.append(f"{fid:6.2f} {m:.4f} {err:6.3f} {at:3s}")
+            _, used, x = draw(sampler, steps, a.seed, raw=True, **opts)
+            cells.append(cell((sampler, grid, nfe), x, used))
         print(f"{sampler:13s} {grid:9s} " + " ".join(cells), flush=True)
     if diffusers is not None and repr(sde) == repr(VPSDE(beta_min=0.1, beta_max=20.0)):
         # --peers: diffusers' schedulers on the same model, from the same prior draws
         x_T = sde.prior_sampling((n, *dataset.shape), generator=sample_noise(a.seed,
                                                                              torch.arange(n)))
+
         def score64(x, t):  # the float32 U-Net on diffusers' float64 state
             return model(x.float(), t.float()).double()
 
@@ -478,12 +485,7 @@ def digits_table(a, diffusers=None) -> None:
                     x, calls = run_peer(diffusers, sde, score64, x_T, cls_name, config,
                                         peer_steps(cls_name, nfe))  # fmt: skip
                 x = torch.nan_to_num(x.float(), nan=dataset.model_range[0])
-                fid, m = scores(to_images(dataset, x))
-                err = (x - x_ode).double().square().flatten(1).sum(1).mean().item()
-                key = (f"peer:{label}", grid, nfe)
-                table[key], flow[key] = fid, err
-                at = "" if calls == nfe else f"@{calls}"
-                cells.append(f"{fid:6.2f} {m:.4f} {err:6.3f} {at:3s}")
+                cells.append(cell((f"peer:{label}", grid, nfe), x, calls))
             print(f"{'peer:' + label:13s} {grid:9s} " + " ".join(cells), flush=True)
     for nfe in nfes:
         for what, values, fmt in (("FID", table, ".2f"), ("flow error", flow, ".3f")):
