@@ -99,6 +99,7 @@ VP_SPACE = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMulti
 # the discrete schedule equivalent to VPSDE(beta_min=0.1, beta_max=20): beta_i = beta(t_i) / 1000
 DISCRETE_VP = dict(num_train_timesteps=1000, beta_start=0.1 / 1000, beta_end=20 / 1000,
                    beta_schedule="linear")  # fmt: skip
+PEER_SDE = VPSDE(beta_min=0.1, beta_max=20.0)  # the continuous SDE that DISCRETE_VP discretises
 # toolkit rows printed beside the peers (label in SOLVERS or "fast", grid)
 SIDE_BY_SIDE = (("fast", "auto"), ("dpm++2m", "uniform"), ("dpm++2m", "logsnr"),
                 ("dpm++2m", "edm"), ("unipc3", "logsnr"))  # fmt: skip
@@ -277,7 +278,7 @@ def peer_steps(cls_name: str, nfe: int) -> int:
 
 
 def peer_tables(a, nfes: list[int], diffusers) -> None:
-    sde = VPSDE(beta_min=0.1, beta_max=20.0)
+    sde = PEER_SDE
     print(f"\n# peers: diffusers {diffusers.__version__} schedulers on the exact score, vp SDE "
           f"(linear betas {DISCRETE_VP['beta_start']:g}..{DISCRETE_VP['beta_end']:g}, 1000 "
           f"timesteps), float64 state; rows marked * are the toolkit's own")  # fmt: skip
@@ -470,8 +471,10 @@ def digits_table(a, diffusers=None) -> None:
             _, used, x = draw(sampler, steps, a.seed, raw=True, **opts)
             cells.append(cell((sampler, grid, nfe), x, used))
         print(f"{sampler:13s} {grid:9s} " + " ".join(cells), flush=True)
-    if diffusers is not None and repr(sde) == repr(VPSDE(beta_min=0.1, beta_max=20.0)):
-        # --peers: diffusers' schedulers on the same model, from the same prior draws
+    if diffusers is not None and repr(sde) != repr(PEER_SDE):
+        print(f"(no diffusers rows: the model's SDE is {sde!r}; the mapping of --peers is for "
+              f"{PEER_SDE!r})")  # fmt: skip
+    elif diffusers is not None:  # --peers: diffusers on the same model, same prior draws
         x_T = sde.prior_sampling((n, *dataset.shape), generator=sample_noise(a.seed,
                                                                              torch.arange(n)))
 
