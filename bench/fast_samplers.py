@@ -390,14 +390,12 @@ def digits_table(a, diffusers=None) -> None:
         sys.exit(f"error: {e}")
     n = a.digits_n
 
-    def draw(sampler: str, steps: int, seed: int, first: int = 0, raw: bool = False, **options):
-        """uint8 images of samples first .. first + n - 1 (keyed noise) and the NFE (and, with
-        raw=True, the samples themselves in the model's range)."""
+    def draw(sampler: str, steps: int, seed: int, first: int = 0, **options):
+        """Samples first .. first + n - 1 (keyed noise) in the model's range, and the NFE."""
         idx = torch.arange(first, first + n)
         x, nfe = samplers.sample(sde, model, (n, *dataset.shape), sampler, steps,
                                  generator=sample_noise(seed, idx), **options)  # fmt: skip
-        x = torch.nan_to_num(x, nan=dataset.model_range[0])
-        return (to_images(dataset, x), nfe) + ((x,) if raw else ())
+        return torch.nan_to_num(x, nan=dataset.model_range[0]), nfe
 
     # the reference (samples 0 .. n-1) and a second PC set (n .. 2n-1) for the floor at n vs n
     ref_seed = a.seed + 1
@@ -410,7 +408,8 @@ def digits_table(a, diffusers=None) -> None:
             print(f"1000-step PC set {part} read from {cache}")
             continue
         t0 = time.perf_counter()
-        u8, nfe = draw("pc", 1000, ref_seed, first=part * n)
+        x, nfe = draw("pc", 1000, ref_seed, first=part * n)
+        u8 = to_images(dataset, x)
         torch.save({"images": torch.from_numpy(u8), "nfe": nfe}, cache)
         pc_sets.append((u8, nfe))
         print(f"1000-step PC set {part}: {n} samples, NFE {nfe}, {time.perf_counter() - t0:.0f} s "
@@ -431,8 +430,8 @@ def digits_table(a, diffusers=None) -> None:
     nfes = [int(v) for v in a.digits_nfe.split(",")]
     # the probability-flow ODE's own solution from the same prior draws (the ODE samplers use no
     # other noise): what every ODE solver approximates, so its distance is their accuracy
-    u8, used, x_ode = draw("dpm_solver3", 199, a.seed, raw=True, grid="logsnr")
-    fid_ode, mmd_ode = scores(u8)
+    x_ode, used = draw("dpm_solver3", 199, a.seed, grid="logsnr")
+    fid_ode, mmd_ode = scores(to_images(dataset, x_ode))
     print(f"\n## digits: {path}; {n} samples per set (seed {a.seed}); reference: {n} samples of "
           f"1000-step PC (reverse diffusion + Langevin, snr 0.16, NFE {ref_nfe}, seed {ref_seed})"
           f"; features: {feats.name} (test accuracy {feats.accuracy:.3f})")  # fmt: skip
@@ -468,7 +467,7 @@ def digits_table(a, diffusers=None) -> None:
                 cells.append(f"{'-':24s}")
                 continue
             opts = {} if grid == "auto" else {"grid": grid}
-            _, used, x = draw(sampler, steps, a.seed, raw=True, **opts)
+            x, used = draw(sampler, steps, a.seed, **opts)
             cells.append(cell((sampler, grid, nfe), x, used))
         print(f"{sampler:13s} {grid:9s} " + " ".join(cells), flush=True)
     if diffusers is not None and repr(sde) != repr(PEER_SDE):

@@ -29,12 +29,13 @@ import torch
 
 from sde_lib import SDE, ScoreFn
 
+from .dpm_solver3 import sample_dpm_solver3
 from .grids import get_grid, lambda_positions, schedule_times
 from .ipndm import sample_ipndm
 from .unipc import sample_unipc
 
 SCHEDULE_FILE = Path(__file__).with_name("fast_schedules.json")
-SOLVERS = {"unipc": sample_unipc, "ipndm": sample_ipndm}
+SOLVERS = {"unipc": sample_unipc, "ipndm": sample_ipndm, "dpm_solver3": sample_dpm_solver3}
 # (kind, steps) -> (solver, options), measured on held-out batches (README "Fast sampling")
 CHOICES: dict[tuple[str, int], tuple[str, dict]] = {
     ("vp", 9): ("unipc", dict(lower_order_final=True)),
@@ -250,7 +251,9 @@ def gap_constrained_fit(
     wins (Nelder-Mead on a penalised objective, used before, stalled far from it: 0.62 on sub-VP's
     digits model where COBYQA reaches 0.14, and 0.041 with five hops). final_step=True
     fits the FINAL_STEP entry instead: its solver, steps + 1 steps and no denoising, step ratios
-    within FINAL_STEP_RATIO. Returns (positions, info with the gaps, errors and the winning start).
+    within FINAL_STEP_RATIO. Returns (positions, info with the gaps, errors, the start the winning
+    chain began from, "hop": the basin hop that ended it (0: the start's own fit) and that start's
+    gaps and errors).
     """
     import numpy as np
     from scipy.optimize import LinearConstraint, NonlinearConstraint, minimize
@@ -332,14 +335,15 @@ def gap_constrained_fit(
             if best is None or rank < best[0]:
                 best = (rank, u, name, u0)
         rng = np.random.default_rng(0)
-        for _ in range(hops):  # basin hopping: restart from a perturbation of the best end
+        hop = 0
+        for i in range(hops):  # basin hopping: restart from a perturbation of the best end
             rank, u = solve(z_of(best[1]) + rng.normal(0.0, 0.3, n - 1))
             if rank < best[0]:
-                best = (rank, u, *best[2:])
+                best, hop = (rank, u, *best[2:]), i + 1
         _, u, name, u0 = best
         start = parts(u0)
         gaps, errs = parts(u)
-    info = {"gaps": gaps, "errors": errs, "start": name, "start_gaps": start[0],
+    info = {"gaps": gaps, "errors": errs, "start": name, "hop": hop, "start_gaps": start[0],
             "start_errors": start[1], "logsnr_errors": base}  # fmt: skip
     return u, info
 
@@ -366,7 +370,9 @@ def _within_ratio(u: list[float], bound: float) -> list[float]:
 
 
 def _report(what: str, info: dict) -> None:
-    print(f"  {what}: gaps {' '.join(f'{v:.3f}' for v in info['start_gaps'])} -> "
+    hop = f" (hop {info['hop']})" if info.get("hop") else ""
+    print(f"  {what}, from {info['start']}{hop}: gaps "
+          f"{' '.join(f'{v:.3f}' for v in info['start_gaps'])} -> "
           f"{' '.join(f'{v:.3f}' for v in info['gaps'])}, errors "
           f"{' '.join(f'{v:.3g}' for v in info['start_errors'])} -> "
           f"{' '.join(f'{v:.3g}' for v in info['errors'])}", flush=True)  # fmt: skip

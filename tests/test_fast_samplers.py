@@ -415,6 +415,7 @@ def test_gap_constrained_fit_brings_the_paired_gaps_within_tol():
     u, info = gap_constrained_fit(sde, 9, start, laws, xs, objective, tol=0.03, evals=150)
     assert min(abs(v) for v in info["start_gaps"]) > 0.1, info["start_gaps"]
     assert max(abs(v) for v in info["gaps"]) <= 0.04, info["gaps"]
+    assert info["start"] == "given" and info["hop"] == 0  # no hops asked for
     times = schedule_times(sde, u, 1e-3)
     h = samplers.grids.log_snr(sde, times).diff()
     assert float(torch.maximum(h[1:] / h[:-1], h[:-1] / h[1:]).max()) <= 3.0
