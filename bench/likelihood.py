@@ -48,7 +48,7 @@ from likelihood import (
 from models import MLP, MixtureScore, ScoreModel
 from sde_lib import SDE, VPSDE, ScoreFn
 
-TOLERANCES = (1e-3, 1e-4, 1e-5)
+TOLERANCES = (1e-2, 1e-3, 1e-4, 1e-5)
 EPS = 1e-5
 
 
