@@ -29,13 +29,12 @@ import torch
 
 from sde_lib import SDE, ScoreFn
 
-from .dpm_solver3 import sample_dpm_solver3
 from .grids import get_grid, lambda_positions, schedule_times
 from .ipndm import sample_ipndm
 from .unipc import sample_unipc
 
 SCHEDULE_FILE = Path(__file__).with_name("fast_schedules.json")
-SOLVERS = {"unipc": sample_unipc, "ipndm": sample_ipndm, "dpm_solver3": sample_dpm_solver3}
+SOLVERS = {"unipc": sample_unipc, "ipndm": sample_ipndm}
 # (kind, steps) -> (solver, options), measured on held-out batches (README "Fast sampling")
 CHOICES: dict[tuple[str, int], tuple[str, dict]] = {
     ("vp", 9): ("unipc", dict(lower_order_final=True)),
