@@ -275,9 +275,10 @@ def gap(sde_name, law_name, sampler, steps, seed=7, n=4000, **options):
 
 # |gap| measured with n = 4000 at seed 7 (README "Fast sampling"); the sampling noise of the
 # mean alone is about 0.016 (gmm8) / 0.025 (mix5d), so the bounds are the goal where it is met.
-# gmm8 on VP and both sub-VP laws are measured at n = 20 000 (noise 0.007 / 0.011): VP gmm8
-# -0.004 / -0.023 (seeds 7 / 8; -0.032 at n = 4000), with the gap-constrained 19-step schedules
-# fitted with two trained models per kind (samplers.fast.refit).
+# gmm8 on VP and both sub-VP laws are measured at n = 20 000 (noise 0.007 / 0.011), with the
+# gap-constrained 19-step schedules fitted with two trained models per kind, three for VP
+# (samplers.fast.refit): VP gmm8 0.017 / 0.002 (seeds 7 / 8; -0.005 / -0.005 at n = 4000), VP
+# mix5d -0.000 / 0.010 at n = 4000 (-0.011 / -0.009 at n = 20 000; iPNDM since 2026-12-03).
 FAST_20 = [
     ("vp", "gmm8", 20_000), ("vp", "mix5d", 4000), ("ve", "gmm8", 4000), ("ve", "mix5d", 4000),
     ("subvp", "mix5d", 20_000), ("subvp", "gmm8", 20_000),
