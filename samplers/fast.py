@@ -50,9 +50,13 @@ CHOICES: dict[tuple[str, int], tuple[str, dict]] = {
 # names: sub-VP at 9 steps polished for iPNDM stayed 1.09 from its digits model's flow (256 draws)
 # against 0.70 for UniPC, both within the gap bound; VP at 19 steps fitted for iPNDM (three VP
 # U-Nets, also from the time-quadratic grid: GAP_STARTS) is 0.0083-0.0103 from the flows of four
-# held-out ones at 20 NFE, where the UniPC entry was 0.0198-0.0392 (256 draws, seed 11)
+# held-out ones at 20 NFE, where the UniPC entry was 0.0198-0.0392 (256 draws, seed 11); VP at
+# 9 steps fitted for UniPC-2 on four VP U-Nets (two undertrained): UniPC-3, fitted so too, ends
+# 2-7x further from all four (calibration draws), and fitted to two it was behind k-diffusion's
+# best (LMS-Karras) on a held-out undertrained one (37.0 against 28.6; UniPC-2: 1.37)
 GAP_CONSTRAINED_SOLVER: dict[tuple[str, int], tuple[str, dict]] = {
     ("subvp", 9): ("unipc", dict(lower_order_final=True)),
+    ("vp", 9): ("unipc", dict(order=2, lower_order_final=True)),
     ("vp", 19): ("ipndm", dict(lower_order_final=True)),
 }
 
@@ -220,8 +224,12 @@ def trained_weight(kind: str, steps: int) -> float:
 GAP_CONSTRAINED = {"vp": (9, 19), "subvp": (9, 19), "ve": (9, 19)}
 GAP_TOL = 0.01
 # the fixed grids gap_constrained_fit also starts from, besides the joint fit's end: uniform-t
-# up to 12 steps, logSNR above; VP's 19-step entry also the time-quadratic grid
-GAP_STARTS: dict[tuple[str, int], tuple[str, ...]] = {("vp", 19): ("logsnr", "quadratic")}
+# up to 12 steps, logSNR above; VP's 9-step entry also the EDM grid, its 19-step one also the
+# time-quadratic grid
+GAP_STARTS: dict[tuple[str, int], tuple[str, ...]] = {
+    ("vp", 9): ("uniform", "edm"),
+    ("vp", 19): ("logsnr", "quadratic"),
+}
 
 
 def gap_starts(kind: str, steps: int) -> tuple[str, ...]:
@@ -470,8 +478,9 @@ def refit(
               f"{seed}); the entries of with_trained_models also {n_images} prior draws of each "
               "trained digits U-Net of the same kind given (shipped: python run.py mode=train "
               "sde=<kind> data=digits model=unet model.ch=16 training.steps=1000, and the same "
-              "with model.ch=8 training.steps=500 training.batch_size=64; VP's 19-step entry "
-              "also on model.ch=24 training.steps=2000), weight "
+              "with model.ch=8 training.steps=500 training.batch_size=64; VP's 9-step entry also "
+              "on the latter with seed=1 and on model.ch=24 training.steps=2000, its 19-step "
+              "entry also on the ch 24 one), weight "
               "trained_weight(kind, steps), each batch's error divided by its logSNR-grid error; "
               "eps=1e-3, denoise, neighbouring lambda-steps within max_step_ratio(steps); the "
               f"entries of gap_constrained then polished by gap_constrained_fit (tol {GAP_TOL}, "

@@ -295,7 +295,8 @@ def test_fast_at_20_nfe(sde_name, law_name, n):
 @pytest.mark.parametrize("law_name", ["gmm8", "mix5d"])
 def test_fast_at_10_nfe(sde_name, law_name):
     """Issue 10's goal at 10 NFE, |gap| <= 0.05, at n = 20 000 (sampling noise 0.007 / 0.011):
-    measured at seed 7 (8): VP 0.021 (0.008) on gmm8, -0.017 (-0.018) on mix5d; sub-VP -0.007
+    measured at seed 7 (8): VP 0.014 (-0.004) on gmm8, 0.003 (0.010) on mix5d (UniPC-2 since
+    2026-12-03); sub-VP -0.007
     (-0.030), -0.015 (-0.015) (10 iPNDM steps, no denoising: FINAL_STEP); VE -0.004 (-0.020),
     -0.022 (-0.028), with the gap-constrained schedules (samplers.fast.gap_constrained_fit,
     fitted to two trained models per kind),
