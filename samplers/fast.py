@@ -6,8 +6,8 @@ exploding ("ve"), alpha^2 + sigma^2 = 1 variance preserving ("vp"), any other de
 final denoising; the solver choices were measured at 9 and 19) fast uses a schedule fitted by
 `optimise_grid` to the exact scores of gmm8 and the 5-D mixture together and, for the entries
 listed under "with_trained_models" in the file, to trained digits U-Nets of that kind as well
-(two per kind, a fitted and an undertrained one, and a larger one for VP's 19-step entry: see
-`refit`); the 9- and 19-step (10- and
+(two per kind, a fitted and an undertrained one; VP's 9- and 19-step entries four and three:
+see `refit`); the 9- and 19-step (10- and
 20-NFE) schedules are then polished by `gap_constrained_fit` (GAP_CONSTRAINED), which holds the
 mixtures' mean exact log-density within GAP_TOL of their reference flow's while it minimises
 the trained models' error. Where FINAL_STEP names an entry (sub-VP at 9 steps), the final
@@ -416,7 +416,9 @@ def refit(
     normalise=True). The shipped fit has two models per kind, the digits U-Net of the --digits bench
     (ch 16, 1000 steps) and an undertrained one (ch 8, 500 steps, batch 64): fitted to the first
     alone, fast was 46 from the flow of an undertrained VP model at 10 NFE where fixed grids reach
-    2.6; fitted to both, 4.1 there and 9.8 on a held-out undertrained model (seed 1). A schedule
+    2.6; fitted to both, 4.1 there and 9.8 on a held-out undertrained model (seed 1), but 37.0 on
+    another (seed 2; LMS-Karras 28.6), so VP's 9-step entry is fitted to four models (also ch 8
+    seed 1 and ch 24, 2000 steps) for UniPC-2 (1.37 there), its 19-step one to three. A schedule
     fitted to the closed-form laws alone does not transfer to trained models: at 10 NFE on the
     trained digits U-Nets it was 2.5x (VP) to 90x (VE) further from the model's own flow than the
     joint fit, and at 20 NFE on an undertrained digits U-Net 10.5 against 0.06-0.14 for the

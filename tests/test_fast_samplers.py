@@ -400,6 +400,23 @@ def test_optimise_grid_weights_each_batch():
     assert not calls
 
 
+def test_refit_starts_name_grids_within_the_step_ratio_bound():
+    """Every start `refit` gives gap_constrained_fit (samplers.fast.gap_starts) is a known grid,
+    and _within_ratio brings it within the entry's step-ratio bound."""
+    from samplers.fast import GAP_CONSTRAINED, GAP_STARTS, _within_ratio, gap_starts, max_step_ratio
+
+    sde = make_sde("vp")
+    assert gap_starts("ve", 9) == ("uniform",) and gap_starts("ve", 19) == ("logsnr",)
+    assert set(GAP_STARTS) <= {(k, n) for k, counts in GAP_CONSTRAINED.items() for n in counts}
+    for kind, steps in GAP_STARTS:
+        for name in gap_starts(kind, steps):
+            ts = samplers.get_grid(name, sde, steps, 1e-3)
+            u = samplers.grids.lambda_positions(sde, ts, 1e-3)
+            h = np.diff(_within_ratio(u, max_step_ratio(steps)))
+            assert (h > 0).all() and (h[1:] / h[:-1]).max() <= max_step_ratio(steps) * (1 + 1e-9)
+            assert (h[:-1] / h[1:]).max() <= max_step_ratio(steps) * (1 + 1e-9)
+
+
 def test_gap_constrained_fit_brings_the_paired_gaps_within_tol():
     """From the logSNR grid (paired gaps about 0.4 on VP gmm8 and mix5d at 10 NFE), the fit
     brings both laws' paired log-density gaps within tol (plus the solver's slack), reports
