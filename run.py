@@ -129,7 +129,9 @@ def main() -> None:
         except KeyboardInterrupt:
             fail("interrupted")
         except Exception as e:
-            if not _is_distributed_failure(e):
+            from training.distributed import is_peer_failure
+
+            if not is_peer_failure(e):
                 raise
             rank = os.environ.get("RANK", "0")
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
@@ -138,21 +140,13 @@ def main() -> None:
                 "its checkpoints are kept: fix the cause and rerun (mode=train resume=true)",
                 file=sys.stderr,
             )
-            sys.exit(1)
+            # leave now: with a peer gone, the process group's finalisers can wait on it until
+            # the launcher's grace period ends in SIGKILL (checkpoints and logs are closed already)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
 
     entry()
-
-
-def _is_distributed_failure(e: Exception) -> bool:
-    """A collective that failed because a peer died, hung past dist_timeout_s or cut the link."""
-    import torch.distributed as dist
-
-    if isinstance(e, getattr(dist, "DistError", ())):
-        return True
-    text = str(e)
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and isinstance(e, RuntimeError) and any(
-        k in text for k in ("gloo", "NCCL", "Connection closed", "Connection reset", "timed out")
-    )
 
 
 def _rank_argv(argv: list[str]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -83,9 +84,27 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def is_peer_failure(e: BaseException) -> bool:
+    """A collective that failed because a peer died, hung past dist_timeout_s or cut the link."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not isinstance(e, RuntimeError):
+        return False
+    marks = ("gloo", "NCCL", "Connection closed", "Connection reset", "timed out")
+    return any(k in str(e) for k in marks)
+
+
 def teardown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+    """Destroy the process group; called from a `finally`. When the block is ending on a peer's
+    failure the group is left alone: destroying a group whose peer is gone can wait on it (NCCL's
+    watchdog, gloo's pending work) until the launcher kills this rank, and the process is about to
+    exit anyway (run.py prints its one line and leaves without running finalisers)."""
+    if not (info.enabled and dist.is_initialized()):
+        return
+    failing = sys.exc_info()[1]
+    if failing is not None and is_peer_failure(failing):
+        return
+    dist.destroy_process_group()
 
 
 def my_items(n: int, info: DistInfo) -> list[int]:
