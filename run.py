@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 CONF = Path(__file__).resolve().parent / "conf"
+_RANK_DIRS: list[str] = []  # this rank's temporary Hydra folder (ranks other than 0)
 GROUPS = ("sde", "data", "model", "training", "sampler", "likelihood", "logger", "eval")
 
 
@@ -142,6 +143,10 @@ def main() -> None:
             )
             # leave now: with a peer gone, the process group's finalisers can wait on it until
             # the launcher's grace period ends in SIGKILL (checkpoints and logs are closed already)
+            import shutil
+
+            for tmp in _RANK_DIRS:  # what atexit would have removed
+                shutil.rmtree(tmp, ignore_errors=True)
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1)
@@ -160,6 +165,7 @@ def _rank_argv(argv: list[str]) -> list[str]:
 
     tmp = tempfile.mkdtemp(prefix="scoresde-rank-")
     atexit.register(shutil.rmtree, tmp, True)
+    _RANK_DIRS.append(tmp)
     return [*argv, f"hydra.run.dir={tmp}", "hydra.output_subdir=null"]
 
 

@@ -28,13 +28,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args: str, cwd: Path, timeout: float = 300, popen: bool = False):
+def torchrun(*args: str, cwd: Path, timeout: float = 300, popen: bool = False, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]  # fmt: skip
+    env = {**ENV, **(env or {})}
     if popen:
-        return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE,
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_ranks_agree_after_every_step_and_match_one_process(tmp_path):
@@ -101,9 +102,16 @@ def test_nll_with_two_processes_equals_one_process(tmp_path):
         assert one[key] == pytest.approx(two[key], rel=1e-6, abs=1e-9), key
 
 
+def _rank_of(pid: int) -> int:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in env if v.startswith(b"RANK=")).split(b"=")[1])
+
+
 def test_a_killed_rank_ends_the_other_with_one_line_in_bounded_time(tmp_path):
     args = ("training.steps=1000000", "training.ckpt_every=50", "dist_timeout_s=60", *QUIET)
-    proc = torchrun(str(ROOT / "run.py"), *args, cwd=tmp_path, popen=True)
+    (tmp_path / "tmp").mkdir()  # where rank 1 has its temporary Hydra folder
+    proc = torchrun(str(ROOT / "run.py"), *args, cwd=tmp_path, popen=True,
+                    env={"TMPDIR": str(tmp_path / "tmp")})  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob("outputs/train/*/checkpoints/ckpt_*.pt")):
@@ -111,10 +119,11 @@ def test_a_killed_rank_ends_the_other_with_one_line_in_bounded_time(tmp_path):
             time.sleep(0.2)
         ranks = subprocess.run(["pgrep", "-f", f"{ROOT / 'run.py'} training.steps=1000000"],
                                capture_output=True, text=True).stdout.split()  # fmt: skip
-        workers = [int(p) for p in ranks if int(p) != proc.pid]  # the two ranks
-        assert len(workers) == 2, ranks
+        workers = {_rank_of(int(p)): int(p) for p in ranks if int(p) != proc.pid}
+        assert sorted(workers) == [0, 1], ranks
         killed = time.monotonic()
-        os.kill(max(workers), signal.SIGKILL)  # the later-started worker: rank 1
+        # rank 0: rank 1 survives, and it has a temporary Hydra folder to remove as it leaves
+        os.kill(workers[0], signal.SIGKILL)
         out, _ = proc.communicate(timeout=60)
         took = time.monotonic() - killed
     finally:
@@ -122,7 +131,9 @@ def test_a_killed_rank_ends_the_other_with_one_line_in_bounded_time(tmp_path):
     # 30 s is torchrun's grace between its SIGTERM and SIGKILL: the surviving rank left by itself
     assert proc.returncode != 0 and took < 30, f"{took:.1f} s\n{out[-3000:]}"
     lines = [ln for ln in out.splitlines() if ln.startswith("error: rank")]
-    assert lines and "lost another process" in lines[0] and "resume=true" in lines[0], out[-3000:]
+    ok = lines and lines[0].startswith("error: rank 1 lost another process")
+    assert ok and "resume=true" in lines[0], out[-3000:]
+    assert not list((tmp_path / "tmp").glob("scoresde-rank-*"))  # removed although it left at once
 
 
 def _workers(proc: subprocess.Popen, needle: str) -> list[int]:
