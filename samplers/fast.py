@@ -6,9 +6,9 @@ exploding ("ve"), alpha^2 + sigma^2 = 1 variance preserving ("vp"), any other de
 final denoising; the solver choices were measured at 9 and 19) fast uses a schedule fitted by
 `optimise_grid` to the exact scores of gmm8 and the 5-D mixture together and, for the entries
 listed under "with_trained_models" in the file, to trained digits U-Nets of that kind as well
-(two per kind, a fitted and an undertrained one; VP's 9- and 19-step entries four and three:
-see `refit`); the 9- and 19-step (10- and
-20-NFE) schedules are then polished by `gap_constrained_fit` (GAP_CONSTRAINED), which holds the
+(two per kind, a fitted and an undertrained one; VP's 9-, 14- and 19-step entries four, three
+and three: see `refit`); the 9- and 19-step (10- and 20-NFE) schedules, and VP's 14-step
+(15-NFE) one, are then polished by `gap_constrained_fit` (GAP_CONSTRAINED), which holds the
 mixtures' mean exact log-density within GAP_TOL of their reference flow's while it minimises
 the trained models' error. Where FINAL_STEP names an entry (sub-VP at 9 steps), the final
 evaluation, elsewhere Tweedie's denoising, is one more solver step on its own gap-constrained
@@ -53,10 +53,13 @@ CHOICES: dict[tuple[str, int], tuple[str, dict]] = {
 # held-out ones at 20 NFE, where the UniPC entry was 0.0198-0.0392 (256 draws, seed 11); VP at
 # 9 steps fitted for UniPC-2 on four VP U-Nets (two undertrained): UniPC-3, fitted so too, ends
 # 2-7x further from all four (calibration draws), and fitted to two it was behind k-diffusion's
-# best (LMS-Karras) on a held-out undertrained one (37.0 against 28.6; UniPC-2: 1.37)
+# best (LMS-Karras) on a held-out undertrained one (37.0 against 28.6; UniPC-2: 1.37); VP at 14
+# steps fitted for iPNDM as at 19 (the same three U-Nets): the UniPC-3 entry was behind LMS-Karras
+# on a held-out undertrained model at 15 NFE (8.88 from its flow against 8.11; iPNDM: 2.69)
 GAP_CONSTRAINED_SOLVER: dict[tuple[str, int], tuple[str, dict]] = {
     ("subvp", 9): ("unipc", dict(lower_order_final=True)),
     ("vp", 9): ("unipc", dict(order=2, lower_order_final=True)),
+    ("vp", 14): ("ipndm", dict(lower_order_final=True)),
     ("vp", 19): ("ipndm", dict(lower_order_final=True)),
 }
 
@@ -220,14 +223,16 @@ def trained_weight(kind: str, steps: int) -> float:
 # per kind, the step counts whose shipped schedule is also held to the exact mixtures'
 # log-density gaps (`gap_constrained_fit`; the trained model then has weight 1 in the fit before),
 # and the bound on each law's paired gap there (all kinds at 9 and 19 steps since the fit to two
-# trained models per kind: README "Fast sampling", held-out models).
-GAP_CONSTRAINED = {"vp": (9, 19), "subvp": (9, 19), "ve": (9, 19)}
+# trained models per kind: README "Fast sampling", held-out models; VP also at 14 steps, where
+# the mix5d gap was -0.07 at 15 NFE, against 0.01 at 10 NFE, and is -0.008 now).
+GAP_CONSTRAINED = {"vp": (9, 14, 19), "subvp": (9, 19), "ve": (9, 19)}
 GAP_TOL = 0.01
 # the fixed grids gap_constrained_fit also starts from, besides the joint fit's end: uniform-t
-# up to 12 steps, logSNR above; VP's 9-step entry also the EDM grid, its 19-step one also the
-# time-quadratic grid
+# up to 12 steps, logSNR above; VP's 9-step entry also the EDM grid, its 14- and 19-step ones
+# also the time-quadratic grid
 GAP_STARTS: dict[tuple[str, int], tuple[str, ...]] = {
     ("vp", 9): ("uniform", "edm"),
+    ("vp", 14): ("logsnr", "quadratic"),
     ("vp", 19): ("logsnr", "quadratic"),
 }
 
@@ -418,10 +423,11 @@ def refit(
     alone, fast was 46 from the flow of an undertrained VP model at 10 NFE where fixed grids reach
     2.6; fitted to both, 4.1 there and 9.8 on a held-out undertrained model (seed 1), but 37.0 on
     another (seed 2; LMS-Karras 28.6), so VP's 9-step entry is fitted to four models (also ch 8
-    seed 1 and ch 24, 2000 steps) for UniPC-2 (1.37 there), its 19-step one to three. A schedule
-    fitted to the closed-form laws alone does not transfer to trained models: at 10 NFE on the
-    trained digits U-Nets it was 2.5x (VP) to 90x (VE) further from the model's own flow than the
-    joint fit, and at 20 NFE on an undertrained digits U-Net 10.5 against 0.06-0.14 for the
+    seed 1 and ch 24, 2000 steps) for UniPC-2 (1.37 there), its 14- and 19-step ones to three
+    (iPNDM; at 15 NFE the UniPC-3 entry was 8.88 from that model's flow, LMS-Karras 8.11). A
+    schedule fitted to the closed-form laws alone does not transfer to trained models: at 10 NFE
+    on the trained digits U-Nets it was 2.5x (VP) to 90x (VE) further from the model's own flow
+    than the joint fit, and at 20 NFE on an undertrained digits U-Net 10.5 against 0.06-0.14 for the
     logSNR and EDM grids (README "Fast sampling").
     """
     from data.mixtures import gmm8, mixture5d
@@ -481,8 +487,8 @@ def refit(
               "trained digits U-Net of the same kind given (shipped: python run.py mode=train "
               "sde=<kind> data=digits model=unet model.ch=16 training.steps=1000, and the same "
               "with model.ch=8 training.steps=500 training.batch_size=64; VP's 9-step entry also "
-              "on the latter with seed=1 and on model.ch=24 training.steps=2000, its 19-step "
-              "entry also on the ch 24 one), weight "
+              "on the latter with seed=1 and on model.ch=24 training.steps=2000, its 14- and "
+              "19-step entries also on the ch 24 one), weight "
               "trained_weight(kind, steps), each batch's error divided by its logSNR-grid error; "
               "eps=1e-3, denoise, neighbouring lambda-steps within max_step_ratio(steps); the "
               f"entries of gap_constrained then polished by gap_constrained_fit (tol {GAP_TOL}, "
