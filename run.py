@@ -15,6 +15,13 @@ _RANK_DIRS: list[str] = []  # this rank's temporary Hydra folder (ranks other th
 GROUPS = ("sde", "data", "model", "training", "sampler", "likelihood", "logger", "eval")
 
 
+def _remove_rank_dirs() -> None:
+    import shutil
+
+    for tmp in _RANK_DIRS:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -143,10 +150,7 @@ def main() -> None:
             )
             # leave now: with a peer gone, the process group's finalisers can wait on it until
             # the launcher's grace period ends in SIGKILL (checkpoints and logs are closed already)
-            import shutil
-
-            for tmp in _RANK_DIRS:  # what atexit would have removed
-                shutil.rmtree(tmp, ignore_errors=True)
+            _remove_rank_dirs()  # what atexit would have done
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1)
@@ -160,13 +164,11 @@ def _rank_argv(argv: list[str]) -> list[str]:
     if int(os.environ.get("RANK", "0")) == 0:
         return argv
     import atexit
-    import shutil
     import tempfile
 
-    tmp = tempfile.mkdtemp(prefix="scoresde-rank-")
-    atexit.register(shutil.rmtree, tmp, True)
-    _RANK_DIRS.append(tmp)
-    return [*argv, f"hydra.run.dir={tmp}", "hydra.output_subdir=null"]
+    _RANK_DIRS.append(tempfile.mkdtemp(prefix="scoresde-rank-"))
+    atexit.register(_remove_rank_dirs)
+    return [*argv, f"hydra.run.dir={_RANK_DIRS[-1]}", "hydra.output_subdir=null"]
 
 
 if __name__ == "__main__":
