@@ -16,9 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.exact import GaussianMixture
-
-from .mixtures import gmm8
+from .mixtures import GaussianMixture, gmm8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from training.checkpoint import atomic_write
+from sde_lib.io import atomic_write
 
 ARCH_VERSION = "cnn-v2"
 # epochs None: 15 for images up to 16 px (digits: ~4 s on one CPU thread), else 8 (MNIST: ~30 s)
@@ -151,7 +152,6 @@ def load_or_train(
         except Exception as e:  # a damaged cache file is retrained, never trusted
             log(f"warning: feature classifier cache {path} unreadable ({type(e).__name__}); "
                 "retraining")
-    import time
 
     t0 = time.perf_counter()
     model = train_classifier(train_uint8, train_labels, log=log)

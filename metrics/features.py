@@ -24,6 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sde_lib.errors import UserError
+
+from .classifier import load_or_train
+from .inception import WEIGHTS_HINT, WEIGHTS_NAME, InceptionWeightsError, load_fid_inception
+
 FEATURE_CHOICES = ("auto", "classifier", "inception", "pixels")
 
 
@@ -53,8 +58,6 @@ def pixel_features() -> Features:
 
 
 def _user_error(msg: str):
-    from tasks.common import UserError
-
     return UserError(msg)
 
 
@@ -89,7 +92,6 @@ def user_features(spec: str) -> Features:
 def classifier_features(train_u8, train_labels, test_u8, test_labels, cache_dir: Path,
                         log=print, device: str = "cpu") -> Features:
     """The penultimate layer of the toolkit's classifier (trained once, cached by content hash)."""
-    from .classifier import load_or_train
 
     model, acc, path = load_or_train(train_u8, train_labels, test_u8, test_labels, cache_dir, log)
     model = model.to(device)
@@ -100,7 +102,6 @@ def classifier_features(train_u8, train_labels, test_u8, test_labels, cache_dir:
 def inception_features(weights: Path, device: str = "cpu") -> Features:
     """Inception-v3 pool3 features (2048-D) from the FID weights file; InceptionWeightsError
     becomes a one-line UserError."""
-    from .inception import InceptionWeightsError, load_fid_inception
 
     try:
         model = load_fid_inception(weights).to(device)
@@ -116,14 +117,12 @@ def inception_features(weights: Path, device: str = "cpu") -> Features:
 
 
 def default_weights_path(outputs_root) -> Path:
-    from .inception import WEIGHTS_NAME
 
     return Path(outputs_root) / "features" / WEIGHTS_NAME
 
 
 def build_features(dataset, train_u8, test_u8, cfg: dict, log=print) -> Features:
     """The feature network named by cfg["eval"]["features"] for this data set (see module doc)."""
-    from .inception import WEIGHTS_HINT
 
     e = cfg.get("eval") or {}
     choice = str(e.get("features") or "auto")

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.checkpoint import atomic_write
+from sde_lib.errors import UserError
+from sde_lib.io import atomic_write
 
 from .features import FEATURE_CHOICES, Features, build_features
 from .fid import fid_from_features
@@ -54,8 +55,6 @@ def raw_to_uint8(dataset, raw: np.ndarray) -> np.ndarray:
 
 def check_eval_config(cfg: dict) -> dict:
     """The eval group with defaults filled in; UserError on a bad key or value (one line)."""
-    from tasks.common import UserError
-
     e = dict(cfg.get("eval") or {})
     allowed = {"n_samples", "seeds", "features", "inception_weights", "export_png", "only", "path"}
     for k in e:
@@ -138,8 +137,6 @@ def evaluate_images(dataset, samples_uint8: np.ndarray, cfg: dict, out_dir: Path
     memorisation_space, nearest_neighbour_picture (and png_folder). fid and its floor are None
     when the features are raw pixels (no feature network: say so in `features`).
     """
-    from tasks.common import UserError
-
     check_eval_config(cfg)
     x = np.asarray(samples_uint8)
     if x.dtype != np.uint8 or x.shape[1:] != tuple(dataset.shape) or x.shape[0] < 4:

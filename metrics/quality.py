@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from models.exact import GaussianMixture
+from data.mixtures import GaussianMixture
 
 
 def sliced_wasserstein(

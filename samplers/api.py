@@ -21,14 +21,19 @@ from typing import Any
 import torch
 
 from sde_lib import SDE, ScoreFn
+from sde_lib.options import OptionError
+from sde_lib.options import check_options as check_options_of
 
+from . import ddim, dpm_solver3, fast, ipndm, ode, pc, unipc
 from .ddim import decaying_alpha, sample_ddim
 from .dpm_solver import sample_dpm_solver
 from .dpm_solver3 import sample_dpm_solver3
+from .exponential import tweedie_denoise
 from .fast import sample_fast
 from .heun import sample_heun
 from .ipndm import sample_ipndm
 from .ode import sample_ode, solve_flow
+from .optimise_grid import check_fittable, optimise_grid
 from .pc import sample_ancestral, sample_em, sample_pc, sample_reverse_diffusion
 from .unipc import sample_unipc
 
@@ -45,6 +50,19 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpm_solver3": sample_dpm_solver3,
     "unipc": sample_unipc,
     "ipndm": sample_ipndm,
+}
+
+# name -> the allowed values of its options, owned by the sampler's module (grid is checked by
+# grids.get_grid, which knows the SDE and the step count)
+RULES: dict[str, dict] = {
+    "ancestral": pc.ANCESTRAL_RULES,
+    "pc": pc.PC_RULES,
+    "ode": ode.RULES,
+    "ddim": ddim.RULES,
+    "fast": fast.RULES,
+    "dpm_solver3": dpm_solver3.RULES,
+    "unipc": unipc.RULES,
+    "ipndm": ipndm.RULES,
 }
 
 # name -> check(sde) returning None when the sampler applies, else what it needs
@@ -65,19 +83,23 @@ class CountingScore:
         return self.score_fn(x, t)
 
 
-def tweedie_denoise(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, t: float) -> torch.Tensor:
-    """E[x_0 | x_t = x] = (x + sigma_t^2 score(x, t)) / alpha_t (Tweedie's formula): (B, *D)."""
-    alpha, sigma = sde.alpha_sigma(torch.tensor([t], dtype=torch.float64))
-    score = score_fn(x, x.new_full((x.shape[0],), t))
-    return (x + sigma.item() ** 2 * score) / alpha.item()
-
-
 def sampler_options(name: str) -> dict[str, Any]:
     """The sampler's own keyword options and their defaults, including `steps`."""
     fn = _lookup(name)
     params = inspect.signature(fn).parameters.values()
     own = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
     return {k: v for k, v in own.items() if k == "steps" or k not in _SHARED}
+
+
+def check_options(name: str, options: dict, prefix: str = "") -> None:
+    """Raise OptionError (a ValueError) for an option `name` does not take or a value its rule
+    does not allow; the message names prefix + key."""
+    allowed = sampler_options(name)
+    for key in options:
+        if key not in allowed:
+            names = ", ".join(k for k in allowed if k != "steps") or "none"
+            raise OptionError(f"{prefix}{key} is not an option of sampler {name}; allowed: {names}")
+    check_options_of(RULES.get(name, {}), options, prefix)
 
 
 def check_applicable(name: str, sde: SDE) -> None:
@@ -116,11 +138,7 @@ def sample(
     """
     fn = _lookup(sampler)
     check_applicable(sampler, sde)
-    allowed = sampler_options(sampler)
-    for key in options:
-        if key not in allowed:
-            names = ", ".join(k for k in allowed if k != "steps") or "none"
-            raise ValueError(f"unknown option {key!r} for sampler {sampler!r}; allowed: {names}")
+    check_options(sampler, options)
     _check_eps(eps, sde)
     if denoise is not True and denoise is not False:
         raise ValueError(f"denoise must be True or False, got {denoise!r}")
@@ -133,8 +151,6 @@ def sample(
     else:
         x = x_T
     if isinstance(options.get("grid"), str) and options["grid"] == "fit":
-        from .optimise_grid import fit_schedule
-
         n = options.get("steps", sampler_options(sampler).get("steps"))
         try:
             options["grid"], _ = fit_schedule(sde, score_fn, tuple(shape[1:]), sampler, n, eps=eps,
@@ -152,6 +168,38 @@ def sample(
         if denoise and not own_final:
             x = tweedie_denoise(sde, counted, x, eps)
     return x, counted.nfe
+
+
+def fit_schedule(
+    sde: SDE,
+    score_fn: ScoreFn,
+    shape: tuple[int, ...],
+    sampler: str,
+    steps: int,
+    *,
+    eps: float = 1e-3,
+    denoise: bool = True,
+    options: dict | None = None,
+    batch: int | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Times (steps + 1,) fitted for the named sampler (with its options) to score_fn's own flow.
+
+    shape: one sample's shape (D,) or (C, H, W). The calibration batch is `batch` prior draws
+    (default 1000 points, 256 images) from a generator seeded with `seed`, so a fit is
+    reproducible and independent of the noise it is later used with, on `device` in `dtype`
+    (default: the prior's). This is `grid="fit"` of `samplers.sample`, `sampler.grid=fit` of
+    run.py and the fit of the command line below.
+    """
+    options = {k: v for k, v in (options or {}).items() if k not in ("grid", "steps")}
+    check_fittable(sampler, options, steps)
+    n = batch or (1000 if len(shape) == 1 else 256)
+    x_T = sde.prior_sampling((n, *shape), generator=torch.Generator().manual_seed(seed))
+    x_T = x_T.to(device=device, dtype=dtype or x_T.dtype)
+    return optimise_grid(sde, score_fn, x_T, _lookup(sampler), steps, eps=eps,
+                         denoise=denoise, options=options)  # fmt: skip
 
 
 def encode(
@@ -218,8 +266,10 @@ __all__ = [
     "SAMPLERS",
     "CountingScore",
     "check_applicable",
+    "check_options",
     "decode",
     "encode",
+    "fit_schedule",
     "sample",
     "sampler_options",
     "tweedie_denoise",

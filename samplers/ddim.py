@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from sde_lib import SDE, ScoreFn, randn_like
+from sde_lib.options import Number, check_options
 
 from .grids import get_grid, intervals
+
+# sample_ddim's options and their allowed values (run.py's validation reads them too)
+RULES = {"eta": Number(lo=0)}
 
 
 def decaying_alpha(sde: SDE) -> str | None:
@@ -41,8 +43,7 @@ def sample_ddim(
     time-quadratic grid is the best measured at 50 steps on VP and sub-VP (README "Fast
     sampling"; uniform-t, the former default, is the worst).
     """
-    if not isinstance(eta, numbers.Real) or not eta >= 0:
-        raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+    check_options(RULES, dict(eta=eta))
     for st in intervals(sde, get_grid(grid, sde, steps, eps), progress):
         ratio = st.alpha_t * st.sigma_s / (st.alpha_s * st.sigma_t)
         c = eta * st.sigma_s * max(1 - ratio**2, 0.0) ** 0.5

@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 
 from sde_lib import SDE, ScoreFn
+from sde_lib.options import FLAG, Number, check_options
 
 from .exponential import (
-    check_flag,
-    check_order,
     data_prediction,
     exp_weights,
     lam,
@@ -21,6 +20,9 @@ from .exponential import (
     step_order,
 )
 from .grids import get_grid, intervals
+
+# sample_dpm_solver3's options and their allowed values (run.py's validation reads them too)
+RULES = {"order": Number(1, 3, integer=True), "lower_order_final": FLAG}
 
 
 def sample_dpm_solver3(
@@ -49,8 +51,7 @@ def sample_dpm_solver3(
     its divided-difference estimates of the first two lambda-derivatives of x0. Global order p on
     any grid. Deterministic: `generator` is unused.
     """
-    order = check_order(order, 3)
-    check_flag(lower_order_final, "lower_order_final")
+    check_options(RULES, dict(order=order, lower_order_final=lower_order_final))
     history: list[tuple[float, torch.Tensor]] = []  # (lambda, x0), newest first
     for i, st in enumerate(intervals(sde, get_grid(grid, sde, steps, eps), progress)):
         lam_t = lam(st.alpha_t, st.sigma_t)

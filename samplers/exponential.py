@@ -12,11 +12,10 @@ phi_{k+1}(z) = (phi_k(z) - 1/k!) / z. Everything here is float64 Python arithmet
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
-from sde_lib import ScoreFn
+from sde_lib import SDE, ScoreFn
 
 from .grids import Step
 
@@ -52,6 +51,12 @@ def data_prediction(score_fn: ScoreFn, x: torch.Tensor, t: float, alpha: float, 
     return (x + sigma**2 * score_fn(x, x.new_full((x.shape[0],), t))) / alpha
 
 
+def tweedie_denoise(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, t: float) -> torch.Tensor:
+    """E[x_0 | x_t = x] = (x + sigma_t^2 score(x, t)) / alpha_t (Tweedie's formula): (B, *D)."""
+    alpha, sigma = (v.item() for v in sde.alpha_sigma(torch.tensor([t], dtype=torch.float64)))
+    return data_prediction(score_fn, x, t, alpha, sigma)
+
+
 def lam(alpha: float, sigma: float) -> float:
     """lambda = log(alpha / sigma)."""
     return math.log(alpha) - math.log(sigma)
@@ -60,19 +65,6 @@ def lam(alpha: float, sigma: float) -> float:
 def step_h(st: Step) -> float:
     """h = lambda_s - lambda_t of one interval (> 0)."""
     return lam(st.alpha_s, st.sigma_s) - lam(st.alpha_t, st.sigma_t)
-
-
-def check_order(order, most: int, what: str = "order") -> int:
-    """An integer order in 1..most, else ValueError naming the allowed values."""
-    if not isinstance(order, numbers.Integral) or isinstance(order, bool) or not 1 <= order <= most:
-        raise ValueError(f"{what} must be an integer in 1..{most}, got {order!r}")
-    return int(order)
-
-
-def check_flag(value, what: str) -> bool:
-    if value is not True and value is not False:
-        raise ValueError(f"{what} must be True or False, got {value!r}")
-    return value
 
 
 def step_order(i: int, steps: int, order: int, lower_order_final: bool) -> int:

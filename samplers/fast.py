@@ -17,7 +17,7 @@ lambda(eps), so they map onto any eps and any SDE of that kind. Other step count
 use the solver of the nearest measured count on the time-quadratic grid. For a trained model,
 grid="fit" (sampler.grid=fit) fits the steps to that model instead. README "Fast sampling" has the
 figures; refit with
-    python -m samplers.fast --refit --images vp=CKPT --images vp=CKPT2 --images subvp=CKPT ...
+    python -m tasks.schedules refit --images vp=CKPT --images vp=CKPT2 --images subvp=CKPT ...
 """
 
 from __future__ import annotations
@@ -26,16 +26,25 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy.optimize import LinearConstraint, NonlinearConstraint, minimize
 
-from sde_lib import SDE, ScoreFn
+from data.mixtures import gmm8, mixture5d
+from models.exact import MixtureScore
+from sde_lib import SDE, VESDE, VPSDE, ScoreFn, subVPSDE
+from sde_lib.options import Choice
 
+from .exponential import tweedie_denoise
 from .grids import get_grid, lambda_positions, schedule_times
 from .ipndm import sample_ipndm
+from .optimise_grid import optimise_grid, reference
 from .unipc import sample_unipc
 
 SCHEDULE_FILE = Path(__file__).with_name("fast_schedules.json")
 SOLVERS = {"unipc": sample_unipc, "ipndm": sample_ipndm}
+# sample_fast's options and their allowed values (run.py's validation reads them too)
+RULES = {"solver": Choice("auto", *SOLVERS)}
 # (kind, steps) -> (solver, options), measured on held-out batches (README "Fast sampling")
 CHOICES: dict[tuple[str, int], tuple[str, dict]] = {
     ("vp", 9): ("unipc", dict(lower_order_final=True)),
@@ -149,12 +158,7 @@ def sample_fast(
     every sampler (a name of GRIDS or a .json schedule) and then the final evaluation is always
     the denoising. `generator` is unused (deterministic).
     """
-    from .api import tweedie_denoise
-
-    allowed = ("auto", *SOLVERS)
-    if solver not in allowed:
-        raise ValueError(f"unknown solver {solver!r} for sampler 'fast'; allowed: "
-                         f"{', '.join(allowed)}")  # fmt: skip
+    RULES["solver"].check("solver", solver)
     name, options, positions = choose(sde, steps)
     final = final_step_entry(sde, steps) if denoise and grid is None else None
     n = steps
@@ -279,12 +283,7 @@ def gap_constrained_fit(
     chain began from, "hop": the basin hop that ended it (0: the start's own fit) and that start's
     gaps and errors).
     """
-    import numpy as np
-    from scipy.optimize import LinearConstraint, NonlinearConstraint, minimize
 
-    from models.exact import MixtureScore
-
-    from .optimise_grid import _denoise, reference
 
     if final_step:
         solver, options = FINAL_STEP[(sde_kind(sde), steps)]
@@ -296,10 +295,10 @@ def gap_constrained_fit(
 
     def run(score_fn, x, times):
         y = sampler(sde, score_fn, x.clone(), steps=n, eps=eps, grid=times, **options)
-        return y if final_step else _denoise(sde, score_fn, y, eps)
+        return y if final_step else tweedie_denoise(sde, score_fn, y, eps)
 
     def flow(score_fn, x):
-        return _denoise(sde, score_fn, reference(sde, score_fn, x, eps, 100, 4)[1][-1], eps)
+        return tweedie_denoise(sde, score_fn, reference(sde, score_fn, x, eps, 100, 4)[1][-1], eps)
 
     def u_of(z) -> list[float]:  # z: the log-steps after the first, relative to it
         z = np.concatenate([[0.0], z])
@@ -405,7 +404,7 @@ def _report(what: str, info: dict) -> None:
 def refit(
     seed: int = 0,
     n: int = 1000,
-    images: dict[str, list[str]] | None = None,
+    images: dict[str, list[tuple[SDE, ScoreFn, tuple[int, ...]]]] | None = None,
     n_images: int = 128,
     n_gap: int = 4000,
     steps_list: list[int] | None = None,
@@ -415,7 +414,7 @@ def refit(
     others of SCHEDULE_FILE, as it reads when the fit ends) and write SCHEDULE_FILE.
 
     Each kind's objective is the error to the reference flow on the exact scores of gmm8 and
-    mix5d (n calibration points each) and, where images[kind] lists checkpoints of that kind,
+    mix5d (n calibration points each) and, where images[kind] lists trained models of that kind,
     on each of those trained models (n_images prior draws each, weight `trained_weight(kind,
     steps)`), each batch's error divided by its error on the logSNR grid (optimise_grid's
     normalise=True). The shipped fit has two models per kind, the digits U-Net of the --digits bench
@@ -430,19 +429,14 @@ def refit(
     than the joint fit, and at 20 NFE on an undertrained digits U-Net 10.5 against 0.06-0.14 for the
     logSNR and EDM grids (README "Fast sampling").
     """
-    from data.mixtures import gmm8, mixture5d
-    from models.exact import MixtureScore
-    from sde_lib import VESDE, VPSDE, subVPSDE
 
-    from .optimise_grid import _from_checkpoint, optimise_grid
 
     sdes = {"vp": VPSDE(), "subvp": subVPSDE(), "ve": VESDE()}
     trained: dict[str, list[tuple[ScoreFn, torch.Tensor]]] = {}  # kind -> [(model, prior draws)]
-    for kind, paths in (images or {}).items():
-        for path in paths:
-            sde, model, shape, _ = _from_checkpoint(Path(path))
+    for kind, loaded in (images or {}).items():
+        for sde, model, shape in loaded:
             if repr(sde) != repr(sdes[kind]):
-                raise ValueError(f"{path} has {sde!r}; the {kind} fit needs {sdes[kind]!r}")
+                raise ValueError(f"a trained model has {sde!r}; the {kind} fit needs {sdes[kind]!r}")
             g = torch.Generator().manual_seed(seed)
             trained.setdefault(kind, []).append((model, sde.prior_sampling((n_images, *shape),
                                                                            generator=g)))
@@ -495,7 +489,7 @@ def refit(
               f"{n_gap} draws per law, calibration seed {seed}); those of final_step "
               "(steps + 1 solver steps, no denoising) by gap_constrained_fit from the uniform-t "
               "grid with five basin hops. "
-              "Refit: python -m samplers.fast --refit --images vp=CKPT --images vp=CKPT2 "
+              "Refit: python -m tasks.schedules refit --images vp=CKPT --images vp=CKPT2 "
               "--images subvp=CKPT ... [--steps 4-24] [--kinds vp,ve]",
               "positions": {}}  # fmt: skip
     if SCHEDULE_FILE.is_file():  # keep the entries not refitted now
@@ -511,28 +505,3 @@ def refit(
     record["final_step"] = {k: final[k] for k in sorted(final, key=_order)}
     SCHEDULE_FILE.write_text(json.dumps(record, indent=1) + "\n")
     return out
-
-
-if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m samplers.fast")
-    p.add_argument("--refit", action="store_true", help="refit the shipped schedules")
-    p.add_argument("--images", action="append", default=[], metavar="KIND=CKPT",
-                   help="a trained model of that SDE kind (vp, subvp, ve) to fit on as well")
-    p.add_argument("--steps", default=None, help="only these step counts, e.g. 4-12 or 9,19")
-    p.add_argument("--kinds", default=None, help="only these kinds, e.g. vp,ve")
-    a = p.parse_args()
-    if a.refit:
-        torch.set_num_threads(1)
-        todo = None
-        if a.steps:
-            todo = [int(v) for v in a.steps.split(",")] if "-" not in a.steps else list(
-                range(int(a.steps.split("-")[0]), int(a.steps.split("-")[1]) + 1))  # fmt: skip
-        images: dict[str, list[str]] = {}
-        for v in a.images:  # repeatable, also per kind: each checkpoint joins its kind's fit
-            kind, path = v.split("=", 1)
-            images.setdefault(kind, []).append(path)
-        refit(images=images, steps_list=todo,
-              kinds=a.kinds.split(",") if a.kinds else None)  # fmt: skip
-

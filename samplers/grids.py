@@ -5,7 +5,7 @@ Grids that are uniform in some function of the noise level are mapped back to ti
 using only the SDE's own `alpha_sigma`, so they hold for every SDE with a linear-Gaussian kernel.
 
 Every sampler's `grid` option goes through `get_grid`, which takes one of the names in GRIDS, the
-path of a schedule file written by `save_schedule` (e.g. by `python -m samplers.optimise_grid`), or,
+path of a schedule file written by `save_schedule` (e.g. by `python -m tasks.schedules fit`), or,
 from Python, a 1-D sequence / tensor of times. A schedule file is JSON with at least
     {"times": [T, t_1, ..., t_{N-1}, eps], ...}
 and is checked against the run: N must equal `steps`, the times must decrease strictly, start at
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
 from sde_lib import SDE
 
@@ -194,7 +195,6 @@ def intervals(sde: SDE, ts: torch.Tensor, progress: bool = False) -> Iterator[St
     n = len(t) - 1
     steps = (Step(t[i], t[i + 1], alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]) for i in range(n))
     if progress:
-        from tqdm.auto import tqdm
 
         return iter(tqdm(steps, total=n))
     return steps

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sde_lib import KeyedNoise
+
 NULL_CLASS = -1  # the label of "no class": the unconditional score of a conditional network
 
 
@@ -83,7 +85,6 @@ def label_batch(spec, indices: torch.Tensor, n_classes: int, seed: int) -> torch
     """The labels (b,) of the samples with these global indices for `sampler.class_label`:
     an int (all the same), a list (one per sample, by global index) or 'random' (uniform over
     the classes, keyed by (seed, global index), so independent of batch size and processes)."""
-    from sde_lib import KeyedNoise
 
     idx = torch.as_tensor(indices, dtype=torch.int64)
     if spec == "random":

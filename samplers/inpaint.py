@@ -3,8 +3,11 @@ same draws corrected to the model's exact conditional law by importance resampli
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from likelihood import log_likelihood
 from sde_lib import SDE, ScoreFn, as_noise
 
 from .api import CountingScore, tweedie_denoise
@@ -98,9 +101,7 @@ def inpaint_resampled(
     exact score: the data law's conditional), whereas the replacement method alone is biased for
     multimodal laws. Meant for low-dimensional unknowns. Returns (x: (B, *D), nfe).
     """
-    import math
 
-    from likelihood import log_likelihood
 
     if mask.dtype != torch.bool or tuple(mask.shape) != tuple(known.shape[1:]):
         raise ValueError(f"mask must be a bool tensor of shape {tuple(known.shape[1:])} "

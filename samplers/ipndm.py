@@ -10,9 +10,13 @@ from __future__ import annotations
 import torch
 
 from sde_lib import SDE, ScoreFn
+from sde_lib.options import FLAG, Number, check_options
 
-from .exponential import check_flag, check_order, step_order
+from .exponential import step_order
 from .grids import get_grid, intervals
+
+# sample_ipndm's options and their allowed values (run.py's validation reads them too)
+RULES = {"order": Number(1, 4, integer=True), "lower_order_final": FLAG}
 
 # Adams-Bashforth coefficients of orders 1..4 on the newest-first derivatives
 AB_COEFFICIENTS = (
@@ -47,8 +51,7 @@ def sample_ipndm(
     second order on other smooth grids. `steps` NFE (steps + 1 with the final denoising); the
     default 19 steps cost 20. Deterministic: `generator` is unused.
     """
-    order = check_order(order, 4)
-    check_flag(lower_order_final, "lower_order_final")
+    check_options(RULES, dict(order=order, lower_order_final=lower_order_final))
     batch = (x.shape[0],)
     history: list[torch.Tensor] = []  # e_hat, newest first
     xs = None

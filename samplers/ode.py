@@ -9,17 +9,20 @@ methods ("euler", "midpoint", "rk4", ...) step on a float64 time grid of `steps`
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torchdiffeq import odeint
+from tqdm.auto import tqdm
 
 from sde_lib import SDE, ScoreFn
+from sde_lib.options import Choice, Number, check_options
 
 from .grids import get_grid
 
 FIXED_METHODS = ("euler", "midpoint", "rk4", "heun2", "heun3", "explicit_adams", "implicit_adams")
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+# sample_ode's options and their allowed values (run.py's validation reads them too)
+RULES = {"method": Choice(*ADAPTIVE_METHODS, *FIXED_METHODS),
+         "rtol": Number(lo=0, lo_open=True), "atol": Number(lo=0, lo_open=True)}  # fmt: skip
 
 
 def solve_flow(
@@ -48,9 +51,7 @@ def solve_flow(
                 f"steps={steps!r} has no effect with the adaptive method {method!r}; leave steps "
                 f"unset or choose a fixed-step method: {', '.join(FIXED_METHODS)}"
             )
-        for name, tol in (("rtol", rtol), ("atol", atol)):
-            if not isinstance(tol, numbers.Real) or not tol > 0:
-                raise ValueError(f"{name} must be a positive number, got {tol!r}")
+        check_options(RULES, dict(rtol=rtol, atol=atol))
         # Land exactly on the end point: dopri5 and its kin would otherwise step past it and
         # evaluate the score outside [eps, T], where alpha and sigma may be undefined.
         end = torch.tensor([eps if to_data else sde.T], dtype=torch.float64, device=x.device)
@@ -62,8 +63,7 @@ def solve_flow(
         ts = ts if to_data else ts.flip(0)
         options = {"grid_constructor": lambda func, y0, t: ts}
     else:
-        allowed = ", ".join(ADAPTIVE_METHODS + FIXED_METHODS)
-        raise ValueError(f"unknown ODE method {method!r}; allowed: {allowed}")
+        RULES["method"].check("method", method)
     rev = sde.reverse(score_fn, probability_flow=True)
     batch = (x.shape[0],)
     bar = _bar(progress)
@@ -110,6 +110,5 @@ def sample_ode(
 def _bar(progress: bool):
     if not progress:
         return None
-    from tqdm.auto import tqdm
 
     return tqdm(desc="ODE drift evaluations")

@@ -1,6 +1,6 @@
 """Optimised time grids: fit a solver's time steps to a high-NFE reference trajectory.
 
-    python -m samplers.optimise_grid --sde vp --data gmm8 --solver unipc --nfe 10 --out s.json
+    python -m tasks.schedules fit --sde vp --data gmm8 --solver unipc --nfe 10 --out s.json
 
 then `sampler.grid=s.json` (or `grid="s.json"` in Python) uses the schedule with any sampler of the
 same `steps`. The fit, for a score model, a solver, an NFE budget and a calibration batch x_T:
@@ -16,22 +16,21 @@ same `steps`. The fit, for a score model, a solver, an NFE budget and a calibrat
    squared distance of the chosen solver's denoised output to the reference's, starting from the
    better of the DP grid and the fixed grids.
 
-steps = nfe - 1 with the final denoising (nfe with --no-denoise). Scores may be any model; the CLI
-fits a trained checkpoint (--checkpoint PATH) or the exact score of a mixture data set.
+steps = nfe - 1 with the final denoising (nfe with --no-denoise). Scores may be any model; the
+command line (tasks/schedules.py) fits a trained checkpoint (--checkpoint PATH) or the exact score
+of a mixture data set.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from sde_lib import SDE, ScoreFn
 
-from .exponential import data_prediction, exp_weights, lam, step_h
+from .exponential import data_prediction, exp_weights, lam, step_h, tweedie_denoise
 from .grids import (
     GRIDS,
     get_grid,
@@ -39,15 +38,9 @@ from .grids import (
     lambda_positions,
     log_snr,
     logsnr_grid,
-    save_schedule,
     schedule_times,
 )
 from .ode import FIXED_METHODS
-
-
-def _denoise(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, t: float) -> torch.Tensor:
-    alpha, sigma = (v.item() for v in sde.alpha_sigma(torch.tensor([t], dtype=torch.float64)))
-    return (x + sigma**2 * score_fn(x, x.new_full((x.shape[0],), t))) / alpha
 
 
 def reference(
@@ -147,14 +140,14 @@ def optimise_grid(
     with torch.no_grad():
         refs = [reference(sde, f, x, eps, candidates, substeps) for f, x in zip(scores_fns,
                 batches, strict=True)]  # fmt: skip
-        targets = [_denoise(sde, f, st[-1], eps) if denoise else st[-1]
+        targets = [tweedie_denoise(sde, f, st[-1], eps) if denoise else st[-1]
                    for f, (_, st) in zip(scores_fns, refs, strict=True)]  # fmt: skip
 
         def errors(times: torch.Tensor) -> list[float]:
             out = []
             for f, x, target in zip(scores_fns, batches, targets, strict=True):
                 y = sampler(sde, f, x.clone(), steps=steps, eps=eps, grid=times, **options)
-                y = _denoise(sde, f, y, eps) if denoise else y
+                y = tweedie_denoise(sde, f, y, eps) if denoise else y
                 out.append((y - target).double().square().flatten(1).sum(1).mean().item())
             return out
 
@@ -221,112 +214,3 @@ def check_fittable(sampler: str, options: dict, steps: int | None) -> None:
         raise ValueError("it needs ddim with eta=0 (deterministic)")
     if sampler == "ode" and options.get("method", "dopri5") not in FIXED_METHODS:
         raise ValueError(f"it needs ode with a fixed-step method ({', '.join(FIXED_METHODS)})")
-
-
-def fit_schedule(
-    sde: SDE,
-    score_fn: ScoreFn,
-    shape: tuple[int, ...],
-    sampler: str,
-    steps: int,
-    *,
-    eps: float = 1e-3,
-    denoise: bool = True,
-    options: dict | None = None,
-    batch: int | None = None,
-    seed: int = 0,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, dict]:
-    """Times (steps + 1,) fitted for the named sampler (with its options) to score_fn's own flow.
-
-    shape: one sample's shape (D,) or (C, H, W). The calibration batch is `batch` prior draws
-    (default 1000 points, 256 images) from a generator seeded with `seed`, so a fit is
-    reproducible and independent of the noise it is later used with, on `device` in `dtype`
-    (default: the prior's). This is `grid="fit"` of `samplers.sample`, `sampler.grid=fit` of
-    run.py and the fit of the command line below.
-    """
-    from . import api
-
-    options = {k: v for k, v in (options or {}).items() if k not in ("grid", "steps")}
-    check_fittable(sampler, options, steps)
-    n = batch or (1000 if len(shape) == 1 else 256)
-    x_T = sde.prior_sampling((n, *shape), generator=torch.Generator().manual_seed(seed))
-    x_T = x_T.to(device=device, dtype=dtype or x_T.dtype)
-    return optimise_grid(sde, score_fn, x_T, api._lookup(sampler), steps, eps=eps,
-                         denoise=denoise, options=options)  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """The command line: fit a schedule for a trained checkpoint (--checkpoint) or for the exact
-    score of a mixture data set (--sde, --data), and write it as JSON."""
-    from tasks.common import UserError
-    from training.checkpoint import CheckpointError
-
-    from . import api
-
-    parser = argparse.ArgumentParser(
-        prog="python -m samplers.optimise_grid", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="a trained score model's checkpoint: its SDE, data shape and EMA "
-                        "weights (then --sde / --data are taken from it)")  # fmt: skip
-    parser.add_argument("--sde", choices=("vp", "subvp", "ve"), default=None,
-                        help="exact mixture score: the SDE (default vp)")  # fmt: skip
-    parser.add_argument("--data", choices=("gmm8", "mix5d"), default=None,
-                        help="exact mixture score: the law (default gmm8)")  # fmt: skip
-    parser.add_argument("--solver", default="unipc", help="a sampler name (see samplers.SAMPLERS)")
-    parser.add_argument("--nfe", type=int, default=10, help="budget, final denoising included")
-    parser.add_argument("--no-denoise", action="store_true")
-    parser.add_argument("--eps", type=float, default=1e-3)
-    parser.add_argument("--batch", type=int, default=None,
-                        help="calibration batch size (default 1000 points, 256 images)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True, help="JSON schedule file to write")
-    a = parser.parse_args(argv)
-    if a.checkpoint is not None and (a.sde or a.data):
-        parser.error("--sde / --data come from the checkpoint; drop them or drop --checkpoint")
-    steps = a.nfe - (0 if a.no_denoise else 1)
-    if steps < 1:
-        parser.error(f"--nfe {a.nfe} leaves no solver step")
-    try:
-        api._lookup(a.solver)
-        if a.checkpoint is not None:
-            sde, score_fn, shape, source = _from_checkpoint(a.checkpoint)
-        else:
-            sde, score_fn, shape, source = _exact(a.sde or "vp", a.data or "gmm8")
-        times, info = fit_schedule(sde, score_fn, shape, a.solver, steps, eps=a.eps,
-                                   denoise=not a.no_denoise, batch=a.batch, seed=a.seed,
-                                   dtype=torch.float64 if a.checkpoint is None else None)
-        path = save_schedule(a.out, times, sde=repr(sde), **source, solver=a.solver, nfe=a.nfe,
-                             eps=a.eps, denoise=not a.no_denoise, fit=info)  # fmt: skip
-    except (ValueError, OSError, UserError, CheckpointError) as e:
-        parser.exit(2, f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
-    print(f"wrote {path}: steps={steps}, start {info['start']}, mse {info['mse']:.3g} "
-          f"(fixed grids: {', '.join(f'{k} {v:.3g}' for k, v in info['mse_start'].items())})")
-    return path
-
-
-def _exact(sde_name: str, data: str):
-    from data.mixtures import gmm8, mixture5d
-    from models.exact import MixtureScore
-    from sde_lib import VESDE, VPSDE, subVPSDE
-
-    sde = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}[sde_name]()
-    law = gmm8() if data == "gmm8" else mixture5d()
-    return sde, MixtureScore(sde, law), (law.dim,), {"data": data}
-
-
-def _from_checkpoint(path: Path):
-    """(sde, EMA score model in eval mode, data shape, record fields) of a score checkpoint."""
-    from tasks.common import load_score_model
-    from training import checkpoint as ckpt
-
-    saved = ckpt.config_of(ckpt.load(path))
-    sde, dataset, model, found = load_score_model({**saved, "ckpt": str(path)}, log=lambda *m: None)
-    return sde, model, tuple(dataset.shape), {"checkpoint": str(found),
-                                               "data": saved["data"]["name"]}  # fmt: skip
-
-
-if __name__ == "__main__":
-    main()

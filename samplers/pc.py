@@ -13,12 +13,12 @@ x is (B, *D) for any data rank; per-example scalars are (B,) and broadcast with 
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 
 import torch
 
 from sde_lib import SDE, ScoreFn, append_dims, randn_like
+from sde_lib.options import Choice, Number, check_options
 
 from .grids import Step, get_grid, intervals
 
@@ -50,6 +50,8 @@ def reverse_diffusion(
 
 
 VARIANCES = ("posterior", "beta")
+# sample_ancestral's options and their allowed values (run.py's validation reads them too)
+ANCESTRAL_RULES = {"variance": Choice(*VARIANCES)}
 
 
 def ancestral(
@@ -70,8 +72,7 @@ def ancestral(
     sigma_step^2 = v, the forward step's variance (for VP exactly DDPM's beta_t; optimal for
     x_0 ~ N(0, I)). Both give the same law as the steps get small.
     """
-    if variance not in VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
+    ANCESTRAL_RULES["variance"].check("variance", variance)
     a = step.alpha_t / step.alpha_s
     v = max(step.sigma_t**2 - (a * step.sigma_s) ** 2, 0.0)
     score = score_fn(x, x.new_full((x.shape[0],), step.t))
@@ -163,6 +164,10 @@ CORRECTORS: dict[str, Callable] = {
     "none": no_corrector,
 }
 
+# sample_pc's options and their allowed values (run.py's validation reads them too)
+PC_RULES = {"predictor": Choice(*PREDICTORS), "corrector": Choice(*CORRECTORS),
+            "snr": Number(lo=0, lo_open=True), "n_corrector_steps": Number(lo=0, integer=True)}  # fmt: skip
+
 
 # ---------------------------------------------------------------- samplers
 
@@ -246,8 +251,7 @@ def sample_ancestral(
     Sec. 3.2; see `ancestral`. With steps=1000 on the default VP the steps are DDPM's T = 1000
     linear betas. One score evaluation per step.
     """
-    if variance not in VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
+    ANCESTRAL_RULES["variance"].check("variance", variance)
     for step in intervals(sde, get_grid(grid, sde, steps, eps), progress):
         x = ancestral(sde, score_fn, x, step, generator, variance)
     return x
@@ -257,14 +261,6 @@ def check_pc(
     predictor: str, corrector: str, snr: float, n_corrector_steps: int
 ) -> tuple[Callable, Callable]:
     """Validate the PC options; return the (predictor, corrector) functions."""
-    for what, table, name in (
-        ("predictor", PREDICTORS, predictor),
-        ("corrector", CORRECTORS, corrector),
-    ):
-        if not isinstance(name, str) or name not in table:
-            raise ValueError(f"unknown {what} {name!r}; allowed: {', '.join(table)}")
-    if not isinstance(snr, numbers.Real) or not snr > 0:
-        raise ValueError(f"snr must be a positive number, got {snr!r}")
-    if not isinstance(n_corrector_steps, numbers.Integral) or n_corrector_steps < 0:
-        raise ValueError(f"n_corrector_steps must be an integer >= 0, got {n_corrector_steps!r}")
+    check_options(PC_RULES, dict(predictor=predictor, corrector=corrector, snr=snr,
+                                 n_corrector_steps=n_corrector_steps))  # fmt: skip
     return PREDICTORS[predictor], CORRECTORS[corrector]

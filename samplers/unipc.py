@@ -12,10 +12,9 @@ import math
 import torch
 
 from sde_lib import SDE, ScoreFn
+from sde_lib.options import FLAG, Choice, Number, check_options
 
 from .exponential import (
-    check_flag,
-    check_order,
     data_prediction,
     lam,
     phi,
@@ -25,6 +24,9 @@ from .exponential import (
 from .grids import get_grid, intervals
 
 VARIANTS = ("bh1", "bh2")
+# sample_unipc's options and their allowed values (run.py's validation reads them too)
+RULES = {"order": Number(1, 3, integer=True), "variant": Choice(*VARIANTS),
+         "use_corrector": FLAG, "lower_order_final": FLAG}  # fmt: skip
 
 
 def b_of_h(variant: str, h: float) -> float:
@@ -79,11 +81,8 @@ def sample_unipc(
     Order p with use_corrector=False, p + 1 with it (once past the warm-up). `steps` NFE (steps + 1
     with the final denoising): the default 19 steps cost 20. `generator` is unused.
     """
-    order = check_order(order, 3)
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown UniPC variant {variant!r}; allowed: {', '.join(VARIANTS)}")
-    check_flag(use_corrector, "use_corrector")
-    check_flag(lower_order_final, "lower_order_final")
+    check_options(RULES, dict(order=order, variant=variant, use_corrector=use_corrector,
+                              lower_order_final=lower_order_final))  # fmt: skip
     history: list[tuple[float, torch.Tensor]] = []  # (lambda, x0), newest first
     for i, st in enumerate(intervals(sde, get_grid(grid, sde, steps, eps), progress)):
         lam_t, h = lam(st.alpha_t, st.sigma_t), step_h(st)

@@ -1,11 +1,17 @@
-"""The three modes of run.py (train, sample, nll) over plain-dict configs; no Hydra here."""
+"""The four modes of run.py (train, sample, nll, eval) over plain-dict configs; no Hydra here."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from .common import UserError
+from sde_lib.errors import UserError
+
+from .control import run_control
+from .evaluate import run_eval
+from .nll import run_nll
+from .sample import run_sample
+from .train import run_train
 from .validate import validate
 
 
@@ -14,24 +20,15 @@ def dispatch(cfg: dict, out_dir: Path, log=print) -> dict:
     validate(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
         log(f"{cfg['mode']} run: outputs in {out_dir}")
-    if cfg["mode"] == "train":
-        from .train import run_train
-
+    mode = cfg["mode"]
+    if mode == "train":
         return run_train(cfg, out_dir, log)
-    if cfg["mode"] == "eval" or (cfg["mode"] == "sample" and (cfg.get("eval") or {}).get("only")):
-        from .evaluate import run_eval
-
+    if mode == "eval" or (mode == "sample" and (cfg.get("eval") or {}).get("only")):
         return run_eval(cfg, out_dir, log)
-    if cfg["mode"] == "sample":
-        try:
-            from .sample import run_sample
-        except ImportError:
-            raise UserError("mode=sample is not built yet") from None
+    if mode == "sample" and cfg["sampler"].get("task", "sample") != "sample":
+        return run_control(cfg, out_dir, log)  # inpaint, colorize: conditioned on data
+    if mode == "sample":
         return run_sample(cfg, out_dir, log)
-    try:
-        from .nll import run_nll
-    except ImportError:
-        raise UserError("mode=nll is not built yet") from None
     return run_nll(cfg, out_dir, log)
 
 

@@ -23,12 +23,9 @@ from data.datasets import (
 from data.mixtures import mixture5d
 from models import MLP, MixtureScore, ScoreModel, UNet
 from sde_lib import SDE, VDMSDE, VESDE, VPSDE, subVPSDE
+from sde_lib.errors import UserError
 from training import checkpoint as ckpt
-
-
-class UserError(Exception):
-    """Bad input from the user: run.py prints it as one line and exits with code 2."""
-
+from training.distributed import setup
 
 SDE_CLASSES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE, "vdm": VDMSDE}
 TOY_DATA = ("gmm8", "checkerboard", "swissroll", "moons")
@@ -44,7 +41,8 @@ def build_sde(c: dict) -> SDE:
     try:
         return SDE_CLASSES[name](**params)
     except (TypeError, ValueError) as e:
-        raise UserError(f"sde={name}: {e}") from None
+        given = ", ".join(f"sde.{k}={v}" for k, v in params.items())
+        raise UserError(f"sde={name} ({given}): {e}") from None
 
 
 def build_dataset(c: dict) -> Dataset:
@@ -141,7 +139,6 @@ def build_score_model(cfg: dict, sde: SDE, dataset: Dataset) -> torch.nn.Module:
 def start_processes(cfg: dict):
     """The process group (under torchrun) and this process's device, from cfg['device'] and
     cfg['dist_timeout_s']; a device that is not there is a UserError."""
-    from training.distributed import setup
 
     try:
         return setup(cfg["device"], timeout_s=float(cfg.get("dist_timeout_s", 600)))

@@ -14,6 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metrics.classifier import load_or_train, to_input
+from metrics.images import dataset_uint8
+from models import MixtureClassifier
+from models.classifier import ImageClassifierNet, NoisyClassifier, PointClassifierNet
 from samplers.guidance import GuidedScore, label_batch
 from training import checkpoint as ckpt
 
@@ -29,7 +33,6 @@ def n_classes_of(model) -> int:
 def build_classifier(cfg: dict, sde, dataset) -> torch.nn.Module:
     """The noise-conditional classifier of training.objective=classifier for this data set:
     widths from the model group (model.ch for images, model.hidden for points)."""
-    from models.classifier import ImageClassifierNet, NoisyClassifier, PointClassifierNet
 
     k = dataset.n_classes
     if k < 2:
@@ -58,7 +61,6 @@ def load_classifier(cfg: dict, sde, dataset, log=print) -> torch.nn.Module:
     of a training.objective=classifier checkpoint with the same sde and data."""
     spec = cfg["sampler"]["classifier"]
     if spec == "exact":
-        from models import MixtureClassifier
 
         if dataset.mixture is None:
             raise UserError(f"sampler.classifier=exact needs a mixture data set (gmm8, mix5d); "
@@ -184,8 +186,6 @@ def predicted_classes(dataset, x: torch.Tensor, cfg: dict, images_uint8=None, lo
     if dataset.kind == "images":
         if dataset.labels is None or images_uint8 is None:
             return None
-        from metrics.classifier import load_or_train, to_input
-        from metrics.images import dataset_uint8
 
         root = Path(cfg.get("outputs_root", "outputs"))
         clf, _, _ = load_or_train(dataset_uint8(dataset, "train"),

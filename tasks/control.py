@@ -29,12 +29,14 @@ import numpy as np
 import torch
 
 import samplers
-from training.checkpoint import atomic_write, atomic_write_text
+from sde_lib import KeyedNoise
+from sde_lib.io import atomic_write, atomic_write_text
 from training.distributed import teardown
 
 from .common import UserError, load_score_model, start_processes
 from .conditional import make_guide, predicted_classes
 from .figures import image_grid
+from .sample import sample_noise, to_images
 
 MASK_NAMES = ("left", "right", "top", "bottom", "center", "random")
 MASK_STREAM = 0x6D61736B
@@ -87,8 +89,6 @@ def build_mask(spec: str, shape: tuple[int, ...], kind: str, seed: int = 0) -> t
 
 
 def _keyed_uniforms(seed: int, n: int) -> torch.Tensor:
-    from sde_lib import KeyedNoise
-
     u = KeyedNoise.for_indices(int(seed), torch.zeros(1, dtype=torch.int64), MASK_STREAM)
     v = u.rand((1, n))[0]
     if bool((v < 0.5).all()) or not bool((v < 0.5).any()):  # both kinds present
@@ -173,8 +173,6 @@ def run_control(cfg: dict, out_dir: Path, log=print) -> dict:
 
 
 def _run(cfg, task, sde, dataset, model, ckpt_path, device, out_dir, log) -> dict:
-    from .sample import sample_noise, to_images
-
     c, seed = cfg["sampler"], int(cfg["seed"])
     points = dataset.kind == "points"
     if task == "colorize" and (len(dataset.shape) != 3 or dataset.shape[0] != 3):

@@ -16,7 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from data.datasets import IMAGE_SUFFIXES
-from training.checkpoint import atomic_write_text
+from metrics.images import (
+    aggregate_seeds,
+    check_eval_config,
+    evaluate_images,
+    raw_to_uint8,
+    summary_line,
+)
+from sde_lib.io import atomic_write_text
 
 from .common import UserError, build_dataset
 from .figures import image_grid
@@ -25,7 +32,6 @@ from .logger import RunLogger
 
 def validate_eval(cfg: dict) -> dict:
     """The eval group checked (metrics.images.check_eval_config) plus eval.path's existence."""
-    from metrics.images import check_eval_config
 
     e = check_eval_config(cfg)
     if e["path"] is not None and not Path(e["path"]).expanduser().exists():
@@ -58,7 +64,6 @@ def newest_samples(cfg: dict, data_name: str) -> Path:
 def load_samples(path: Path, dataset) -> np.ndarray:
     """uint8 (N, C, H, W) images from a .npz (key `samples`: the data's raw range, as mode=sample
     writes it; uint8 arrays are taken as 0..255) or a folder of equally sized images."""
-    from metrics.images import raw_to_uint8
 
     c = dataset.shape[0]
     if path.is_dir():
@@ -102,7 +107,6 @@ def load_samples(path: Path, dataset) -> np.ndarray:
 
 def run_eval(cfg: dict, out_dir: Path, log=print) -> dict:
     """Score the samples in eval.path (or the newest sample run) against cfg's data set."""
-    from metrics.images import aggregate_seeds, evaluate_images, summary_line
 
     e = validate_eval(cfg)
     dataset = build_dataset(cfg["data"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.checkpoint import atomic_write
+from sde_lib.io import atomic_write
 
 
 def _save_fig(fig, path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .common import UserError
+
 
 class RunLogger:
     """wandb run for rank 0; mode 'disabled' imports nothing and starts no process."""
@@ -25,7 +27,6 @@ class RunLogger:
                 reinit="finish_previous",
             )
         except Exception as e:  # e.g. online without an API key
-            from .common import UserError
 
             raise UserError(
                 f"logger.mode={c['mode']} could not start wandb "

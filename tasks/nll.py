@@ -37,8 +37,9 @@ from tqdm import tqdm
 from data.datasets import Dataset
 from likelihood import bits_per_dim, dequantize, elbo, log_likelihood_stats
 from likelihood.ode import SCIPY_METHODS, SCIPY_OWN, TORCHDIFFEQ_METHODS
+from likelihood.vlb import vlb
 from sde_lib import SDE
-from training.checkpoint import atomic_write_text
+from sde_lib.io import atomic_write_text
 from training.distributed import broadcast_object, gather_to_main, my_items, teardown
 
 from .common import UserError, data_identity, load_score_model, start_processes
@@ -102,7 +103,6 @@ def _log_prob(
 ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     """(log p(x): (B,), evaluations, Monte Carlo stderr: (B,) or None) by the configured method."""
     if lc["method"] == "vlb":
-        from likelihood.vlb import vlb
 
         rows = max(1, min(65536, ELBO_NUMBERS_PER_CALL // x[0].numel()))
         images = dataset is not None and dataset.kind == "images" and dataset.levels is not None
@@ -473,9 +473,6 @@ def run_nll(cfg: dict, out_dir: Path, log=print) -> dict:
     solves and caches its own, and rank 0 gathers the results into the one nll.json: the
     numbers are those of a single process, since each batch's random draws are seeded by
     (seed, batch index)."""
-    from .validate import validate_likelihood
-
-    validate_likelihood(cfg)
     start = time.perf_counter()
     info = start_processes(cfg)
     out_dir = Path(broadcast_object(str(out_dir), info))  # one run folder for all ranks

@@ -13,13 +13,17 @@ import torch
 from tqdm import tqdm
 
 import samplers
+from metrics.images import aggregate_seeds, evaluate_images, summary_line
 from metrics.quality import component_weights, mmd, sliced_wasserstein
+from samplers.api import fit_schedule
+from samplers.grids import save_schedule
 from sde_lib import KeyedNoise
-from training.checkpoint import atomic_write, atomic_write_text
+from sde_lib.io import atomic_write, atomic_write_text
 from training.distributed import DistInfo, broadcast_object, gather_to_main, my_items, teardown
 
 from .common import UserError, load_score_model, start_processes
 from .conditional import conditional_metrics, make_guide, sample_labels
+from .evaluate import validate_eval
 from .figures import image_grid, scatter_2d
 from .logger import RunLogger
 
@@ -67,7 +71,6 @@ def image_metrics(dataset, x: torch.Tensor, extra: dict, cfg: dict, out_dir: Pat
     """FID, KID, precision/recall and memorisation (metrics.images) of the sample sets: x for
     eval.seeds entry 0 (when it has eval.n_samples samples), `extra` {entry: batches} for the
     others; the mean and the min over the entries."""
-    from metrics.images import aggregate_seeds, evaluate_images, summary_line
 
     e = cfg["eval"]
     lo = dataset.model_range[0]
@@ -130,9 +133,6 @@ def fit_grid(cfg: dict, sde, model, dataset, info: DistInfo, out_dir: Path, guid
              log) -> dict:  # fmt: skip
     """sampler.grid=fit: the time steps fitted once (rank 0) to this model's own flow, written to
     out_dir/schedule.json; returns cfg with sampler.grid set to that file."""
-    from samplers.grids import save_schedule
-    from samplers.optimise_grid import fit_schedule
-
     c = cfg["sampler"]
     if guided:
         raise UserError("sampler.grid=fit fits an unguided model's flow; drop class_label / "
@@ -164,18 +164,12 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
 
 def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
     c = cfg["sampler"]
-    if c.get("task", "sample") != "sample":
-        from .control import run_control
-
-        return run_control(cfg, out_dir, log)
     info = start_processes(cfg)
     out_dir = Path(broadcast_object(str(out_dir), info))  # one run folder for all ranks
     quiet = log if info.is_main else (lambda *a: None)
     try:
         sde, dataset, model, ckpt_path = load_score_model(cfg, quiet)
         if dataset.kind == "images" and cfg.get("eval"):
-            from .evaluate import validate_eval
-
             validate_eval(cfg)
         model.to(info.device)
         guide, guided = make_guide(cfg, model, dataset, sde, info.device, quiet)

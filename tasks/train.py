@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from sde_lib.io import atomic_write_text
 from training import checkpoint as ckpt
 from training.conditional import ClassifierLoss, ConditionalLoss
 from training.distributed import broadcast_object, teardown
@@ -22,6 +23,7 @@ from .common import (
     matching_runs,
     start_processes,
 )
+from .conditional import build_classifier
 from .logger import RunLogger
 
 RESUME_KEYS = ("optimizer", "scheduler", "rng")
@@ -82,7 +84,7 @@ def _resume_state(cfg: dict, log):
 
 
 def _write_status(out_dir: Path, summary: dict) -> None:
-    ckpt.atomic_write_text(out_dir / "train.json", json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "train.json", json.dumps(summary, indent=2))
 
 
 def run_train(cfg: dict, out_dir: Path, log=print) -> dict:
@@ -94,7 +96,6 @@ def run_train(cfg: dict, out_dir: Path, log=print) -> dict:
         t = cfg["training"]
         classifier = t.get("objective", "score") == "classifier"
         if classifier:  # a noise-conditional classifier p_t(y | x) for classifier guidance
-            from .conditional import build_classifier
 
             model = build_classifier(cfg, sde, dataset)
         else:
@@ -126,7 +127,7 @@ def run_train(cfg: dict, out_dir: Path, log=print) -> dict:
         if info.is_main:
             meta = {k: cfg[k] for k in ("sde", "data", "model", "training", "seed")}
             meta["planned_steps"] = settings.steps
-            ckpt.atomic_write_text(out_dir / "run.json", json.dumps(meta, indent=2))
+            atomic_write_text(out_dir / "run.json", json.dumps(meta, indent=2))
             _write_status(out_dir, {"status": "running", "step": 0,
                                     "planned_steps": settings.steps})  # fmt: skip
             n_params = sum(p.numel() for p in model.parameters())

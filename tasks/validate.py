@@ -1,73 +1,56 @@
 """Check every numeric and choice field of a run's config before any work starts.
 
-Each failure is a UserError whose one line names the key, the value and what is allowed.
+Each failure is a UserError whose one line names the key, the value and what is allowed. The
+allowed values are read from the modules that own them (samplers.RULES, the SDE constructors,
+likelihood's solver tables); what is stated here is the run's own keys.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from .common import DATA_NAMES, MODEL_NAMES, SDE_CLASSES, UserError
+import samplers
+from likelihood.divergence import PROBES
+from likelihood.ode import BACKENDS, DIVERGENCES
+from samplers.optimise_grid import check_fittable
+from sde_lib.errors import UserError
+from sde_lib.options import Choice, Number
+
+from .common import DATA_NAMES, MODEL_NAMES, SDE_CLASSES, build_sde
+from .nll import DTYPES, METHODS, SOLVERS
+from .sample import sampler_call_options
 
 MODES = ("train", "sample", "nll", "eval")
 LOSSES = ("auto", "dsm", "ssm", "ddpm", "smld", "vlb")
 
 
-def _num(cfg: dict, key: str, *, kind=float, lo=None, hi=None, lo_open=False, hi_open=False,
-         none_ok=False):
-    """cfg[key] (a dotted path) as a finite number of `kind` within the bounds, else UserError."""
+def _get(cfg: dict, key: str):
     node = cfg
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else None
-    bounds = []
-    if lo is not None:
-        bounds.append(f"{'>' if lo_open else '>='} {lo}")
-    if hi is not None:
-        bounds.append(f"{'<' if hi_open else '<='} {hi}")
-    allowed = f"{'an integer' if kind is int else 'a finite number'} {' and '.join(bounds)}"
-    allowed = allowed.rstrip() + (" or null" if none_ok else "")
-    if node is None and none_ok:
-        return None
-    ok = isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node)
-    ok = ok and (kind is not int or float(node).is_integer())
-    ok = ok and (lo is None or (node > lo if lo_open else node >= lo))
-    ok = ok and (hi is None or (node < hi if hi_open else node <= hi))
-    if not ok:
-        raise UserError(f"{key}={node!r} is not allowed; allowed: {allowed}")
-    return kind(node)
-
-
-def _choice(cfg: dict, key: str, allowed) -> str:
-    node = cfg
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    if node not in allowed:
-        raise UserError(f"{key}={node!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
     return node
 
 
+def _num(cfg: dict, key: str, *, kind=float, lo=None, hi=None, lo_open=False, hi_open=False,
+         none_ok=False):  # fmt: skip
+    """cfg[key] (a dotted path) as a finite number of `kind` within the bounds, else UserError."""
+    rule = Number(lo, hi, kind is int, lo_open, hi_open, none_ok)
+    return rule.check(key, _get(cfg, key))
+
+
+def _choice(cfg: dict, key: str, allowed) -> str:
+    return Choice(*allowed).check(key, _get(cfg, key))
+
+
 def validate_sde(cfg: dict) -> None:
-    name = _choice(cfg, "sde.name", tuple(SDE_CLASSES))
-    if name in ("vp", "subvp"):
-        lo = _num(cfg, "sde.beta_min", lo=0, lo_open=True)
-        hi = _num(cfg, "sde.beta_max", lo=0, lo_open=True)
-        if not lo < hi:
-            raise UserError(f"sde.beta_min={lo} must be < sde.beta_max={hi}")
-        if "schedule" in cfg["sde"]:
-            _choice(cfg, "sde.schedule", ("linear", "cosine"))
-    elif name == "vdm":
-        lo = _num(cfg, "sde.gamma_min")
-        hi = _num(cfg, "sde.gamma_max")
-        if not lo < hi:
-            raise UserError(f"sde.gamma_min={lo} must be < sde.gamma_max={hi}")
+    """Each parameter a finite number; the SDE's constructor owns the rest (order, schedules)."""
+    _choice(cfg, "sde.name", tuple(SDE_CLASSES))
+    for key, value in cfg["sde"].items():
+        if key != "name" and not isinstance(value, (str, bool)):
+            _num(cfg, f"sde.{key}")
+    if "learn_endpoints" in cfg["sde"]:
         _choice(cfg, "sde.learn_endpoints", (True, False))
-        _choice(cfg, "sde.schedule", ("learned", "linear"))
-    else:
-        lo = _num(cfg, "sde.sigma_min", lo=0, lo_open=True)
-        hi = _num(cfg, "sde.sigma_max", lo=0, lo_open=True)
-        if not lo < hi:
-            raise UserError(f"sde.sigma_min={lo} must be < sde.sigma_max={hi}")
+    build_sde(cfg["sde"])  # UserError naming the SDE and what its constructor refused
 
 
 def validate_common(cfg: dict) -> None:
@@ -131,24 +114,14 @@ def validate_training(cfg: dict) -> None:
 
 
 def validate_sampler(cfg: dict) -> None:
-    """The sampler group: a known name that applies to the SDE, known options, sane values."""
-    import samplers
-
-    from .common import build_sde
-
+    """The sampler group: a known name that applies to the SDE, then each option by the rule its
+    sampler module states (samplers.RULES), then the run's own keys (RUN_KEYS) and the grid."""
     name = _choice(cfg, "sampler.name", tuple(samplers.SAMPLERS))
     try:
         samplers.check_applicable(name, build_sde(cfg["sde"]))
     except ValueError as e:
         raise UserError(f"sampler={name} with sde={cfg['sde']['name']}: {e}") from None
-    allowed = samplers.sampler_options(name)
-    from .sample import RUN_KEYS as run_keys
-    for key in cfg["sampler"]:
-        if key not in allowed and key not in run_keys:
-            raise UserError(
-                f"sampler.{key} is not an option of sampler={name}; allowed: "
-                f"{', '.join(k for k in allowed if k != 'steps')}"
-            )
+    samplers.check_options(name, sampler_call_options(cfg["sampler"]), prefix="sampler.")
     p = "sampler"
     _num(cfg, f"{p}.steps", kind=int, lo=1, none_ok=True)
     _num(cfg, f"{p}.eps", lo=0, lo_open=True, hi=0.5)
@@ -156,26 +129,7 @@ def validate_sampler(cfg: dict) -> None:
     _num(cfg, f"{p}.n_samples", kind=int, lo=1)
     _num(cfg, f"{p}.batch_size", kind=int, lo=1)
     c = cfg["sampler"]
-    if "predictor" in c:
-        _choice(cfg, f"{p}.predictor", tuple(samplers.PREDICTORS))
-    if "corrector" in c:
-        _choice(cfg, f"{p}.corrector", tuple(samplers.CORRECTORS))
-    if "snr" in c:
-        _num(cfg, f"{p}.snr", lo=0, lo_open=True)
-    if "n_corrector_steps" in c:
-        _num(cfg, f"{p}.n_corrector_steps", kind=int, lo=0)
-    if "variance" in c:
-        _choice(cfg, f"{p}.variance", ("posterior", "beta"))
-    if "eta" in c:
-        _num(cfg, f"{p}.eta", lo=0)
-    if "method" in c:
-        _choice(cfg, f"{p}.method", (*samplers.ADAPTIVE_METHODS, *samplers.FIXED_METHODS))
-    for key in ("rtol", "atol"):
-        if key in c:
-            _num(cfg, f"{p}.{key}", lo=0, lo_open=True)
     if c.get("grid") == "fit":  # fitted to the model when sampling (tasks.sample.fit_grid)
-        from samplers.optimise_grid import check_fittable
-
         if c.get("task", "sample") != "sample":
             raise UserError(f"sampler.grid=fit works with sampler.task=sample only, not "
                             f"{c['task']}; fit with task=sample, then pass the schedule.json it "
@@ -196,16 +150,6 @@ def validate_sampler(cfg: dict) -> None:
                 samplers.get_grid(c["grid"], build_sde(cfg["sde"]), int(steps), float(c["eps"]))
             except (ValueError, OSError) as e:
                 raise UserError(f"sampler.grid={c['grid']!r}: {e}") from None
-    orders = {"unipc": 3, "dpm_solver3": 3, "ipndm": 4}
-    if "order" in c and name in orders:
-        _num(cfg, f"{p}.order", kind=int, lo=1, hi=orders[name])
-    if "variant" in c:
-        _choice(cfg, f"{p}.variant", ("bh1", "bh2"))
-    for key in ("use_corrector", "lower_order_final"):
-        if key in c:
-            _choice(cfg, f"{p}.{key}", (True, False))
-    if "solver" in c and name == "fast":
-        _choice(cfg, f"{p}.solver", ("auto", "unipc", "ipndm"))
     validate_conditional_sampling(cfg)
 
 
@@ -237,11 +181,6 @@ def validate_conditional_sampling(cfg: dict) -> None:
 
 def validate_likelihood(cfg: dict) -> None:
     """The likelihood group: method, divergence, probes, solver of the backend, tolerances."""
-    from likelihood.divergence import PROBES
-    from likelihood.ode import BACKENDS, DIVERGENCES
-
-    from .nll import DTYPES, METHODS, SOLVERS
-
     p = "likelihood"
     if not isinstance(cfg.get(p), dict):
         raise UserError(f"likelihood={cfg.get(p)!r} is not a config group; use likelihood=ode")

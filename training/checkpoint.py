@@ -13,14 +13,14 @@ mid-write never leaves a half-written checkpoint under a checkpoint's name.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
 
 import torch
+
+from sde_lib.io import atomic_write
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
@@ -30,38 +30,6 @@ _REQUIRED = ("model", "ema", "step", "config")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with the file and the reason named."""
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(file_object) on a temp file beside `path`, fsync, and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def non_finite(state: dict) -> list[str]:

@@ -6,9 +6,12 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from sde_lib.io import atomic_write
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,7 @@ def gather_to_main(mine: dict, info: DistInfo, folder) -> dict | None:
     """
     if not info.enabled:
         return dict(mine)
-    from pathlib import Path
 
-    from .checkpoint import atomic_write
 
     folder = Path(folder)
     atomic_write(folder / f"rank_{info.rank}.pt", lambda f: torch.save(mine, f))

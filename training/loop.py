@@ -29,6 +29,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from sde_lib.io import atomic_write
+
 from . import checkpoint as ckpt
 from .data import BatchPlan
 from .distributed import DistInfo, all_reduce_sum, barrier
@@ -126,7 +128,7 @@ def save_loss_curve(history: dict, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    ckpt.atomic_write(path, lambda f: f.write(buf.getvalue()))
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 def train(

@@ -6,8 +6,18 @@ work for every SDE and every network parameterisation.
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 
+from likelihood.vlb import (
+    diffusion_samples,
+    prior_kl,
+    reconstruction,
+    resolve_time_sampling,
+    stratified,
+)
 from sde_lib import SDE, ScoreFn, append_dims, as_noise
 
 
@@ -135,7 +145,6 @@ class VLBLoss:
         time_samples: int = 2,
         time_sampling: str = "auto",
     ) -> None:
-        from likelihood.vlb import resolve_time_sampling
 
         if int(time_samples) < 1:
             raise ValueError(f"time_samples must be >= 1, got {time_samples}")
@@ -147,10 +156,7 @@ class VLBLoss:
         self.schedule = module if learnable and hasattr(module, "variance_gradient") else None
 
     def __call__(self, score_fn: ScoreFn, x0: torch.Tensor, g=None, labels=None):
-        import contextlib
-        import math
 
-        from likelihood.vlb import diffusion_samples, prior_kl, reconstruction, stratified
 
         if labels is not None:  # a conditional network: the bound of p(x | y)
             model = score_fn
