@@ -19,6 +19,7 @@ from samplers.api import fit_schedule
 from samplers.grids import save_schedule
 from sde_lib import KeyedNoise
 from sde_lib.io import atomic_write, atomic_write_text
+from training import checkpoint as ckpt
 from training.distributed import DistInfo, broadcast_object, gather_to_main, my_items, teardown
 
 from .common import UserError, load_score_model, start_processes
@@ -162,6 +163,24 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x.flatten(1)).all(1)
 
 
+def _model_state(ckpt_path: Path | None) -> str:
+    """The checkpoint and the state of the training run that wrote it, for an error line."""
+    if ckpt_path is None:
+        return "the exact score"
+    run_dir = Path(ckpt_path).parent.parent
+    try:
+        status = json.loads((run_dir / "train.json").read_text()).get("status", "unknown")
+    except (OSError, ValueError, AttributeError):
+        status = "unknown"
+    try:
+        planned = json.loads((run_dir / "run.json").read_text()).get("planned_steps")
+    except (OSError, ValueError, AttributeError):
+        planned = None
+    step = ckpt.step_of(ckpt_path)
+    of = f" of {planned} planned" if planned else ""
+    return f"checkpoint {ckpt_path} (step {step}{of}, training run {status})"
+
+
 def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
     c = cfg["sampler"]
     info = start_processes(cfg)
@@ -201,6 +220,10 @@ def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
     n = x.shape[0]
     ok = finite_rows(x)
     bad = int((~ok).sum())
+    if bad == n:
+        raise UserError(f"all {n} samples hold NaN or inf values: {_model_state(ckpt_path)}; "
+                        "nothing was written: train further or from a lower training.lr, "
+                        "or pass another ckpt")  # fmt: skip
     if bad:
         log(f"warning: {bad} of {n} samples hold NaN or inf values; the metrics and pictures "
             "use the finite ones (a diverged model or sampler: check the training run)")
@@ -270,7 +293,8 @@ def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
             f"(data {metrics['exact_loglik_mean_fresh_data']:.3f})"
         )
     log(summary)
-    log(f"wrote {out_dir / 'samples.npz'}, {picture}, {out_dir / 'metrics.json'}")
+    written = [out_dir / "samples.npz", picture, out_dir / "metrics.json"]
+    log(f"wrote {', '.join(str(w) for w in written if w is not None)}")
     logger = RunLogger(cfg["logger"], out_dir, cfg, "sample")
     try:
         logger.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -149,19 +149,22 @@ def test_more_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
     assert not list(tmp_path.glob("outputs/*/*")), "no run folder for a refused command"
 
 
-def test_lookup_prefers_finished_runs_and_non_finite_samples_never_crash(tmp_path):
+def test_lookup_prefers_finished_runs_and_all_non_finite_samples_exit_2(tmp_path):
     r = run_py("training.lr=1e9", "training.max_bad_steps=3", "training.steps=50",
                "logger.mode=disabled", "progress=false", cwd=tmp_path)  # fmt: skip
     assert r.returncode == 2 and "non-finite" in r.stderr, r.stderr[-2000:]
     status = json.loads(next(tmp_path.glob("outputs/train/*/train.json")).read_text())
     assert status["status"] == "failed"
-    # only the failed run: it is used, said so, and its non-finite samples are counted
+    # only the failed run: it is used and said so; its samples are all non-finite (lr=1e9
+    # diverged), so the run ends with one line naming the checkpoint and its run, writing nothing
     r = run_py("mode=sample", "sampler=fast", "sampler.n_samples=64", "logger.mode=disabled",
                cwd=tmp_path)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 2, r.stderr[-2000:]
     assert "newest failed one: step" in r.stdout and "of 50 planned" in r.stdout
-    (metrics,) = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/sample/*/metrics.json")]
-    assert metrics["n_samples"] == 64 and metrics["non_finite_samples"] > 0  # lr=1e9 diverged
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "all 64 samples hold NaN or inf" in errors[0], r.stderr
+    assert "ckpt_" in errors[0] and "of 50 planned, training run failed" in errors[0]
+    assert not list(tmp_path.glob("outputs/sample/*/samples.npz"))
     # a finished run made before a later failed one is preferred to it
     r = run_py("training.steps=20", "logger.mode=disabled", "progress=false", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -144,6 +144,12 @@ def checkpoint_path(folder: Path, step: int) -> Path:
     return Path(folder) / f"ckpt_{step:08d}.pt"
 
 
+def step_of(path: Path) -> int | None:
+    """The training step in a checkpoint's file name (ckpt_00001000.pt -> 1000), else None."""
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     """Checkpoints in `folder`, oldest step first."""
     folder = Path(folder)
