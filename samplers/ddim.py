@@ -38,8 +38,8 @@ def sample_ddim(
         x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps_hat + c z,
         c = eta sigma_s sqrt(1 - (alpha_t sigma_s / (alpha_s sigma_t))^2).
     One score evaluation per step (steps + 1 NFE with the final denoising). The default
-    time-quadratic grid is the best measured at 50 steps on VP and sub-VP (README "Fast
-    sampling"; uniform-t, the former default, is the worst).
+    time-quadratic grid is the best measured at 50 steps on VP and sub-VP (docs/samplers.md;
+    uniform-t is the worst).
     """
     if not isinstance(eta, numbers.Real) or not eta >= 0:
         raise ValueError(f"eta must be a number >= 0, got {eta!r}")
