@@ -40,8 +40,8 @@ def sample_ddim(
         x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps_hat + c z,
         c = eta sigma_s sqrt(1 - (alpha_t sigma_s / (alpha_s sigma_t))^2).
     One score evaluation per step (steps + 1 NFE with the final denoising). The default
-    time-quadratic grid is the best measured at 50 steps on VP and sub-VP (README "Fast
-    sampling"; uniform-t, the former default, is the worst).
+    time-quadratic grid is the best measured at 50 steps on VP and sub-VP (docs/samplers.md;
+    uniform-t is the worst).
     """
     check_options(RULES, dict(eta=eta))
     for st in intervals(sde, get_grid(grid, sde, steps, eps), progress):

@@ -15,7 +15,7 @@ evaluation, elsewhere Tweedie's denoising, is one more solver step on its own ga
 schedule (`refit`). The schedules are stored as positions in lambda between lambda(T) and
 lambda(eps), so they map onto any eps and any SDE of that kind. Other step counts
 use the solver of the nearest measured count on the time-quadratic grid. For a trained model,
-grid="fit" (sampler.grid=fit) fits the steps to that model instead. README "Fast sampling" has the
+grid="fit" (sampler.grid=fit) fits the steps to that model instead. docs/fast-sampling.md has the
 figures; refit with
     python -m tasks.schedules refit --images vp=CKPT --images vp=CKPT2 --images subvp=CKPT ...
 """
@@ -45,7 +45,7 @@ SCHEDULE_FILE = Path(__file__).with_name("fast_schedules.json")
 SOLVERS = {"unipc": sample_unipc, "ipndm": sample_ipndm}
 # sample_fast's options and their allowed values (run.py's validation reads them too)
 RULES = {"solver": Choice("auto", *SOLVERS)}
-# (kind, steps) -> (solver, options), measured on held-out batches (README "Fast sampling")
+# (kind, steps) -> (solver, options), measured on held-out batches (docs/fast-sampling.md)
 CHOICES: dict[tuple[str, int], tuple[str, dict]] = {
     ("vp", 9): ("unipc", dict(lower_order_final=True)),
     ("vp", 19): ("unipc", dict(lower_order_final=True)),
@@ -227,7 +227,7 @@ def trained_weight(kind: str, steps: int) -> float:
 # per kind, the step counts whose shipped schedule is also held to the exact mixtures'
 # log-density gaps (`gap_constrained_fit`; the trained model then has weight 1 in the fit before),
 # and the bound on each law's paired gap there (all kinds at 9 and 19 steps since the fit to two
-# trained models per kind: README "Fast sampling", held-out models; VP also at 14 steps, where
+# trained models per kind: docs/fast-sampling.md, held-out models; VP also at 14 steps, where
 # the mix5d gap was -0.07 at 15 NFE, against 0.01 at 10 NFE, and is -0.008 now).
 GAP_CONSTRAINED = {"vp": (9, 14, 19), "subvp": (9, 19), "ve": (9, 19)}
 GAP_TOL = 0.01
@@ -427,7 +427,7 @@ def refit(
     schedule fitted to the closed-form laws alone does not transfer to trained models: at 10 NFE
     on the trained digits U-Nets it was 2.5x (VP) to 90x (VE) further from the model's own flow
     than the joint fit, and at 20 NFE on an undertrained digits U-Net 10.5 against 0.06-0.14 for the
-    logSNR and EDM grids (README "Fast sampling").
+    logSNR and EDM grids (docs/fast-sampling.md).
     """
 
 

@@ -273,7 +273,7 @@ def gap(sde_name, law_name, sampler, steps, seed=7, n=4000, **options):
     return (law.log_prob(x.double()).mean() - fresh_loglik(law_name)).item(), nfe
 
 
-# |gap| measured with n = 4000 at seed 7 (README "Fast sampling"); the sampling noise of the
+# |gap| measured with n = 4000 at seed 7 (docs/fast-sampling.md); the sampling noise of the
 # mean alone is about 0.016 (gmm8) / 0.025 (mix5d), so the bounds are the goal where it is met.
 # gmm8 on VP and both sub-VP laws are measured at n = 20 000 (noise 0.007 / 0.011), with the
 # gap-constrained 19-step schedules fitted with two trained models per kind, three for VP
