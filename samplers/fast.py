@@ -23,6 +23,7 @@ figures; refit with
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from .ipndm import sample_ipndm
 from .optimise_grid import optimise_grid, reference
 from .unipc import sample_unipc
 
+log = logging.getLogger(__name__)
 SCHEDULE_FILE = Path(__file__).with_name("fast_schedules.json")
 SOLVERS = {"unipc": sample_unipc, "ipndm": sample_ipndm}
 # sample_fast's options and their allowed values (run.py's validation reads them too)
@@ -394,11 +396,11 @@ def _within_ratio(u: list[float], bound: float) -> list[float]:
 
 def _report(what: str, info: dict) -> None:
     hop = f" (hop {info['hop']})" if info.get("hop") else ""
-    print(f"  {what}, from {info['start']}{hop}: gaps "
+    log.info(f"  {what}, from {info['start']}{hop}: gaps "
           f"{' '.join(f'{v:.3f}' for v in info['start_gaps'])} -> "
           f"{' '.join(f'{v:.3f}' for v in info['gaps'])}, errors "
           f"{' '.join(f'{v:.3g}' for v in info['start_errors'])} -> "
-          f"{' '.join(f'{v:.3g}' for v in info['errors'])}", flush=True)  # fmt: skip
+          f"{' '.join(f'{v:.3g}' for v in info['errors'])}")  # fmt: skip
 
 
 def refit(
@@ -460,8 +462,8 @@ def refit(
         out[f"{kind}/{steps}"] = info["positions"]
         if joint:
             with_trained.add(f"{kind}/{steps}")
-        print(f"{kind} steps={steps} {solver} {options}: objective {info['mse']:.3g} "
-              f"(start {info['start']})", flush=True)  # fmt: skip
+        log.info(f"{kind} steps={steps} {solver} {options}: objective {info['mse']:.3g} "
+              f"(start {info['start']})")  # fmt: skip
         g = torch.Generator().manual_seed(seed)
         x_laws = [sde.prior_sampling((n_gap, law.dim), generator=g).double() for law in laws]
         if steps in GAP_CONSTRAINED[kind]:
