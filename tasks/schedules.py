@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     r.add_argument("--steps", default=None, help="only these step counts, e.g. 4-12 or 9,19")
     r.add_argument("--kinds", default=None, help="only these kinds, e.g. vp,ve")
     a = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         if a.command == "fit":
             return fit(a, parser)

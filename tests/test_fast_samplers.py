@@ -394,10 +394,10 @@ def test_optimise_grid_weights_each_batch():
     assert info["weights"] == [1.0, 0.0]
     _, info = optimise_grid(sde, fns, cal, samplers.sample_unipc, 5, weights=[1.0, 0.5],
                             normalise=True, **fit)  # fmt: skip
-    from samplers.optimise_grid import _denoise, reference
+    from samplers.optimise_grid import reference
 
     for f, x, w, given in zip(fns, cal, info["weights"], (1.0, 0.5), strict=True):
-        target = _denoise(sde, f, reference(sde, f, x, 1e-3, 40, 4)[1][-1], 1e-3)
+        target = samplers.tweedie_denoise(sde, f, reference(sde, f, x, 1e-3, 40, 4)[1][-1], 1e-3)
         y, _ = samplers.sample(sde, f, x.shape, "unipc", 5, x_T=x, grid="logsnr")
         assert w == pytest.approx(given / (y - target).square().sum(1).mean().item(), rel=1e-6)
     # every fixed grid's objective is then a weighted sum of ratios to logSNR's: 1 + 0.5 there
@@ -433,7 +433,7 @@ def test_gap_constrained_fit_brings_the_paired_gaps_within_tol():
     error is the one it reports."""
     from samplers.fast import choose, gap_constrained_fit
     from samplers.grids import lambda_positions, schedule_times
-    from samplers.optimise_grid import _denoise, reference
+    from samplers.optimise_grid import reference
 
     sde, laws = make_sde("vp"), [gmm8(), mixture5d()]
     g = torch.Generator().manual_seed(3)
@@ -451,12 +451,12 @@ def test_gap_constrained_fit_brings_the_paired_gaps_within_tol():
     for law, x, reported in zip(laws, xs, info["gaps"], strict=True):
         f = exact_score(sde, law)
         y, _ = samplers.sample(sde, f, x.shape, solver, 9, x_T=x.clone(), grid=times, **options)
-        ref = _denoise(sde, f, reference(sde, f, x, 1e-3, 100, 4)[1][-1], 1e-3)
+        ref = samplers.tweedie_denoise(sde, f, reference(sde, f, x, 1e-3, 100, 4)[1][-1], 1e-3)
         assert (law.log_prob(y).mean() - law.log_prob(ref).mean()).item() == pytest.approx(
             reported, abs=1e-9)  # fmt: skip
     f, x = objective[0]
     y, _ = samplers.sample(sde, f, x.shape, solver, 9, x_T=x.clone(), grid=times, **options)
-    ref = _denoise(sde, f, reference(sde, f, x, 1e-3, 100, 4)[1][-1], 1e-3)
+    ref = samplers.tweedie_denoise(sde, f, reference(sde, f, x, 1e-3, 100, 4)[1][-1], 1e-3)
     assert (y - ref).square().sum(1).mean().item() == pytest.approx(info["errors"][0], rel=1e-9)
 
 
@@ -466,7 +466,7 @@ def test_gap_constrained_fit_of_a_final_step_entry():
     (plus slack), with gaps that 10 plain iPNDM steps on the result reproduce."""
     from samplers.fast import FINAL_STEP, FINAL_STEP_RATIO, gap_constrained_fit
     from samplers.grids import schedule_times
-    from samplers.optimise_grid import _denoise, reference
+    from samplers.optimise_grid import reference
 
     sde, laws = make_sde("subvp"), [gmm8(), mixture5d()]
     g = torch.Generator().manual_seed(3)
@@ -484,19 +484,21 @@ def test_gap_constrained_fit_of_a_final_step_entry():
     for law, x, reported in zip(laws, xs, info["gaps"], strict=True):
         f = exact_score(sde, law)
         y = samplers.SAMPLERS[solver](sde, f, x.clone(), steps=10, grid=times, **options)
-        ref = _denoise(sde, f, reference(sde, f, x, 1e-3, 100, 4)[1][-1], 1e-3)
+        ref = samplers.tweedie_denoise(sde, f, reference(sde, f, x, 1e-3, 100, 4)[1][-1], 1e-3)
         assert (law.log_prob(y).mean() - law.log_prob(ref).mean()).item() == pytest.approx(
             reported, abs=1e-9)  # fmt: skip
 
 
-def test_optimise_grid_command_writes_a_usable_schedule(tmp_path, capsys):
-    from samplers.optimise_grid import main
+def test_optimise_grid_command_writes_a_usable_schedule(tmp_path, caplog):
+    from tasks.schedules import main
 
-    path = main(["--sde", "ve", "--data", "gmm8", "--solver", "ipndm", "--nfe", "6",
+    caplog.set_level("INFO")
+
+    path = main(["fit", "--sde", "ve", "--data", "gmm8", "--solver", "ipndm", "--nfe", "6",
                  "--batch", "300", "--out", str(tmp_path / "ve6.json")])  # fmt: skip
     record = json.loads(path.read_text())
     assert record["steps"] == 5 and len(record["times"]) == 6 and record["solver"] == "ipndm"
-    assert "wrote" in capsys.readouterr().out
+    assert "wrote" in caplog.text
     sde = make_sde("ve")
     x, nfe = samplers.sample(sde, exact_score(sde, gmm8()), (8, 2), "dpm_solver3", 5,
                              grid=str(path))  # fmt: skip
@@ -561,12 +563,12 @@ def test_optimise_grid_fits_a_trained_checkpoint(tmp_path, capsys, trained_gmm8)
     """--checkpoint: the schedule is fitted to the trained model itself; on a held-out batch it is
     closer to that model's reference flow than every fixed grid, run.py samples with it, and a
     bad checkpoint is one line with exit code 2."""
-    from samplers.optimise_grid import main
+    from tasks.schedules import main
     from tasks.common import load_score_model
     from training import checkpoint as ckpt
 
     summary = trained_gmm8
-    path = main(["--checkpoint", str(summary["checkpoint"]), "--solver", "unipc", "--nfe", "6",
+    path = main(["fit", "--checkpoint", str(summary["checkpoint"]), "--solver", "unipc", "--nfe", "6",
                  "--batch", "300", "--out", str(tmp_path / "fit.json")])  # fmt: skip
     record = json.loads(path.read_text())
     assert record["checkpoint"] == str(summary["checkpoint"]) and record["steps"] == 5
@@ -582,7 +584,7 @@ def test_optimise_grid_fits_a_trained_checkpoint(tmp_path, capsys, trained_gmm8)
     assert m["nfe"] == 6
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        main(["--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x.json")])
+        main(["fit", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x.json")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "none.pt" in err, err
 
