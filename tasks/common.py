@@ -25,7 +25,7 @@ from models import MLP, MixtureScore, ScoreModel, UNet
 from sde_lib import SDE, VDMSDE, VESDE, VPSDE, subVPSDE
 from sde_lib.errors import UserError
 from training import checkpoint as ckpt
-from training.distributed import setup
+from training.distributed import setup, share_from_main
 
 SDE_CLASSES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE, "vdm": VDMSDE}
 TOY_DATA = ("gmm8", "checkerboard", "swissroll", "moons")
@@ -284,13 +284,32 @@ def check_compatible(cfg: dict, saved: dict, path: Path) -> None:
         )
 
 
-def load_score_model(cfg: dict, log=print):
-    """(sde, dataset, score model in eval mode, checkpoint path or None) for sample / nll."""
+def checkpoint_from_main(info):
+    """A `find_checkpoint` for torchrun: rank 0 finds and loads the checkpoint and its (path,
+    contents) reach every rank through the process group, so the ranks of a multi-node run need
+    no shared file system nor copies of the file, and all use the same checkpoint (each looking
+    under its own outputs_root could pick different runs)."""
+
+    def on_main(cfg: dict, log) -> tuple[str, dict]:
+        path, state = find_checkpoint(cfg, log)
+        return str(path), state  # a str: the weights-only loader that reads it refuses a Path
+
+    def find(cfg: dict, log=print) -> tuple[Path, dict]:
+        path, state = share_from_main(lambda: on_main(cfg, log), info, UserError)
+        return Path(path), state
+
+    return find
+
+
+def load_score_model(cfg: dict, log=print, find=find_checkpoint):
+    """(sde, dataset, score model in eval mode, checkpoint path or None) for sample / nll;
+    find(cfg, log) -> (path, state) supplies the checkpoint (`checkpoint_from_main` under
+    torchrun)."""
     sde = build_sde(cfg["sde"])
     dataset = build_dataset(cfg["data"])
     if cfg["model"]["name"] == "exact":
         return sde, dataset, build_score_model(cfg, sde, dataset).eval(), None
-    path, state = find_checkpoint(cfg, log)
+    path, state = find(cfg, log)
     saved = ckpt.config_of(state)
     if is_classifier_run(saved):
         raise UserError(

@@ -40,9 +40,21 @@ from likelihood.ode import SCIPY_METHODS, SCIPY_OWN, TORCHDIFFEQ_METHODS
 from likelihood.vlb import vlb
 from sde_lib import SDE
 from sde_lib.io import atomic_write_text
-from training.distributed import broadcast_object, gather_to_main, my_items, teardown
+from training.distributed import (
+    broadcast_object,
+    gather_to_main,
+    my_items,
+    share_from_main,
+    teardown,
+)
 
-from .common import UserError, data_identity, load_score_model, start_processes
+from .common import (
+    UserError,
+    checkpoint_from_main,
+    data_identity,
+    load_score_model,
+    start_processes,
+)
 from .logger import RunLogger
 
 METHODS = ("ode", "elbo", "vlb")
@@ -199,12 +211,17 @@ def _sha256_tensor(x: torch.Tensor) -> str:
     return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def cache_material(cfg: dict, ckpt_path: Path | None, device: torch.device) -> dict:
-    """Everything besides the points themselves that determines a batch's numbers."""
+def cache_material(cfg: dict, ckpt_path: Path | None, device: torch.device,
+                   checkpoint_sha256: str | None = None) -> dict:  # fmt: skip
+    """Everything besides the points themselves that determines a batch's numbers.
+    checkpoint_sha256: the checkpoint file's hash, given where this process cannot read the
+    file (under torchrun rank 0 hashes it for all); hashed here when not given."""
     lc = cfg["likelihood"]
+    if checkpoint_sha256 is None and ckpt_path is not None:
+        checkpoint_sha256 = _sha256_file(ckpt_path)
     return {
         "version": CACHE_VERSION,
-        "checkpoint_sha256": None if ckpt_path is None else _sha256_file(ckpt_path),
+        "checkpoint_sha256": checkpoint_sha256,
         "use_ema": bool(cfg.get("use_ema", True)) if ckpt_path is not None else None,
         "sde": cfg["sde"],
         "data": data_identity(cfg["data"]),
@@ -373,9 +390,11 @@ def _cache(
     device: torch.device,
     batches: list[torch.Tensor],
     log,
+    checkpoint_sha256: str | None = None,
 ) -> tuple[Path, list[Path], list[BatchResult | None]]:
-    """The cache folder, each batch's file in it, and the batches already finished there."""
-    material = cache_material(cfg, ckpt_path, device)
+    """The cache folder, each batch's file in it, and the batches already finished there.
+    Under torchrun each rank has its own, under its own outputs_root."""
+    material = cache_material(cfg, ckpt_path, device, checkpoint_sha256)
     cache_dir = Path(cfg["outputs_root"]) / "nll_cache" / cache_key(material)
     if not (cache_dir / "key.json").is_file():
         atomic_write_text(cache_dir / "key.json", json.dumps(material, indent=2))
@@ -470,24 +489,30 @@ def run_nll(cfg: dict, out_dir: Path, log=print) -> dict:
     """Evaluate the test split's NLL, reusing cached batches; write out_dir/nll.json.
 
     Under torchrun the batches are split across the ranks (batch i on rank i mod W), each rank
-    solves and caches its own, and rank 0 gathers the results into the one nll.json: the
-    numbers are those of a single process, since each batch's random draws are seeded by
-    (seed, batch index)."""
+    solves and caches its own (in the cache under its own outputs_root), and rank 0 gathers the
+    results through the process group into the one nll.json, in batch order: the numbers are
+    those of a single process, since each batch's random draws are seeded by (seed, batch
+    index). Rank 0 also caches the batches it received, so a later run on its machine, with
+    any number of processes, reuses them; no rank reads another's files."""
     start = time.perf_counter()
     info = start_processes(cfg)
-    out_dir = Path(broadcast_object(str(out_dir), info))  # one run folder for all ranks
+    # rank 0's run folder is the run's: the others write nothing there (it may be on another
+    # machine) and only name it
+    out_dir = Path(broadcast_object(str(out_dir), info))
     device, main = info.device, info.is_main
     quiet = log if main else (lambda *a: None)
     try:
-        sde, dataset, model, ckpt_path = load_score_model(cfg, quiet)
+        sde, dataset, model, ckpt_path = load_score_model(cfg, quiet, checkpoint_from_main(info))
+        # the cache key names the checkpoint by its file's hash: rank 0 has the file
+        sha = share_from_main(lambda: None if ckpt_path is None else _sha256_file(ckpt_path), info)
         lc = resolve_divergence(cfg["likelihood"], dataset)
         cfg = {**cfg, "likelihood": lc}
         model.to(device, DTYPES[lc["dtype"]])
         x = _test_points(dataset, lc["n_points"], quiet)
         batches = list(x.split(int(lc["batch_size"])))
         mine = my_items(len(batches), info)
-        cache_dir, files, results = _cache(cfg, ckpt_path, device, batches, quiet)
-        reused = sum(r is not None for r in results)
+        cache_dir, files, results = _cache(cfg, ckpt_path, device, batches, quiet, sha)
+        cached = [r is not None for r in results]  # before this run: found in this rank's cache
         what = ("ELBO" if lc["method"] == "elbo" else "VLB" if lc["method"] == "vlb"
                 else f"PF-ODE ({lc['solver']}, {lc['divergence']})")  # fmt: skip
         threads = resolve_threads(lc, dataset, device)
@@ -502,11 +527,14 @@ def run_nll(cfg: dict, out_dir: Path, log=print) -> dict:
                 _compute(sde, model, dataset, cfg, device, batches, files, results, mine, logger,
                          show)  # fmt: skip
                 used_threads = torch.get_num_threads()
-            gathered = gather_to_main({i: results[i].to_json() for i in mine}, info,
-                                      out_dir / ".shards")  # fmt: skip
+            gathered = gather_to_main({i: (results[i].to_json(), cached[i]) for i in mine}, info)
             if main:
-                results = [BatchResult.from_json(gathered[i], b.shape[0])
+                results = [BatchResult.from_json(gathered[i][0], b.shape[0])
                            for i, b in enumerate(batches)]  # fmt: skip
+                reused = sum(gathered[i][1] for i in range(len(batches)))
+                for i, r in enumerate(results):  # the other ranks' batches, into this cache
+                    if not files[i].is_file():
+                        atomic_write_text(files[i], json.dumps(r.to_json()))
                 summary = summarise(cfg, dataset, x, results, ckpt_path)
                 summary.update(
                     seconds=time.perf_counter() - start,

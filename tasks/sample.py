@@ -20,9 +20,16 @@ from samplers.grids import save_schedule
 from sde_lib import KeyedNoise
 from sde_lib.io import atomic_write, atomic_write_text
 from training import checkpoint as ckpt
-from training.distributed import DistInfo, broadcast_object, gather_to_main, my_items, teardown
+from training.distributed import (
+    DistInfo,
+    broadcast_object,
+    gather_to_main,
+    my_items,
+    share_from_main,
+    teardown,
+)
 
-from .common import UserError, load_score_model, start_processes
+from .common import UserError, checkpoint_from_main, load_score_model, start_processes
 from .conditional import conditional_metrics, make_guide, sample_labels
 from .evaluate import validate_eval
 from .figures import image_grid, scatter_2d
@@ -131,15 +138,18 @@ def draw(sde, model, dataset, cfg: dict, device, info: DistInfo, n: int, seed: i
 
 
 def fit_grid(cfg: dict, sde, model, dataset, info: DistInfo, out_dir: Path, guided: bool,
-             log) -> dict:  # fmt: skip
-    """sampler.grid=fit: the time steps fitted once (rank 0) to this model's own flow, written to
-    out_dir/schedule.json; returns cfg with sampler.grid set to that file."""
+             log) -> tuple[dict, Path]:  # fmt: skip
+    """sampler.grid=fit: the time steps fitted once (rank 0) to this model's own flow and written
+    to out_dir/schedule.json; returns (cfg with sampler.grid set to those times, the file). The
+    times reach the other ranks through the process group, not the file (rank 0's run folder may
+    be on another machine)."""
     c = cfg["sampler"]
     if guided:
         raise UserError("sampler.grid=fit fits an unguided model's flow; drop class_label / "
                         "guidance, or fit without them and pass the file as sampler.grid")
     path = out_dir / "schedule.json"
-    if info.is_main:
+
+    def fit_on_main() -> list[float]:
         start = time.perf_counter()
         try:
             times, fit = fit_schedule(sde, model, tuple(dataset.shape), c["name"], int(c["steps"]),
@@ -154,8 +164,12 @@ def fit_grid(cfg: dict, sde, model, dataset, info: DistInfo, out_dir: Path, guid
         log(f"fitted a {c['steps']}-step schedule for sampler={c['name']} to this model's flow "
             f"in {time.perf_counter() - start:.0f} s (squared error to its reference flow "
             f"{fit['mse']:.3g}; fixed grids: {fixed}); reuse it with sampler.grid={path}")
-    broadcast_object(None, info)  # the others wait for the file
-    return {**cfg, "sampler": {**c, "grid": str(path)}}
+        # the float64 times as the file holds them: every rank samples on exactly the grid that
+        # sampler.grid=<the file> gives later (get_grid checks a list and a file the same way)
+        return torch.as_tensor(times, dtype=torch.float64).tolist()
+
+    times = share_from_main(fit_on_main, info, UserError)
+    return {**cfg, "sampler": {**c, "grid": times}}, path
 
 
 def finite_rows(x: torch.Tensor) -> torch.Tensor:
@@ -184,21 +198,25 @@ def _model_state(ckpt_path: Path | None) -> str:
 def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
     c = cfg["sampler"]
     info = start_processes(cfg)
-    out_dir = Path(broadcast_object(str(out_dir), info))  # one run folder for all ranks
+    # rank 0's run folder is the run's: the others write nothing there (it may be on another
+    # machine) and only name it
+    out_dir = Path(broadcast_object(str(out_dir), info))
     quiet = log if info.is_main else (lambda *a: None)
     try:
-        sde, dataset, model, ckpt_path = load_score_model(cfg, quiet)
+        sde, dataset, model, ckpt_path = load_score_model(cfg, quiet, checkpoint_from_main(info))
         if dataset.kind == "images" and cfg.get("eval"):
             validate_eval(cfg)
         model.to(info.device)
         guide, guided = make_guide(cfg, model, dataset, sde, info.device, quiet)
+        grid_file = None  # sampler.grid=fit: the schedule file it writes (rank 0)
         if c.get("grid") == "fit":
-            cfg = fit_grid(cfg, sde, model, dataset, info, out_dir, guide is not None, quiet)
+            cfg, grid_file = fit_grid(cfg, sde, model, dataset, info, out_dir, guide is not None,
+                                      quiet)  # fmt: skip
             c = cfg["sampler"]
         start = time.perf_counter()
         n, seed = int(c["n_samples"]), int(cfg["seed"])
         mine, nfe = draw(sde, model, dataset, cfg, info.device, info, n, seed, guide)
-        batches = gather_to_main(mine, info, out_dir / ".shards")
+        batches = gather_to_main(mine, info)
         seconds = time.perf_counter() - start
         # image data: FID & co. on one sample set per eval.seeds entry (seed + entry), the
         # first of them the set above when it has eval.n_samples samples
@@ -211,7 +229,7 @@ def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
                     continue
                 part, _ = draw(sde, model, dataset, cfg, info.device, info, n_eval, seed + s,
                                guide)
-                extra[s] = gather_to_main(part, info, out_dir / ".shards")
+                extra[s] = gather_to_main(part, info)
     finally:
         teardown(info)
     if not info.is_main:
@@ -229,7 +247,8 @@ def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
             "use the finite ones (a diverged model or sampler: check the training run)")
     metrics = {
         "sampler": c["name"],
-        "options": sampler_call_options(c),
+        # a fitted schedule is named by its file (the times are in it)
+        "options": {**sampler_call_options(c), **({"grid": str(grid_file)} if grid_file else {})},
         "steps": c["steps"],
         "eps": c["eps"],
         "denoise": c["denoise"],

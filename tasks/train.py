@@ -9,7 +9,7 @@ from pathlib import Path
 from sde_lib.io import atomic_write_text
 from training import checkpoint as ckpt
 from training.conditional import ClassifierLoss, ConditionalLoss
-from training.distributed import broadcast_object, teardown
+from training.distributed import broadcast_object, share_from_main, teardown
 from training.loop import NonFiniteError, TrainSettings, train
 from training.losses import make_loss
 
@@ -122,7 +122,9 @@ def run_train(cfg: dict, out_dir: Path, log=print) -> dict:
             loss = ClassifierLoss(sde, eps=float(t["eps"]))
         elif conditional:  # the conditional and (label dropout) unconditional score in one net
             loss = ConditionalLoss(loss, float(t.get("label_dropout", 0.0)))
-        _, state = _resume_state(cfg, log if info.is_main else (lambda *a: None))
+        # rank 0 finds the checkpoint to resume from under its outputs_root (where it wrote
+        # it) and every rank receives its contents: the machines need not share a file system
+        state = share_from_main(lambda: _resume_state(cfg, log)[1], info, UserError)
         out_dir = Path(out_dir)
         if info.is_main:
             meta = {k: cfg[k] for k in ("sde", "data", "model", "training", "seed")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -82,9 +83,12 @@ def test_every_option_of_every_group_composes_and_validates(tmp_path, group):
 
 def test_torchrun_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:  # a free port: a fixed one collides with concurrent runs
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", "--master_port=29517", str(ROOT / "run.py"),
+         "--master_addr=127.0.0.1", f"--master_port={port}", str(ROOT / "run.py"),
          "training.steps=20", "logger.mode=disabled", "progress=false"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

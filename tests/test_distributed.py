@@ -1,10 +1,12 @@
 """Two processes (torchrun, gloo on 127.0.0.1, a free port) against one: training, sampling and
-likelihood give the same numbers; a killed rank ends the run with one line in bounded time."""
+likelihood give the same numbers, also when the ranks share no file system (each its own
+outputs_root); a killed rank ends the run with one line in bounded time."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -100,6 +102,111 @@ def test_nll_with_two_processes_equals_one_process(tmp_path):
     one, _ = run_mode(tmp_path / "one", "one", *args[:-2])
     for key in ("nll_nats", "stderr", "hutchinson_stderr", "exact_nll_nats", "gap", "nfe_mean"):
         assert one[key] == pytest.approx(two[key], rel=1e-6, abs=1e-9), key
+
+
+# a tiny trained score model (gmm8, VP): seconds to train, a real checkpoint to share
+TINY = ("model=mlp", "model.hidden=32", "model.depth=2", "model.emb_dim=16")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """The folder of a finished training run of the TINY model (one process)."""
+    root = tmp_path_factory.mktemp("tiny")
+    run_mode(root, "tiny", "mode=train", *TINY, "training.steps=30")
+    return root / "train" / "tiny"
+
+
+def _machines(tmp_path: Path, run: Path) -> str:
+    """Two 'machines' that share no file system: rank r writes and looks up under its own
+    outputs_root tmp_path/rank<r> (resolved per rank from torchrun's RANK), and only rank 0's
+    holds the training run. Returns the outputs_root override."""
+    shutil.copytree(run, tmp_path / "rank0" / "train" / run.name)
+    return f"outputs_root={tmp_path}/rank${{oc.env:RANK,0}}"
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_gather_and_share_move_every_value_in_bounded_pieces(tmp_path):
+    """gather_to_main: shares of different sizes (tensors, an empty one, JSON-like values)
+    reach rank 0 whole; share_from_main: rank 0's value, or its error, on every rank; no
+    message on the process group is larger than the piece size (100 bytes here)."""
+    r = torchrun(str(ROOT / "tests" / "dist_gather_check.py"), str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from dist_gather_check import CHUNK, N_ITEMS, item
+
+    got = [torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in (0, 1)]
+    assert got[1]["merged"] is None and sorted(got[0]["merged"]) == list(range(N_ITEMS))
+    for i, v in got[0]["merged"].items():
+        if isinstance(v, torch.Tensor):
+            torch.testing.assert_close(v, item(i), rtol=0, atol=0)
+        else:
+            assert v == item(i)
+    for g in got:
+        torch.testing.assert_close(g["shared"]["weights"], torch.linspace(0, 1, 1000,
+                                   dtype=torch.float64), rtol=0, atol=0)  # fmt: skip
+        assert g["shared"]["step"] == 7 and g["error"] == "no checkpoint here"
+        assert len(g["sizes"]) > 50 and max(g["sizes"]) <= CHUNK  # 8 kB in pieces of 100 B
+
+
+def test_sample_on_machines_sharing_no_files_equals_one_process(tiny_run, tmp_path):
+    """Rank 1 has no checkpoint and no access to rank 0's folder: it receives the checkpoint and
+    the schedule fitted by rank 0 (sampler.grid=fit) and sends its samples (2 of the 5 batches,
+    fewer than rank 0) through the process group. The samples are bitwise those of one process
+    on the same schedule file: each sample has its own noise and the same batches are drawn."""
+    args = ("mode=sample", *TINY, "sampler=fast", "sampler.steps=5", "sampler.n_samples=300",
+            "sampler.batch_size=70", *QUIET)  # fmt: skip
+    r = torchrun(str(ROOT / "run.py"), *args, "sampler.grid=fit", _machines(tmp_path, tiny_run),
+                 cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _files(tmp_path / "rank1") == []  # read nothing there, wrote nothing there
+    (folder,) = list((tmp_path / "rank0" / "sample").iterdir())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["n_samples"] == 300
+    assert metrics["options"]["grid"] == str(folder / "schedule.json")
+    two = np.load(folder / "samples.npz")
+    ck = next((tmp_path / "rank0" / "train").glob("*/checkpoints/ckpt_*.pt"))
+    m, out = run_mode(tmp_path / "one", "one", *args[:-2], f"ckpt={ck}",
+                      f"sampler.grid={folder / 'schedule.json'}")  # fmt: skip
+    one = np.load(out / "samples.npz")
+    assert m["nfe"] == metrics["nfe"] and two["samples"].shape == (300, 2)
+    for key in ("samples", "samples_model_space"):
+        np.testing.assert_array_equal(two[key], one[key])
+
+
+def test_nll_on_machines_sharing_no_files_equals_one_process_and_resumes(tiny_run, tmp_path):
+    """Each rank solves and caches its batches under its own outputs_root; rank 0 gathers the
+    per-batch results (in batch order) into the nll.json of one process, and caches the
+    batches it received. A second two-process run and a one-process run on rank 0's machine
+    reuse every batch."""
+    args = ("mode=nll", *TINY, "likelihood.n_points=16", "likelihood.batch_size=2",
+            "likelihood.divergence=hutchinson", "likelihood.n_probes=2", "likelihood.rtol=1e-3",
+            "likelihood.atol=1e-3", *QUIET)  # fmt: skip
+    roots = _machines(tmp_path, tiny_run)
+    r = torchrun(str(ROOT / "run.py"), *args, roots, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (folder,) = list((tmp_path / "rank0" / "nll").iterdir())
+    two = json.loads((folder / "nll.json").read_text())
+    assert two["world_size"] == 2 and two["batches_reused"] == 0 and two["n"] == 16
+    # rank 1's own cache: its batches 1, 3, 5, 7 only, and nothing else on its machine
+    rank1 = _files(tmp_path / "rank1")
+    assert len(rank1) == 5 and all(f.startswith("nll_cache/") for f in rank1), rank1
+    assert [Path(f).name[:11] for f in rank1 if "batch_" in f] == [
+        f"batch_{i:05d}" for i in (1, 3, 5, 7)]  # fmt: skip
+    assert len(list(Path(two["cache_dir"]).glob("batch_*.json"))) == 8  # rank 0: all of them
+    ck = next((tmp_path / "rank0" / "train").glob("*/checkpoints/ckpt_*.pt"))
+    one, _ = run_mode(tmp_path / "one", "one", *args[:-2], f"ckpt={ck}")
+    keys = ("nll_nats", "stderr", "hutchinson_stderr", "exact_nll_nats", "gap", "gap_stderr",
+            "nfe_mean", "n")  # fmt: skip
+    assert one["batches_reused"] == 0 and {k: one[k] for k in keys} == {k: two[k] for k in keys}
+
+    r = torchrun(str(ROOT / "run.py"), *args, roots, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads(max((tmp_path / "rank0" / "nll").glob("*/nll.json")).read_text())
+    assert again["batches_reused"] == 8 and {k: again[k] for k in keys} == {k: two[k] for k in keys}
+    here, _ = run_mode(tmp_path / "rank0", "here", *args[:-2])  # one process, rank 0's cache
+    assert here["batches_reused"] == 8 and {k: here[k] for k in keys} == {k: two[k] for k in keys}
 
 
 def _rank_of(pid: int) -> int:
