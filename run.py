@@ -6,6 +6,7 @@ Bad input of any kind ends with one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -125,9 +126,11 @@ def main() -> None:
     def entry(dcfg) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        from sde_lib.errors import UserError
         from tasks import dispatch
-        from tasks.common import UserError
 
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 speaks for the run
+            logging.getLogger().setLevel(logging.WARNING)
         cfg = OmegaConf.to_container(dcfg, resolve=True)
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         try:

@@ -351,11 +351,11 @@ def digits_model(a, cfg: dict):
 
     path = a.checkpoint
     if path is None:
-        runs = [r for r in matching_runs(cfg, lambda *m: None)
+        runs = [r for r in matching_runs(cfg)
                 if r["model_match"] and r["status"] == "finished"
                 and r["planned"] == a.digits_steps]  # fmt: skip
         for run in sorted(runs, key=lambda r: r["mtime"], reverse=True):
-            found = ckpt.latest_valid(run["dir"] / "checkpoints", lambda *m: None)
+            found = ckpt.latest_valid(run["dir"] / "checkpoints")
             if found:
                 path = found[0]
                 print(f"reusing {path} (a finished run with these settings)")
@@ -367,11 +367,11 @@ def digits_model(a, cfg: dict):
               f"model.ch={a.digits_ch} training.steps={a.digits_steps} (into {out_dir})",
               flush=True)  # fmt: skip
         t0 = time.perf_counter()
-        summary = run_train(cfg, out_dir, log=lambda *m: None)
+        summary = run_train(cfg, out_dir)
         path = summary["checkpoint"]
         print(f"trained in {time.perf_counter() - t0:.0f} s: loss {summary['final_loss']:.4g}, "
               f"{path}", flush=True)  # fmt: skip
-    sde, dataset, model, path = load_score_model({**cfg, "ckpt": str(path)}, lambda *m: None)
+    sde, dataset, model, path = load_score_model({**cfg, "ckpt": str(path)})
     return sde, dataset, model, Path(path)
 
 
@@ -416,7 +416,7 @@ def digits_table(a, diffusers=None) -> None:
               f"(cached in {cache})", flush=True)  # fmt: skip
     (ref, ref_nfe), (second, _) = pc_sets
     train_u8, test_u8 = dataset_uint8(dataset, "train"), dataset_uint8(dataset, "test")
-    feats = build_features(dataset, train_u8, test_u8, cfg, log=print)
+    feats = build_features(dataset, train_u8, test_u8, cfg)
     f_ref, f_test = feats(ref), feats(test_u8)
     pix_ref = torch.from_numpy(ref).double().flatten(1) / 255
     h = torch.pdist(pix_ref).median().item()  # MMD bandwidth: the median reference distance

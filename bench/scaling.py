@@ -106,8 +106,7 @@ def loop_steps_per_s(model, sde, dataset, steps: int, batch: int, device, out: P
                           ckpt_every=10**9, **kw)  # fmt: skip
         start = time.perf_counter()
         train(copy.deepcopy(model), make_loss("dsm", sde), dataset, s, out / str(n), config={},
-              progress=False, dist_info=DistInfo(device=torch.device(device)),
-              log=lambda *a: None)  # fmt: skip
+              progress=False, dist_info=DistInfo(device=torch.device(device)))  # fmt: skip
         seconds.append(time.perf_counter() - start)
     return steps / (seconds[1] - seconds[0])
 

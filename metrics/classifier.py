@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import torch
 from torch import nn
 
 from sde_lib.io import atomic_write
+
+log = logging.getLogger(__name__)
 
 ARCH_VERSION = "cnn-v2"
 # epochs None: 15 for images up to 16 px (digits: ~4 s on one CPU thread), else 8 (MNIST: ~30 s)
@@ -89,7 +92,7 @@ def accuracy(model: SmallCNN, images_uint8, labels, batch: int = 512) -> float:
     return float((pred == y).double().mean())
 
 
-def train_classifier(train_uint8, train_labels, settings: dict = SETTINGS, log=print) -> SmallCNN:
+def train_classifier(train_uint8, train_labels, settings: dict = SETTINGS) -> SmallCNN:
     """Train SmallCNN with Adam on (N, C, H, W) uint8 images and (N,) labels; fixed seed.
 
     Light augmentation (random shifts by up to 1 pixel at 8x8, 2 at 28x28, zero-filled) helps it
@@ -135,7 +138,7 @@ def _shift(x: torch.Tensor, s: int, g: torch.Generator) -> torch.Tensor:
 
 
 def load_or_train(
-    train_uint8, train_labels, test_uint8, test_labels, cache_dir: Path, log=print
+    train_uint8, train_labels, test_uint8, test_labels, cache_dir: Path
 ) -> tuple[SmallCNN, float, Path]:
     """The classifier for this training set: loaded from cache_dir if trained before, else trained
     and saved there. Returns (model in eval mode, test accuracy, cache file)."""
@@ -150,13 +153,13 @@ def load_or_train(
             model.eval()
             return model, float(saved["test_accuracy"]), path
         except Exception as e:  # a damaged cache file is retrained, never trusted
-            log(f"warning: feature classifier cache {path} unreadable ({type(e).__name__}); "
+            log.warning(f"feature classifier cache {path} unreadable ({type(e).__name__}); "
                 "retraining")
 
     t0 = time.perf_counter()
-    model = train_classifier(train_uint8, train_labels, log=log)
+    model = train_classifier(train_uint8, train_labels)
     acc = accuracy(model, test_uint8, test_labels)
-    log(f"trained the feature classifier on {len(train_uint8)} images in "
+    log.info(f"trained the feature classifier on {len(train_uint8)} images in "
         f"{time.perf_counter() - t0:.1f} s: test accuracy {acc:.4f}; cached in {path}")
     state = {"state_dict": model.state_dict(), "test_accuracy": acc,
              "arch": ARCH_VERSION, "n_train": int(len(train_uint8))}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from sde_lib.errors import UserError
 
 from .classifier import load_or_train
 from .inception import WEIGHTS_HINT, WEIGHTS_NAME, InceptionWeightsError, load_fid_inception
+
+log = logging.getLogger(__name__)
 
 FEATURE_CHOICES = ("auto", "classifier", "inception", "pixels")
 
@@ -89,11 +92,10 @@ def user_features(spec: str) -> Features:
     return Features(getattr(fn, "name", spec), fn, key=None, batch=64)
 
 
-def classifier_features(train_u8, train_labels, test_u8, test_labels, cache_dir: Path,
-                        log=print, device: str = "cpu") -> Features:
+def classifier_features(train_u8, train_labels, test_u8, test_labels, cache_dir: Path, device: str = "cpu") -> Features:
     """The penultimate layer of the toolkit's classifier (trained once, cached by content hash)."""
 
-    model, acc, path = load_or_train(train_u8, train_labels, test_u8, test_labels, cache_dir, log)
+    model, acc, path = load_or_train(train_u8, train_labels, test_u8, test_labels, cache_dir)
     model = model.to(device)
     return Features("classifier", lambda b: model.features(b * 2 - 1), accuracy=acc,
                     key=path.stem, device=device)
@@ -121,7 +123,7 @@ def default_weights_path(outputs_root) -> Path:
     return Path(outputs_root) / "features" / WEIGHTS_NAME
 
 
-def build_features(dataset, train_u8, test_u8, cfg: dict, log=print) -> Features:
+def build_features(dataset, train_u8, test_u8, cfg: dict) -> Features:
     """The feature network named by cfg["eval"]["features"] for this data set (see module doc)."""
 
     e = cfg.get("eval") or {}
@@ -139,7 +141,7 @@ def build_features(dataset, train_u8, test_u8, cfg: dict, log=print) -> Features
             choice = "inception"
         else:
             if train_u8.shape[1] == 3:
-                log(f"no Inception-v3 weights: FID is not computed and KID/precision/recall use "
+                log.info(f"no Inception-v3 weights: FID is not computed and KID/precision/recall use "
                     f"raw pixels; for FID download {WEIGHTS_HINT} to {default_weights_path(root)}"
                     " or pass eval.inception_weights=PATH")
             choice = "pixels"
@@ -148,7 +150,7 @@ def build_features(dataset, train_u8, test_u8, cfg: dict, log=print) -> Features
             raise _user_error(f"eval.features=classifier needs a labelled data set (digits, "
                               f"mnist); data={dataset.name} has no labels; use auto or pixels")
         return classifier_features(train_u8, labels["train"].numpy(), test_u8,
-                                   labels["test"].numpy(), root / "features", log, device)
+                                   labels["test"].numpy(), root / "features", device)
     if choice == "inception":
         if weights is None:
             raise _user_error(f"eval.features=inception needs the weights: download "

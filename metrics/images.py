@@ -3,7 +3,7 @@ memorisation, with test-vs-train floors at the same sample count.
 
 Entry points (the caller owns sampling and seeds):
 
-    evaluate_images(dataset, samples_uint8, cfg, out_dir, log=print, seed=0) -> dict
+    evaluate_images(dataset, samples_uint8, cfg, out_dir, seed=0) -> dict
     aggregate_seeds(results: list[dict]) -> dict
     export_png(samples_uint8, folder) -> Path
     dataset_uint8(dataset, split) -> np.ndarray
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from .features import FEATURE_CHOICES, Features, build_features
 from .fid import fid_from_features
 from .kid import kid
 from .neighbours import memorisation, precision_recall
+
+log = logging.getLogger(__name__)
 
 # metrics that aggregate_seeds reports as min and mean over seeds
 SEED_METRICS = ("fid", "kid", "precision", "recall", "memorisation_share")
@@ -96,7 +99,7 @@ def _data_hash(*arrays: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def reference_features(dataset, feats: Features, train_u8, test_u8, cache_dir: Path, log=print):
+def reference_features(dataset, feats: Features, train_u8, test_u8, cache_dir: Path):
     """(train features, test features), float64, cached per data content and feature network
     under cache_dir (tensors only, weights_only load); features without a key are not cached."""
     path = None
@@ -108,7 +111,7 @@ def reference_features(dataset, feats: Features, train_u8, test_u8, cache_dir: P
                 saved = torch.load(path, map_location="cpu", weights_only=True)
                 return saved["train"], saved["test"]
             except Exception as e:
-                log(f"warning: reference statistics {path} unreadable ({type(e).__name__}); "
+                log.warning(f"reference statistics {path} unreadable ({type(e).__name__}); "
                     "recomputing")
     f_train, f_test = feats(train_u8), feats(test_u8)
     if path is not None:
@@ -118,7 +121,7 @@ def reference_features(dataset, feats: Features, train_u8, test_u8, cache_dir: P
     return f_train, f_test
 
 
-def evaluate_images(dataset, samples_uint8: np.ndarray, cfg: dict, out_dir: Path, log=print,
+def evaluate_images(dataset, samples_uint8: np.ndarray, cfg: dict, out_dir: Path,
                     seed: int = 0) -> dict:
     """Score one set of samples of an image data set; write the nearest-neighbour picture (and
     the PNG folder with eval.export_png) under out_dir; return the metrics.json entries.
@@ -149,8 +152,8 @@ def evaluate_images(dataset, samples_uint8: np.ndarray, cfg: dict, out_dir: Path
     if len(test_u8) < 5:
         raise UserError(f"data={dataset.name}: its test split holds {len(test_u8)} images; "
                         "image metrics need at least 5 (k-NN radii with k = 3)")
-    feats = build_features(dataset, train_u8, test_u8, cfg, log)
-    f_train, f_test = reference_features(dataset, feats, train_u8, test_u8, root / "features", log)
+    feats = build_features(dataset, train_u8, test_u8, cfg)
+    f_train, f_test = reference_features(dataset, feats, train_u8, test_u8, root / "features")
     f_s = feats(x)
     n = x.shape[0]
     g = torch.Generator().manual_seed(int(seed))

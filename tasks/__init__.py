@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -14,22 +15,24 @@ from .sample import run_sample
 from .train import run_train
 from .validate import validate
 
+log = logging.getLogger(__name__)
 
-def dispatch(cfg: dict, out_dir: Path, log=print) -> dict:
+
+def dispatch(cfg: dict, out_dir: Path) -> dict:
     """Validate `cfg` and run its mode, writing outputs under `out_dir`."""
     validate(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
-        log(f"{cfg['mode']} run: outputs in {out_dir}")
+        log.info(f"{cfg['mode']} run: outputs in {out_dir}")
     mode = cfg["mode"]
     if mode == "train":
-        return run_train(cfg, out_dir, log)
+        return run_train(cfg, out_dir)
     if mode == "eval" or (mode == "sample" and (cfg.get("eval") or {}).get("only")):
-        return run_eval(cfg, out_dir, log)
+        return run_eval(cfg, out_dir)
     if mode == "sample" and cfg["sampler"].get("task", "sample") != "sample":
-        return run_control(cfg, out_dir, log)  # inpaint, colorize: conditioned on data
+        return run_control(cfg, out_dir)  # inpaint, colorize: conditioned on data
     if mode == "sample":
-        return run_sample(cfg, out_dir, log)
-    return run_nll(cfg, out_dir, log)
+        return run_sample(cfg, out_dir)
+    return run_nll(cfg, out_dir)
 
 
 __all__ = ["dispatch", "UserError", "validate"]

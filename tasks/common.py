@@ -6,6 +6,7 @@ The config arrives as a plain dict (resolved from Hydra by run.py); nothing here
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -26,6 +27,8 @@ from sde_lib import SDE, VDMSDE, VESDE, VPSDE, subVPSDE
 from sde_lib.errors import UserError
 from training import checkpoint as ckpt
 from training.distributed import setup, share_from_main
+
+log = logging.getLogger(__name__)
 
 SDE_CLASSES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE, "vdm": VDMSDE}
 TOY_DATA = ("gmm8", "checkerboard", "swissroll", "moons")
@@ -188,7 +191,7 @@ def run_identity(cfg: dict) -> dict:
             "model": model_identity(cfg["model"])}  # fmt: skip
 
 
-def find_checkpoint(cfg: dict, log=print) -> tuple[Path, dict]:
+def find_checkpoint(cfg: dict) -> tuple[Path, dict]:
     """The checkpoint to use: ckpt=PATH, else the newest matching run under outputs_root."""
     if cfg.get("ckpt"):
         path = Path(cfg["ckpt"]).expanduser()
@@ -203,7 +206,7 @@ def find_checkpoint(cfg: dict, log=print) -> tuple[Path, dict]:
             raise UserError(str(e)) from None
         return path, state
     root = Path(cfg["outputs_root"])
-    runs = matching_runs(cfg, log)
+    runs = matching_runs(cfg)
     # runs with this model config first, finished ones first (newest first), then unfinished or
     # failed ones (newest first)
     runs.sort(key=lambda r: (r["model_match"], r["status"] == "finished", r["mtime"]),
@@ -213,7 +216,7 @@ def find_checkpoint(cfg: dict, log=print) -> tuple[Path, dict]:
             try:
                 state = ckpt.load(path)
             except ckpt.CheckpointError as e:
-                log(f"warning: {e}; trying an older checkpoint")
+                log.warning(f"{e}; trying an older checkpoint")
                 continue
             what = f"newest finished sde={cfg['sde']['name']} data={cfg['data']['name']} run"
             if run["status"] != "finished":
@@ -222,7 +225,7 @@ def find_checkpoint(cfg: dict, log=print) -> tuple[Path, dict]:
                     f"run, so the newest {run['status']} one: step {state.get('step')} of "
                     f"{run['planned'] or '?'} planned"
                 )
-            log(f"using checkpoint {path} ({what} under {root})")
+            log.info(f"using checkpoint {path} ({what} under {root})")
             return path, state
     raise UserError(
         f"no checkpoint for sde={cfg['sde']['name']} data={cfg['data']['name']} "
@@ -232,7 +235,7 @@ def find_checkpoint(cfg: dict, log=print) -> tuple[Path, dict]:
     )
 
 
-def matching_runs(cfg: dict, log=print) -> list[dict]:
+def matching_runs(cfg: dict) -> list[dict]:
     """Training runs under outputs_root/train (sweep jobs included) with this sde and data:
     dicts of dir, status (finished | interrupted | failed | running | unknown), planned steps
     and the mtime of their newest checkpoint (runs without a checkpoint are left out)."""
@@ -243,7 +246,7 @@ def matching_runs(cfg: dict, log=print) -> list[dict]:
         try:
             meta = json.loads(run_json.read_text())
         except (OSError, ValueError) as e:
-            log(f"warning: skipping run {run_json.parent}: unreadable run.json ({e})")
+            log.warning(f"skipping run {run_json.parent}: unreadable run.json ({e})")
             continue
         if not isinstance(meta, dict) or not isinstance(meta.get("data"), dict):
             continue
@@ -290,26 +293,26 @@ def checkpoint_from_main(info):
     no shared file system nor copies of the file, and all use the same checkpoint (each looking
     under its own outputs_root could pick different runs)."""
 
-    def on_main(cfg: dict, log) -> tuple[str, dict]:
-        path, state = find_checkpoint(cfg, log)
+    def on_main(cfg: dict) -> tuple[str, dict]:
+        path, state = find_checkpoint(cfg)
         return str(path), state  # a str: the weights-only loader that reads it refuses a Path
 
-    def find(cfg: dict, log=print) -> tuple[Path, dict]:
-        path, state = share_from_main(lambda: on_main(cfg, log), info, UserError)
+    def find(cfg: dict) -> tuple[Path, dict]:
+        path, state = share_from_main(lambda: on_main(cfg), info, UserError)
         return Path(path), state
 
     return find
 
 
-def load_score_model(cfg: dict, log=print, find=find_checkpoint):
+def load_score_model(cfg: dict, find=find_checkpoint):
     """(sde, dataset, score model in eval mode, checkpoint path or None) for sample / nll;
-    find(cfg, log) -> (path, state) supplies the checkpoint (`checkpoint_from_main` under
+    find(cfg) -> (path, state) supplies the checkpoint (`checkpoint_from_main` under
     torchrun)."""
     sde = build_sde(cfg["sde"])
     dataset = build_dataset(cfg["data"])
     if cfg["model"]["name"] == "exact":
         return sde, dataset, build_score_model(cfg, sde, dataset).eval(), None
-    path, state = find(cfg, log)
+    path, state = find(cfg)
     saved = ckpt.config_of(state)
     if is_classifier_run(saved):
         raise UserError(
@@ -318,7 +321,7 @@ def load_score_model(cfg: dict, log=print, find=find_checkpoint):
         )
     if cfg.get("ckpt"):  # an explicit checkpoint brings its own model; sde and data must match
         if cfg["model"] != saved["model"]:
-            log(f"using the checkpoint's model config {saved['model']} (ckpt={path}); "
+            log.info(f"using the checkpoint's model config {saved['model']} (ckpt={path}); "
                 "model.* overrides are ignored with an explicit ckpt")
         cfg = {**cfg, "model": saved["model"]}
     check_compatible(cfg, saved, path)

@@ -9,6 +9,7 @@ every sampler works with it unchanged. Labels are per sample and keyed by global
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from samplers.guidance import GuidedScore, label_batch
 from training import checkpoint as ckpt
 
 from .common import UserError, data_identity, is_classifier_run
+
+log = logging.getLogger(__name__)
 
 GUIDANCE_KEYS = ("class_label", "guidance", "classifier", "classifier_scale")
 
@@ -56,7 +59,7 @@ def build_classifier(cfg: dict, sde, dataset) -> torch.nn.Module:
     return NoisyClassifier(net, sde, k, sigma_data)
 
 
-def load_classifier(cfg: dict, sde, dataset, log=print) -> torch.nn.Module:
+def load_classifier(cfg: dict, sde, dataset) -> torch.nn.Module:
     """sampler.classifier: 'exact' (the closed-form p_t(y | x) of a mixture data set) or the path
     of a training.objective=classifier checkpoint with the same sde and data."""
     spec = cfg["sampler"]["classifier"]
@@ -90,11 +93,11 @@ def load_classifier(cfg: dict, sde, dataset, log=print) -> torch.nn.Module:
     except RuntimeError as e:
         raise UserError(f"sampler.classifier={spec} does not fit: "
                         f"{str(e).splitlines()[0]}") from None  # fmt: skip
-    log(f"classifier guidance with {path} (scale {cfg['sampler']['classifier_scale']})")
+    log.info(f"classifier guidance with {path} (scale {cfg['sampler']['classifier_scale']})")
     return model.eval()
 
 
-def make_guide(cfg: dict, model, dataset, sde, device, log=print):
+def make_guide(cfg: dict, model, dataset, sde, device):
     """(guide, description): guide(indices) -> the score_fn of those samples (None: the plain
     model), checked against the model and the data (bad input is a UserError)."""
     c = cfg["sampler"]
@@ -115,7 +118,7 @@ def make_guide(cfg: dict, model, dataset, sde, device, log=print):
                         "guidance) are two methods: set one of them")  # fmt: skip
     classifier = None
     if clf:
-        classifier = load_classifier(cfg, sde, dataset, log).to(device)
+        classifier = load_classifier(cfg, sde, dataset).to(device)
         k = classifier.n_classes
     elif k_model == 0:
         raise UserError("sampler.class_label needs a conditional model (train it with "
@@ -156,12 +159,12 @@ def sample_labels(cfg: dict, n: int, k: int) -> torch.Tensor:
 
 
 def conditional_metrics(dataset, x: torch.Tensor, labels: torch.Tensor | None, cfg: dict,
-                        images_uint8=None, log=print) -> dict:  # fmt: skip
+                        images_uint8=None) -> dict:  # fmt: skip
     """How often the samples are of their requested class, judged by the toolkit's digits/MNIST
     classifier (images, `metrics.classifier`, cached under outputs_root/features) or by the most
     responsible component (mixture data). Returns per-class shares (`conditional_accuracy`),
     their mean and the share of every predicted class; labels None: only the latter."""
-    pred = predicted_classes(dataset, x, cfg, images_uint8, log)
+    pred = predicted_classes(dataset, x, cfg, images_uint8)
     if pred is None:
         return {}
     k = dataset.n_classes
@@ -181,7 +184,7 @@ def conditional_metrics(dataset, x: torch.Tensor, labels: torch.Tensor | None, c
     return out
 
 
-def predicted_classes(dataset, x: torch.Tensor, cfg: dict, images_uint8=None, log=print):
+def predicted_classes(dataset, x: torch.Tensor, cfg: dict, images_uint8=None):
     """The class of each sample (N,) by the data set's judge, or None when there is none."""
     if dataset.kind == "images":
         if dataset.labels is None or images_uint8 is None:
@@ -191,7 +194,7 @@ def predicted_classes(dataset, x: torch.Tensor, cfg: dict, images_uint8=None, lo
         clf, _, _ = load_or_train(dataset_uint8(dataset, "train"),
                                   dataset.labels["train"].numpy(),
                                   dataset_uint8(dataset, "test"), dataset.labels["test"].numpy(),
-                                  root / "features", log)  # fmt: skip
+                                  root / "features")  # fmt: skip
         xs = to_input(np.asarray(images_uint8))
         with torch.no_grad():
             return torch.cat([clf(xs[i : i + 512]).argmax(1) for i in range(0, len(xs), 512)])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ from .common import UserError, load_score_model, start_processes
 from .conditional import make_guide, predicted_classes
 from .figures import image_grid
 from .sample import sample_noise, to_images
+
+log = logging.getLogger(__name__)
 
 MASK_NAMES = ("left", "right", "top", "bottom", "center", "random")
 MASK_STREAM = 0x6D61736B
@@ -158,21 +161,21 @@ def colorize(sde, score_fn, images: torch.Tensor, *, generator=None, **pc) -> tu
     return grey, _rotate(out, m.T), nfe
 
 
-def run_control(cfg: dict, out_dir: Path, log=print) -> dict:
+def run_control(cfg: dict, out_dir: Path) -> dict:
     c = cfg["sampler"]
     task = c["task"]
     info = start_processes(cfg)
     try:
         if info.world_size > 1:
             raise UserError(f"sampler.task={task} runs in one process; start it without torchrun")
-        sde, dataset, model, ckpt_path = load_score_model(cfg, log)
+        sde, dataset, model, ckpt_path = load_score_model(cfg)
         model.to(info.device)
-        return _run(cfg, task, sde, dataset, model, ckpt_path, info.device, Path(out_dir), log)
+        return _run(cfg, task, sde, dataset, model, ckpt_path, info.device, Path(out_dir))
     finally:
         teardown(info)
 
 
-def _run(cfg, task, sde, dataset, model, ckpt_path, device, out_dir, log) -> dict:
+def _run(cfg, task, sde, dataset, model, ckpt_path, device, out_dir) -> dict:
     c, seed = cfg["sampler"], int(cfg["seed"])
     points = dataset.kind == "points"
     if task == "colorize" and (len(dataset.shape) != 3 or dataset.shape[0] != 3):
@@ -184,11 +187,11 @@ def _run(cfg, task, sde, dataset, model, ckpt_path, device, out_dir, log) -> dic
     else:
         originals = dataset.test[:n]
         if n > originals.shape[0]:
-            log(f"the test split holds {originals.shape[0]} examples: completing all of them")
+            log.info(f"the test split holds {originals.shape[0]} examples: completing all of them")
     n = originals.shape[0]
     originals = originals.to(device)
     idx = torch.arange(n)
-    guide, guided = make_guide(cfg, model, dataset, sde, device, log)
+    guide, guided = make_guide(cfg, model, dataset, sde, device)
     if guide is not None and points:
         raise UserError("sampler.class_label with sampler.task on points is not supported "
                         "(inpaint_resampled); use it with image data")  # fmt: skip
@@ -232,8 +235,8 @@ def _run(cfg, task, sde, dataset, model, ckpt_path, device, out_dir, log) -> dic
     if dataset.mixture is not None and task == "inpaint":
         metrics.update(exact_conditional_check(dataset.mixture, originals, out, ~fill, seed))
     if dataset.labels is not None and dataset.kind == "images":
-        pred = predicted_classes(dataset, out, cfg, to_images(dataset, out), log)
-        truth = predicted_classes(dataset, originals, cfg, to_images(dataset, originals), log)
+        pred = predicted_classes(dataset, out, cfg, to_images(dataset, out))
+        truth = predicted_classes(dataset, originals, cfg, to_images(dataset, originals))
         metrics["completion_class_agreement"] = float((pred == truth).double().mean())
 
     buf = io.BytesIO()
@@ -261,8 +264,8 @@ def _run(cfg, task, sde, dataset, model, ckpt_path, device, out_dir, log) -> dic
         line += f", known values kept (max error {metrics['known_values_max_abs_error']:.1e})"
     if "exact_conditional_loglik_z" in metrics:
         line += f", exact conditional log-lik z = {metrics['exact_conditional_loglik_z']:.2f}"
-    log(line)
-    log(f"wrote {out_dir / 'samples.npz'}, {picture}, {out_dir / 'metrics.json'}")
+    log.info(line)
+    log.info(f"wrote {out_dir / 'samples.npz'}, {picture}, {out_dir / 'metrics.json'}")
     return metrics
 
 

@@ -11,6 +11,7 @@ elsewhere are compared with the same code. Writes metrics.json, samples.png and 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ from sde_lib.io import atomic_write_text
 from .common import UserError, build_dataset
 from .figures import image_grid
 from .logger import RunLogger
+
+log = logging.getLogger(__name__)
 
 
 def validate_eval(cfg: dict) -> dict:
@@ -105,7 +108,7 @@ def load_samples(path: Path, dataset) -> np.ndarray:
     return x
 
 
-def run_eval(cfg: dict, out_dir: Path, log=print) -> dict:
+def run_eval(cfg: dict, out_dir: Path) -> dict:
     """Score the samples in eval.path (or the newest sample run) against cfg's data set."""
 
     e = validate_eval(cfg)
@@ -123,13 +126,13 @@ def run_eval(cfg: dict, out_dir: Path, log=print) -> dict:
     results = []
     for s in e["seeds"]:
         idx = np.random.default_rng(s).permutation(len(x))[:n] if n < len(x) else slice(None)
-        results.append(evaluate_images(dataset, x[idx], cfg, out_dir, log, seed=s))
+        results.append(evaluate_images(dataset, x[idx], cfg, out_dir, seed=s))
     metrics = {"mode": "eval", "source": str(path), "data": dataset.name, "seeds": e["seeds"],
                **aggregate_seeds(results)}
     image_grid(x[:64], out_dir / "samples.png")
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
-    log(summary_line(metrics))
-    log(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'samples.png'}, "
+    log.info(summary_line(metrics))
+    log.info(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'samples.png'}, "
         f"{metrics['nearest_neighbour_picture']}")
     logger = RunLogger(cfg["logger"], out_dir, cfg, "eval")
     try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -56,6 +57,8 @@ from .common import (
     start_processes,
 )
 from .logger import RunLogger
+
+log = logging.getLogger(__name__)
 
 METHODS = ("ode", "elbo", "vlb")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -245,23 +248,23 @@ def batch_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _read_cached(path: Path, n: int, log) -> BatchResult | None:
+def _read_cached(path: Path, n: int) -> BatchResult | None:
     if not path.is_file():
         return None
     try:
         return BatchResult.from_json(json.loads(path.read_text()), n)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        log(f"warning: cached batch {path} is unreadable ({e}); computing it again")
+        log.warning(f"cached batch {path} is unreadable ({e}); computing it again")
         return None
 
 
 # --------------------------------------------------------------------------- the mode
 
 
-def _test_points(dataset: Dataset, n_points: int | None, log) -> torch.Tensor:
+def _test_points(dataset: Dataset, n_points: int | None) -> torch.Tensor:
     x = dataset.test_set(n_points)
     if n_points is not None and x.shape[0] < n_points:
-        log(
+        log.info(
             f"likelihood.n_points={n_points} but the {dataset.name} test split has "
             f"{x.shape[0]} points; evaluating all {x.shape[0]}"
         )
@@ -401,10 +404,10 @@ def _cache(
     files = [
         cache_dir / f"batch_{i:05d}_{_sha256_tensor(b)[:16]}.json" for i, b in enumerate(batches)
     ]
-    results = [_read_cached(f, b.shape[0], log) for f, b in zip(files, batches)]
+    results = [_read_cached(f, b.shape[0]) for f, b in zip(files, batches)]
     reused = sum(r is not None for r in results)
     if reused:
-        log(f"reusing {reused} of {len(batches)} batches from {cache_dir}")
+        log.info(f"reusing {reused} of {len(batches)} batches from {cache_dir}")
     return cache_dir, files, results
 
 
@@ -485,7 +488,7 @@ def _compute(
             logger.log({"batch_nll_nats": nll, "batch_nfe": sum(r.nfe) / len(r.nfe)}, step=i)
 
 
-def run_nll(cfg: dict, out_dir: Path, log=print) -> dict:
+def run_nll(cfg: dict, out_dir: Path) -> dict:
     """Evaluate the test split's NLL, reusing cached batches; write out_dir/nll.json.
 
     Under torchrun the batches are split across the ranks (batch i on rank i mod W), each rank
@@ -500,24 +503,23 @@ def run_nll(cfg: dict, out_dir: Path, log=print) -> dict:
     # machine) and only name it
     out_dir = Path(broadcast_object(str(out_dir), info))
     device, main = info.device, info.is_main
-    quiet = log if main else (lambda *a: None)
     try:
-        sde, dataset, model, ckpt_path = load_score_model(cfg, quiet, checkpoint_from_main(info))
+        sde, dataset, model, ckpt_path = load_score_model(cfg, checkpoint_from_main(info))
         # the cache key names the checkpoint by its file's hash: rank 0 has the file
         sha = share_from_main(lambda: None if ckpt_path is None else _sha256_file(ckpt_path), info)
         lc = resolve_divergence(cfg["likelihood"], dataset)
         cfg = {**cfg, "likelihood": lc}
         model.to(device, DTYPES[lc["dtype"]])
-        x = _test_points(dataset, lc["n_points"], quiet)
+        x = _test_points(dataset, lc["n_points"])
         batches = list(x.split(int(lc["batch_size"])))
         mine = my_items(len(batches), info)
-        cache_dir, files, results = _cache(cfg, ckpt_path, device, batches, quiet, sha)
+        cache_dir, files, results = _cache(cfg, ckpt_path, device, batches, sha)
         cached = [r is not None for r in results]  # before this run: found in this rank's cache
         what = ("ELBO" if lc["method"] == "elbo" else "VLB" if lc["method"] == "vlb"
                 else f"PF-ODE ({lc['solver']}, {lc['divergence']})")  # fmt: skip
         threads = resolve_threads(lc, dataset, device)
         procs = f"{info.world_size} process{'es' if info.world_size > 1 else ''}"
-        quiet(f"nll of {x.shape[0]} {dataset.name} test points by {what}, {len(batches)} "
+        log.info(f"nll of {x.shape[0]} {dataset.name} test points by {what}, {len(batches)} "
               f"batches, {procs}")  # fmt: skip
         logger_cfg = cfg["logger"] if main else {**cfg["logger"], "mode": "disabled"}
         logger = RunLogger(logger_cfg, out_dir, cfg, "nll")
@@ -554,6 +556,6 @@ def run_nll(cfg: dict, out_dir: Path, log=print) -> dict:
     if not main:
         return {}
     if not math.isfinite(summary["nll_nats"]):
-        log("warning: some points have a non-finite log-likelihood (see the cached batches)")
-    log(summary_line(summary))
+        log.warning("some points have a non-finite log-likelihood (see the cached batches)")
+    log.info(summary_line(summary))
     return summary

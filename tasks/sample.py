@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ from .conditional import conditional_metrics, make_guide, sample_labels
 from .evaluate import validate_eval
 from .figures import image_grid, scatter_2d
 from .logger import RunLogger
+
+log = logging.getLogger(__name__)
 
 # keys of the sampler config group that are not options of the sampler function itself
 # (the conditional-generation keys are read in tasks/conditional.py and tasks/control.py)
@@ -75,7 +78,7 @@ def to_images(dataset, x: torch.Tensor) -> np.ndarray:
     return (u * 255).round().to(torch.uint8).cpu().numpy()
 
 
-def image_metrics(dataset, x: torch.Tensor, extra: dict, cfg: dict, out_dir: Path, log) -> dict:
+def image_metrics(dataset, x: torch.Tensor, extra: dict, cfg: dict, out_dir: Path) -> dict:
     """FID, KID, precision/recall and memorisation (metrics.images) of the sample sets: x for
     eval.seeds entry 0 (when it has eval.n_samples samples), `extra` {entry: batches} for the
     others; the mean and the min over the entries."""
@@ -86,9 +89,9 @@ def image_metrics(dataset, x: torch.Tensor, extra: dict, cfg: dict, out_dir: Pat
     for s in e.get("seeds") or [0]:
         xs = x if s not in extra else torch.cat([extra[s][j] for j in sorted(extra[s])])
         u8 = to_images(dataset, torch.nan_to_num(xs, nan=lo))
-        results.append(evaluate_images(dataset, u8, cfg, out_dir, log, seed=int(s)))
+        results.append(evaluate_images(dataset, u8, cfg, out_dir, seed=int(s)))
     out = {"eval_seeds": list(e.get("seeds") or [0]), **aggregate_seeds(results)}
-    log(summary_line(out))
+    log.info(summary_line(out))
     return out
 
 
@@ -137,8 +140,7 @@ def draw(sde, model, dataset, cfg: dict, device, info: DistInfo, n: int, seed: i
     return out, nfe
 
 
-def fit_grid(cfg: dict, sde, model, dataset, info: DistInfo, out_dir: Path, guided: bool,
-             log) -> tuple[dict, Path]:  # fmt: skip
+def fit_grid(cfg: dict, sde, model, dataset, info: DistInfo, out_dir: Path, guided: bool) -> tuple[dict, Path]:  # fmt: skip
     """sampler.grid=fit: the time steps fitted once (rank 0) to this model's own flow and written
     to out_dir/schedule.json; returns (cfg with sampler.grid set to those times, the file). The
     times reach the other ranks through the process group, not the file (rank 0's run folder may
@@ -161,7 +163,7 @@ def fit_grid(cfg: dict, sde, model, dataset, info: DistInfo, out_dir: Path, guid
                       denoise=bool(c["denoise"]), checkpoint=cfg.get("ckpt"), fit=fit)  # fmt: skip
         fixed = ", ".join(f"{k} {v:.3g}" for k, v in fit["mse_start"].items()
                           if k in samplers.GRIDS and math.isfinite(v))  # fmt: skip
-        log(f"fitted a {c['steps']}-step schedule for sampler={c['name']} to this model's flow "
+        log.info(f"fitted a {c['steps']}-step schedule for sampler={c['name']} to this model's flow "
             f"in {time.perf_counter() - start:.0f} s (squared error to its reference flow "
             f"{fit['mse']:.3g}; fixed grids: {fixed}); reuse it with sampler.grid={path}")
         # the float64 times as the file holds them: every rank samples on exactly the grid that
@@ -195,23 +197,21 @@ def _model_state(ckpt_path: Path | None) -> str:
     return f"checkpoint {ckpt_path} (step {step}{of}, training run {status})"
 
 
-def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
+def run_sample(cfg: dict, out_dir: Path) -> dict:
     c = cfg["sampler"]
     info = start_processes(cfg)
     # rank 0's run folder is the run's: the others write nothing there (it may be on another
     # machine) and only name it
     out_dir = Path(broadcast_object(str(out_dir), info))
-    quiet = log if info.is_main else (lambda *a: None)
     try:
-        sde, dataset, model, ckpt_path = load_score_model(cfg, quiet, checkpoint_from_main(info))
+        sde, dataset, model, ckpt_path = load_score_model(cfg, checkpoint_from_main(info))
         if dataset.kind == "images" and cfg.get("eval"):
             validate_eval(cfg)
         model.to(info.device)
-        guide, guided = make_guide(cfg, model, dataset, sde, info.device, quiet)
+        guide, guided = make_guide(cfg, model, dataset, sde, info.device)
         grid_file = None  # sampler.grid=fit: the schedule file it writes (rank 0)
         if c.get("grid") == "fit":
-            cfg, grid_file = fit_grid(cfg, sde, model, dataset, info, out_dir, guide is not None,
-                                      quiet)  # fmt: skip
+            cfg, grid_file = fit_grid(cfg, sde, model, dataset, info, out_dir, guide is not None)  # fmt: skip
             c = cfg["sampler"]
         start = time.perf_counter()
         n, seed = int(c["n_samples"]), int(cfg["seed"])
@@ -243,7 +243,7 @@ def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
                         "nothing was written: train further or from a lower training.lr, "
                         "or pass another ckpt")  # fmt: skip
     if bad:
-        log(f"warning: {bad} of {n} samples hold NaN or inf values; the metrics and pictures "
+        log.warning(f"{bad} of {n} samples hold NaN or inf values; the metrics and pictures "
             "use the finite ones (a diverged model or sampler: check the training run)")
     metrics = {
         "sampler": c["name"],
@@ -269,13 +269,13 @@ def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
     if dataset.mixture is not None and good.shape[0] > 1:
         metrics.update(quality_metrics(dataset, good, int(cfg["seed"])))
     if dataset.kind == "images" and cfg.get("eval"):
-        metrics.update(image_metrics(dataset, x, extra, cfg, out_dir, log))
+        metrics.update(image_metrics(dataset, x, extra, cfg, out_dir))
     if good.shape[0] > 0:
         u8 = to_images(dataset, good) if dataset.kind == "images" else None
         metrics.update(conditional_metrics(dataset, good, None if labels is None else labels[ok],
-                                           cfg, u8, log))  # fmt: skip
+                                           cfg, u8))  # fmt: skip
         if "conditional_accuracy" in metrics:
-            log(f"share of samples of the requested class ({metrics['conditional_judge']}): "
+            log.info(f"share of samples of the requested class ({metrics['conditional_judge']}): "
                 f"{metrics['conditional_accuracy_mean']:.3f}; per class "
                 f"{ {k: round(v, 3) for k, v in metrics['conditional_accuracy'].items()} }")
 
@@ -311,9 +311,9 @@ def run_sample(cfg: dict, out_dir: Path, log=print) -> dict:
             f"{metrics['exact_loglik_mean']:.3f} "
             f"(data {metrics['exact_loglik_mean_fresh_data']:.3f})"
         )
-    log(summary)
+    log.info(summary)
     written = [out_dir / "samples.npz", picture, out_dir / "metrics.json"]
-    log(f"wrote {', '.join(str(w) for w in written if w is not None)}")
+    log.info(f"wrote {', '.join(str(w) for w in written if w is not None)}")
     logger = RunLogger(cfg["logger"], out_dir, cfg, "sample")
     try:
         logger.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})

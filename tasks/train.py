@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 from sde_lib.io import atomic_write_text
@@ -25,6 +26,8 @@ from .common import (
 )
 from .conditional import build_classifier
 from .logger import RunLogger
+
+log = logging.getLogger(__name__)
 
 RESUME_KEYS = ("optimizer", "scheduler", "rng")
 
@@ -53,14 +56,14 @@ def settings_from(cfg: dict, dataset) -> TrainSettings:
     )
 
 
-def _resume_state(cfg: dict, log):
+def _resume_state(cfg: dict):
     """The checkpoint to continue from (resume=true), checked against this run's config."""
     if not cfg.get("resume"):
         return None, None
     if not cfg.get("ckpt"):
-        runs = sorted(matching_runs(cfg, log), key=lambda r: r["mtime"], reverse=True)
+        runs = sorted(matching_runs(cfg), key=lambda r: r["mtime"], reverse=True)
         for run in runs:
-            found = ckpt.latest_valid(run["dir"] / "checkpoints", log)
+            found = ckpt.latest_valid(run["dir"] / "checkpoints")
             if found:
                 path, state = found
                 break
@@ -71,7 +74,7 @@ def _resume_state(cfg: dict, log):
                 "train without resume first"
             )
     else:
-        path, state = find_checkpoint(cfg, log)
+        path, state = find_checkpoint(cfg)
     check_compatible(cfg, ckpt.config_of(state), path)
     missing = [k for k in RESUME_KEYS if k not in state]
     if missing:
@@ -79,7 +82,7 @@ def _resume_state(cfg: dict, log):
             f"checkpoint {path} holds weights only (no {', '.join(missing)}); "
             "it can be sampled from but not resumed: train without resume=true"
         )
-    log(f"resuming from {path} at step {state['step']}")
+    log.info(f"resuming from {path} at step {state['step']}")
     return path, state
 
 
@@ -87,7 +90,7 @@ def _write_status(out_dir: Path, summary: dict) -> None:
     atomic_write_text(out_dir / "train.json", json.dumps(summary, indent=2))
 
 
-def run_train(cfg: dict, out_dir: Path, log=print) -> dict:
+def run_train(cfg: dict, out_dir: Path) -> dict:
     info = start_processes(cfg)
     out_dir = Path(broadcast_object(str(out_dir), info))  # one run folder for all ranks
     try:
@@ -124,7 +127,7 @@ def run_train(cfg: dict, out_dir: Path, log=print) -> dict:
             loss = ConditionalLoss(loss, float(t.get("label_dropout", 0.0)))
         # rank 0 finds the checkpoint to resume from under its outputs_root (where it wrote
         # it) and every rank receives its contents: the machines need not share a file system
-        state = share_from_main(lambda: _resume_state(cfg, log)[1], info, UserError)
+        state = share_from_main(lambda: _resume_state(cfg)[1], info, UserError)
         out_dir = Path(out_dir)
         if info.is_main:
             meta = {k: cfg[k] for k in ("sde", "data", "model", "training", "seed")}
@@ -133,7 +136,7 @@ def run_train(cfg: dict, out_dir: Path, log=print) -> dict:
             _write_status(out_dir, {"status": "running", "step": 0,
                                     "planned_steps": settings.steps})  # fmt: skip
             n_params = sum(p.numel() for p in model.parameters())
-            log(
+            log.info(
                 f"training {type(model.net).__name__} ({n_params / 1e6:.2f}M params) on "
                 f"{dataset.name} with sde={cfg['sde']['name']} loss={t['loss']} for "
                 f"{settings.steps} steps (batch {settings.batch_size}, world size "
@@ -152,7 +155,6 @@ def run_train(cfg: dict, out_dir: Path, log=print) -> dict:
                 resume=state,
                 logger=logger,
                 progress=bool(cfg.get("progress", True)),
-                log=log,
             )
         except NonFiniteError as e:
             if info.is_main:
@@ -175,7 +177,7 @@ def run_train(cfg: dict, out_dir: Path, log=print) -> dict:
     }
     if info.is_main:
         _write_status(out_dir, summary)
-        log(
+        log.info(
             f"{result.status} at step {result.step}: loss {result.final_loss:.4g}, "
             f"{result.seconds:.1f} s; checkpoint {result.checkpoint}"
         )

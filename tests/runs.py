@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
+from tasks.logs import Console
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -24,4 +29,25 @@ def run_mode(outputs_root: Path, name: str, *overrides: str) -> tuple[dict, Path
     cfg = compose_cfg(outputs_root, *overrides)
     out = Path(outputs_root) / cfg["mode"] / name
     out.mkdir(parents=True, exist_ok=True)
-    return dispatch(cfg, out, log=lambda *a: None), out
+    return dispatch(cfg, out), out
+
+
+@contextmanager
+def log_lines() -> Iterator[list[str]]:
+    """The toolkit's log lines while the block runs, as the console shows them ("warning: ...")."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler, root = Keep(), logging.getLogger()
+    handler.setFormatter(Console("%(message)s"))
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)

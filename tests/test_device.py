@@ -79,7 +79,7 @@ def test_training_on_the_device_keeps_fp32_weights_and_never_a_nan(tmp_path, dev
                       precision=precision)  # fmt: skip
     info = DistInfo(device=device)
     result = train(model, make_loss("dsm", sde), ds, s, tmp_path, config=cfg, dist_info=info,
-                   progress=False, log=lambda *a: None)  # fmt: skip
+                   progress=False)  # fmt: skip
     assert result.step == 40 and result.skipped_steps == 0
     moved = 0.0
     for p, b in zip(model.parameters(), before):

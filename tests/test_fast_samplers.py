@@ -563,8 +563,8 @@ def test_optimise_grid_fits_a_trained_checkpoint(tmp_path, capsys, trained_gmm8)
     """--checkpoint: the schedule is fitted to the trained model itself; on a held-out batch it is
     closer to that model's reference flow than every fixed grid, run.py samples with it, and a
     bad checkpoint is one line with exit code 2."""
-    from tasks.schedules import main
     from tasks.common import load_score_model
+    from tasks.schedules import main
     from training import checkpoint as ckpt
 
     summary = trained_gmm8
@@ -573,7 +573,7 @@ def test_optimise_grid_fits_a_trained_checkpoint(tmp_path, capsys, trained_gmm8)
     record = json.loads(path.read_text())
     assert record["checkpoint"] == str(summary["checkpoint"]) and record["steps"] == 5
     saved = ckpt.config_of(ckpt.load(summary["checkpoint"]))
-    sde, _, model, _ = load_score_model({**saved, "ckpt": summary["checkpoint"]}, lambda *m: None)
+    sde, _, model, _ = load_score_model({**saved, "ckpt": summary["checkpoint"]})
     held = sde.prior_sampling((1000, 2), generator=torch.Generator().manual_seed(5))
     mse = held_out_mse(sde, model, held, 5)
     fixed = {g: mse(g) for g in samplers.GRIDS}
@@ -610,7 +610,7 @@ def test_fast_with_a_fitted_grid_leads_on_a_trained_model(tmp_path, trained_gmm8
     np.testing.assert_array_equal(a, b)
 
     saved = ckpt.config_of(ckpt.load(ck))
-    sde, _, model, _ = load_score_model({**saved, "ckpt": ck}, lambda *m: None)
+    sde, _, model, _ = load_score_model({**saved, "ckpt": ck})
     held = sde.prior_sampling((1000, 2), generator=torch.Generator().manual_seed(5))
     err = held_out_mse(sde, model, held, 9)
     fitted = err(str(path), "fast")

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from runs import log_lines
 
 from metrics.fid import fid_from_features, frechet_distance, gaussian_fit, trace_sqrt_product
 from metrics.kid import kid, mmd2_unbiased
@@ -129,9 +130,9 @@ def classifier(digits_u8, tmp_path_factory):
 
     d, train, test = digits_u8
     cache = tmp_path_factory.mktemp("features")
-    lines = []
-    f = classifier_features(train, d.labels["train"].numpy(), test, d.labels["test"].numpy(),
-                            cache, log=lines.append)
+    with log_lines() as lines:
+        f = classifier_features(train, d.labels["train"].numpy(), test,
+                                d.labels["test"].numpy(), cache)  # fmt: skip
     return f, cache, lines
 
 
@@ -144,9 +145,9 @@ def test_classifier_is_accurate_and_cached(digits_u8, classifier):
     # loaded, not retrained, the second time; same features
     from metrics.features import classifier_features
 
-    again = []
-    f2 = classifier_features(train, d.labels["train"].numpy(), test, d.labels["test"].numpy(),
-                             cache, log=again.append)
+    with log_lines() as again:
+        f2 = classifier_features(train, d.labels["train"].numpy(), test,
+                                 d.labels["test"].numpy(), cache)  # fmt: skip
     assert again == [] and f2.accuracy == feats.accuracy
     assert torch.equal(f2(test[:10]), feats(test[:10]))
     assert feats(test[:3]).shape == (3, 128)
@@ -266,10 +267,10 @@ def test_mode_eval_rgb_without_and_with_bad_inception_weights(tmp_path):
     folder = _rgb_folder(tmp_path / "rgb")
     base = ("mode=eval", "data=folder", f"data.path={folder}", "data.channels=3",
             f"eval.path={folder}")
-    lines = []
     out = tmp_path / "o1"
     out.mkdir()
-    m = dispatch(compose_cfg(tmp_path, *base), out, log=lines.append)
+    with log_lines() as lines:
+        m = dispatch(compose_cfg(tmp_path, *base), out)
     assert m["features"] == "pixels" and m["fid"] is None and 0 <= m["kid_std"]
     missing = [ln for ln in lines if "Inception-v3 weights" in ln]
     assert len(missing) == 1 and "pt_inception-2015-12-05-6726825d.pth" in missing[0]

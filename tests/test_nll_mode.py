@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from runs import log_lines
 
 import tasks.nll
 from tasks import UserError, dispatch
@@ -34,9 +35,9 @@ def make_cfg(root: Path, *overrides: str) -> dict:
 
 def run(root: Path, name: str, *overrides: str) -> tuple[dict, dict, list[str]]:
     """dispatch one run into root/name; (its return value, its nll.json or {}, its log lines)."""
-    lines: list[str] = []
     out = root / name
-    result = dispatch(make_cfg(root, *overrides), out, log=lines.append)
+    with log_lines() as lines:
+        result = dispatch(make_cfg(root, *overrides), out)
     written = out / "nll.json"
     return result, json.loads(written.read_text()) if written.is_file() else {}, lines
 

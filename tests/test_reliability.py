@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import compose_cfg, run_mode
+from runs import compose_cfg, log_lines, run_mode
 
 from tasks import UserError, dispatch
 from tasks.common import load_score_model
@@ -49,10 +49,6 @@ class Payload:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-def quiet(*args) -> None:
-    pass
 
 
 def spawn(root: Path, args: list[str], log: Path) -> subprocess.Popen:
@@ -123,11 +119,11 @@ def assert_finite(state: dict) -> None:
 
 def dispatch_logged(root: Path, name: str, *overrides: str) -> tuple[dict, Path, list[str]]:
     """tasks.dispatch in-process (as run.py would), keeping its log lines."""
-    lines: list[str] = []
     cfg = compose_cfg(root, *overrides)
     out = Path(root) / cfg["mode"] / name
     out.mkdir(parents=True, exist_ok=True)
-    summary = dispatch(cfg, out, log=lambda *a: lines.append(" ".join(map(str, a))))
+    with log_lines() as lines:
+        summary = dispatch(cfg, out)
     return summary, out, lines
 
 
@@ -189,10 +185,10 @@ def test_malicious_pickle_is_refused_and_its_code_never_runs(tmp_path, trained):
     # planted as the newest checkpoint of a run: resume and sample fall back to the good one
     run = copy_run(trained, tmp_path / "planted")
     shutil.copy(evil_zip, ckpt.checkpoint_path(run / "checkpoints", 25))
-    path, state = ckpt.latest_valid(run / "checkpoints", log=quiet)
+    path, state = ckpt.latest_valid(run / "checkpoints")
     assert path.name == "ckpt_00000020.pt" and state["step"] == 20
     cfg = compose_cfg(tmp_path / "planted", "mode=sample", *TINY)
-    assert load_score_model(cfg, log=quiet)[3].name == "ckpt_00000020.pt"
+    assert load_score_model(cfg)[3].name == "ckpt_00000020.pt"
     assert not marker.exists()
 
 
@@ -274,7 +270,7 @@ def test_nan_and_foreign_checkpoints_are_refused_and_skipped(tmp_path, trained):
     torch.save({**torch.load(good, weights_only=True), "format_version": 2}, future)
     with pytest.raises(ckpt.CheckpointError, match="format version 2"):
         ckpt.load(future)
-    assert ckpt.latest_valid(run / "checkpoints", log=quiet)[0] == good
+    assert ckpt.latest_valid(run / "checkpoints")[0] == good
 
 
 def test_config_mismatch_is_refused_with_the_keys_named(tmp_path, trained):
@@ -282,7 +278,7 @@ def test_config_mismatch_is_refused_with_the_keys_named(tmp_path, trained):
     good = ckpt.list_checkpoints(out / "checkpoints")[-1]
 
     def load(*overrides):
-        return load_score_model(compose_cfg(root, *overrides), log=quiet)
+        return load_score_model(compose_cfg(root, *overrides))
 
     # an explicit ckpt=PATH brings its own model config: model.hidden=64 yields its hidden=32
     _, _, model, path = load("mode=sample", "model=mlp", "model.hidden=64", f"ckpt={good}")
@@ -370,7 +366,6 @@ def test_one_signal_in_process_stops_cleanly_and_a_second_aborts_at_once(tmp_pat
         tmp_path / "one",
         config=cfg,
         progress=False,
-        log=quiet,
     )
     assert (result.status, result.step) == ("interrupted", 5)
     assert ckpt.load(result.checkpoint)["step"] == 5
@@ -383,7 +378,6 @@ def test_one_signal_in_process_stops_cleanly_and_a_second_aborts_at_once(tmp_pat
             tmp_path / "two",
             config=cfg,
             progress=False,
-            log=quiet,
         )
     assert not (tmp_path / "two").exists()
     assert signal.getsignal(signal.SIGTERM) == before  # the loop's handler is gone
@@ -421,7 +415,7 @@ def test_sigkill_in_the_middle_of_a_save_leaves_the_old_checkpoint(tmp_path, tra
     assert len(partial) == 1 and 0 < partial[0].stat().st_size < len(before)  # died mid-write
     assert target.read_bytes() == before and ckpt.load(target)["step"] == 20
     assert ckpt.list_checkpoints(run / "checkpoints")[-1] == target
-    assert ckpt.latest_valid(run / "checkpoints", log=quiet)[0] == target
+    assert ckpt.latest_valid(run / "checkpoints")[0] == target
 
 
 def step_of(path: Path) -> int:
@@ -536,7 +530,7 @@ def small_setup(steps: int, **settings):
 def test_nan_losses_and_gradients_are_skipped_and_counted(tmp_path):
     cfg, sde, ds, model, s = small_setup(20, ckpt_every=10, max_bad_steps=3)
     loss = Faulty(make_loss("dsm", sde), nan_loss=(3, 4, 9), nan_grad=(6, 7))
-    result = train(model, loss, ds, s, tmp_path, config=cfg, progress=False, log=quiet)
+    result = train(model, loss, ds, s, tmp_path, config=cfg, progress=False)
     # a skipped step uses up its iteration (its batch is a function of the step) and changes
     # nothing: 20 iterations, 5 of them skipped on the device without a host round trip
     assert (result.status, result.step, result.skipped_steps) == ("finished", 20, 5)
@@ -580,7 +574,6 @@ def test_persistent_nan_stops_with_a_clear_error_and_keeps_good_checkpoints(tmp_
             tmp_path / "none",
             config=cfg,
             progress=False,
-            log=quiet,
         )
     assert not (tmp_path / "none" / "checkpoints").exists()
 
@@ -596,7 +589,7 @@ def test_nan_weights_are_never_saved_over_a_good_checkpoint(tmp_path, monkeypatc
     monkeypatch.setattr(EMA, "update", poisoned)
     cfg, sde, ds, model, s = small_setup(20, ckpt_every=5)
     with pytest.raises(NonFiniteError, match=r"non-finite weights \(ema\..*at step 10"):
-        train(model, make_loss("dsm", sde), ds, s, tmp_path, config=cfg, progress=False, log=quiet)
+        train(model, make_loss("dsm", sde), ds, s, tmp_path, config=cfg, progress=False)
     paths = ckpt.list_checkpoints(tmp_path / "checkpoints")
     assert [p.name for p in paths] == ["ckpt_00000005.pt"]
     assert_finite(ckpt.load(paths[0]))

@@ -33,7 +33,7 @@ def _train_gmm8(tmp_path, loss_name: str, steps: int, **loss_opts):
     model = build_score_model(cfg, sde, ds)
     settings = TrainSettings(steps=steps, batch_size=256, lr=2e-3, ckpt_every=10**9)
     train(model, make_loss(loss_name, sde, **loss_opts), ds, settings, tmp_path, config=cfg,
-          progress=False, log=lambda *a: None)
+          progress=False)
     state = ckpt.load(ckpt.list_checkpoints(tmp_path / "checkpoints")[-1])
     model.load_state_dict(state["ema"])
     return model.eval(), sde, ds.mixture
@@ -116,7 +116,7 @@ def test_train_variants_write_a_loadable_checkpoint(tmp_path, overrides):
     from runs import compose_cfg
 
     cfg = compose_cfg(tmp_path, "mode=sample", *overrides)
-    _, _, model, path = load_score_model(cfg, log=lambda *a: None)
+    _, _, model, path = load_score_model(cfg)
     assert path is not None and path.parent == out / "checkpoints"
 
 

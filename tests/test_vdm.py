@@ -211,7 +211,7 @@ def test_vdm_train_nll_sample_and_learned_schedule(tmp_path):
     assert smp["non_finite_samples"] == 0
 
     cfg = compose_cfg(tmp_path, "mode=nll", *net)
-    sde, dataset, model, _ = load_score_model(cfg, log=lambda *a: None)
+    sde, dataset, model, _ = load_score_model(cfg)
     learned = sde.schedule
     grid = torch.linspace(0, 1, 10001)
     with torch.no_grad():

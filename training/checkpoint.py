@@ -13,6 +13,7 @@ mid-write never leaves a half-written checkpoint under a checkpoint's name.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import warnings
 import zipfile
@@ -21,6 +22,8 @@ from pathlib import Path
 import torch
 
 from sde_lib.io import atomic_write
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
@@ -164,11 +167,11 @@ def prune(folder: Path, keep: int) -> None:
         p.unlink(missing_ok=True)
 
 
-def latest_valid(folder: Path, log=print) -> tuple[Path, dict] | None:
+def latest_valid(folder: Path) -> tuple[Path, dict] | None:
     """The newest checkpoint in `folder` that loads; unusable ones are reported and skipped."""
     for p in reversed(list_checkpoints(folder)):
         try:
             return p, load(p)
         except CheckpointError as e:
-            log(f"warning: {e}; falling back to an earlier checkpoint")
+            log.warning(f"{e}; falling back to an earlier checkpoint")
     return None

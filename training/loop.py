@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import math
 import signal
 import time
@@ -35,6 +36,8 @@ from . import checkpoint as ckpt
 from .data import BatchPlan
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .ema import EMA
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -143,7 +146,6 @@ def train(
     resume: dict | None = None,
     logger=None,
     progress: bool = True,
-    log=print,
     callback=None,
 ) -> TrainResult:
     """Train `model` (a score model) with `loss_fn(score_fn, x0, noise) -> (B,)`.
@@ -253,7 +255,7 @@ def train(
                 status = "interrupted"
                 who = f"signal {stop.signum}" if stop.signum else "a signal on another rank"
                 if main:
-                    log(f"received {who}: saving a checkpoint at step {step}, stopping")
+                    log.info(f"received {who}: saving a checkpoint at step {step}, stopping")
                 break
             micro = plan.micro_batches(step, next(batches), dev)
             opt.zero_grad(set_to_none=True)
