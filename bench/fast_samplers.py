@@ -83,10 +83,18 @@ SOLVERS = {  # name -> (sampler, options)
 }
 # (label, grid column, diffusers scheduler, its config beyond the schedule); defaults otherwise
 PEERS = (
-    ("dpm++2m", "linspace", "DPMSolverMultistepScheduler",
-     dict(algorithm_type="dpmsolver++", solver_order=2)),
-    ("dpm++2m", "karras", "DPMSolverMultistepScheduler",
-     dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True)),
+    (
+        "dpm++2m",
+        "linspace",
+        "DPMSolverMultistepScheduler",
+        dict(algorithm_type="dpmsolver++", solver_order=2),
+    ),
+    (
+        "dpm++2m",
+        "karras",
+        "DPMSolverMultistepScheduler",
+        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
+    ),
     ("unipc2-bh2", "linspace", "UniPCMultistepScheduler", {}),
     ("unipc3-bh2", "linspace", "UniPCMultistepScheduler", dict(solver_order=3)),
     ("deis2", "linspace", "DEISMultistepScheduler", {}),
@@ -94,15 +102,21 @@ PEERS = (
     ("lms4", "karras", "LMSDiscreteScheduler", dict(use_karras_sigmas=True)),
     ("euler", "linspace", "EulerDiscreteScheduler", {}),
     ("heun", "linspace", "HeunDiscreteScheduler", {}),
-)  # fmt: skip
+)
 VP_SPACE = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler")
 # the discrete schedule equivalent to VPSDE(beta_min=0.1, beta_max=20): beta_i = beta(t_i) / 1000
-DISCRETE_VP = dict(num_train_timesteps=1000, beta_start=0.1 / 1000, beta_end=20 / 1000,
-                   beta_schedule="linear")  # fmt: skip
+DISCRETE_VP = dict(
+    num_train_timesteps=1000, beta_start=0.1 / 1000, beta_end=20 / 1000, beta_schedule="linear"
+)
 PEER_SDE = VPSDE(beta_min=0.1, beta_max=20.0)  # the continuous SDE that DISCRETE_VP discretises
 # toolkit rows printed beside the peers (label in SOLVERS or "fast", grid)
-SIDE_BY_SIDE = (("fast", "auto"), ("dpm++2m", "uniform"), ("dpm++2m", "logsnr"),
-                ("dpm++2m", "edm"), ("unipc3", "logsnr"))  # fmt: skip
+SIDE_BY_SIDE = (
+    ("fast", "auto"),
+    ("dpm++2m", "uniform"),
+    ("dpm++2m", "logsnr"),
+    ("dpm++2m", "edm"),
+    ("unipc3", "logsnr"),
+)
 DIGITS_SOLVERS = ("unipc", "dpm_solver3", "ipndm", "dpm_solver", "ddim", "heun")
 DIGITS_GRIDS = ("logsnr", "quadratic", "edm", "uniform")
 
@@ -128,8 +142,12 @@ def main() -> None:
     p.add_argument("--outputs-root", default="outputs", help="--digits: runs and caches")
     p.add_argument("--digits-steps", type=int, default=1000)
     p.add_argument("--digits-ch", type=int, default=16)
-    p.add_argument("--digits-sde", choices=("vp", "subvp", "ve"), default="vp",
-                   help="--digits: the SDE of the trained model")
+    p.add_argument(
+        "--digits-sde",
+        choices=("vp", "subvp", "ve"),
+        default="vp",
+        help="--digits: the SDE of the trained model",
+    )
     p.add_argument("--digits-n", type=int, default=300, help="--digits: samples per set")
     p.add_argument("--digits-nfe", default="10,20")
     a = p.parse_args()
@@ -153,13 +171,16 @@ def law_header(law_name: str, law, n: int):
     f1, f2 = (law.sample(n, torch.Generator().manual_seed(s)) for s in (2, 3))
     floor_ll = abs(law.log_prob(f1.double()).mean().item() - fresh_ll)
     floor_sw = sliced_wasserstein(f1, f2)
-    print(f"\n## {law_name}: n={n}, fresh |dlogp| {floor_ll:.3f}, fresh-vs-fresh sliced W2 "
-          f"{floor_sw:.3f}")  # fmt: skip
+    print(
+        f"\n## {law_name}: n={n}, fresh |dlogp| {floor_ll:.3f}, fresh-vs-fresh sliced W2 "
+        f"{floor_sw:.3f}"
+    )
     return fresh_ll, f2
 
 
-def score_cell(law, x: torch.Tensor, fresh_ll: float, f2: torch.Tensor,
-               note: str = "") -> tuple[float, str]:
+def score_cell(
+    law, x: torch.Tensor, fresh_ll: float, f2: torch.Tensor, note: str = ""
+) -> tuple[float, str]:
     """(|delta mean exact log-density|, the printed cell: it, the sliced W2, then `note`)."""
     d = abs(law.log_prob(x.double()).mean().item() - fresh_ll)
     d = d if d == d else float("inf")
@@ -185,24 +206,44 @@ def toolkit_tables(a, nfes: list[int]) -> None:
             sde = cls()
             score = MixtureScore(sde, law)
             rows = [("fast", "fast", {}, "auto")]
-            rows += [(label, s, o, g) for label, (s, o) in SOLVERS.items() for g in samplers.GRIDS
-                     if not (s == "ddim" and sde_name == "ve")]  # fmt: skip
-            print(f"\n{sde_name:6s} {'solver':13s} {'grid':9s} " +
-                  " ".join(f"NFE {n:<11d}" for n in nfes))  # fmt: skip
+            rows += [
+                (label, s, o, g)
+                for label, (s, o) in SOLVERS.items()
+                for g in samplers.GRIDS
+                if not (s == "ddim" and sde_name == "ve")
+            ]
+            print(
+                f"\n{sde_name:6s} {'solver':13s} {'grid':9s} "
+                + " ".join(f"NFE {n:<11d}" for n in nfes)
+            )
             table = {}
             for label, sampler, options, grid in rows:
                 cells = []
                 for nfe in nfes:
-                    d, cell = toolkit_row(sde, score, law, label, sampler, options, grid, nfe,
-                                          a.seed, fresh_ll, f2, a.n)  # fmt: skip
+                    d, cell = toolkit_row(
+                        sde,
+                        score,
+                        law,
+                        label,
+                        sampler,
+                        options,
+                        grid,
+                        nfe,
+                        a.seed,
+                        fresh_ll,
+                        f2,
+                        a.n,
+                    )
                     if d is not None:
                         table[(label, grid, nfe)] = d
                     cells.append(cell)
                 print(f"{'':6s} {label:13s} {grid:9s} " + " ".join(cells), flush=True)
             for nfe in nfes:
                 best = sorted((v, k[0], k[1]) for k, v in table.items() if k[2] == nfe)
-                print(f"{'':6s} best at NFE {nfe}: " + ", ".join(
-                    f"{s}/{g} {v:.3f}" for v, s, g in best[: a.best]))  # fmt: skip
+                print(
+                    f"{'':6s} best at NFE {nfe}: "
+                    + ", ".join(f"{s}/{g} {v:.3f}" for v, s, g in best[: a.best])
+                )
 
 
 # ---------------------------------------------------------------------------- --peers (diffusers)
@@ -242,8 +283,9 @@ class DiscreteVPModel:
         return -sigma * self.score_fn(x_vp, x_vp.new_full((x_vp.shape[0],), t))
 
 
-def run_peer(diffusers, sde, score_fn, x_T: torch.Tensor, cls_name: str, config: dict,
-             steps: int) -> tuple[torch.Tensor, int]:
+def run_peer(
+    diffusers, sde, score_fn, x_T: torch.Tensor, cls_name: str, config: dict, steps: int
+) -> tuple[torch.Tensor, int]:
     """Sample with a diffusers scheduler from the toolkit's prior draw x_T (x_VP at t ~ T):
     returns (x_0 in float64, model calls made)."""
     sched = getattr(diffusers, cls_name)(**DISCRETE_VP, **config)
@@ -279,9 +321,11 @@ def peer_steps(cls_name: str, nfe: int) -> int:
 
 def peer_tables(a, nfes: list[int], diffusers) -> None:
     sde = PEER_SDE
-    print(f"\n# peers: diffusers {diffusers.__version__} schedulers on the exact score, vp SDE "
-          f"(linear betas {DISCRETE_VP['beta_start']:g}..{DISCRETE_VP['beta_end']:g}, 1000 "
-          f"timesteps), float64 state; rows marked * are the toolkit's own")  # fmt: skip
+    print(
+        f"\n# peers: diffusers {diffusers.__version__} schedulers on the exact score, vp SDE "
+        f"(linear betas {DISCRETE_VP['beta_start']:g}..{DISCRETE_VP['beta_end']:g}, 1000 "
+        f"timesteps), float64 state; rows marked * are the toolkit's own"
+    )
     checks = []
     for law_name, make in LAWS.items():
         law = make()
@@ -289,31 +333,40 @@ def peer_tables(a, nfes: list[int], diffusers) -> None:
         fresh_ll, f2 = law_header(law_name, law, a.n)
         # the toolkit rows' prior draw (the same seed), shared by every peer run of this law
         x_T = sde.prior_sampling((a.n, law.dim), generator=torch.Generator().manual_seed(a.seed))
-        print(f"\n{'vp':6s} {'solver':13s} {'grid':9s} " +
-              " ".join(f"NFE {n:<11d}" for n in nfes))  # fmt: skip
+        print(f"\n{'vp':6s} {'solver':13s} {'grid':9s} " + " ".join(f"NFE {n:<11d}" for n in nfes))
         for label, grid in SIDE_BY_SIDE:
             sampler, options = ("fast", {}) if label == "fast" else SOLVERS[label]
-            cells = [toolkit_row(sde, score, law, label, sampler, options, grid, nfe, a.seed,
-                                 fresh_ll, f2, a.n)[1] for nfe in nfes]  # fmt: skip
+            cells = [
+                toolkit_row(
+                    sde, score, law, label, sampler, options, grid, nfe, a.seed, fresh_ll, f2, a.n
+                )[1]
+                for nfe in nfes
+            ]
             print(f"{'*':6s} {label:13s} {grid:9s} " + " ".join(cells), flush=True)
         for label, grid, cls_name, config in PEERS:
             cells = []
             for nfe in nfes:
-                x, calls = run_peer(diffusers, sde, score, x_T, cls_name, config,
-                                    peer_steps(cls_name, nfe))  # fmt: skip
+                x, calls = run_peer(
+                    diffusers, sde, score, x_T, cls_name, config, peer_steps(cls_name, nfe)
+                )
                 note = "" if calls == nfe else f"@{calls}"
                 cells.append(score_cell(law, x, fresh_ll, f2, note)[1])
             print(f"{'':6s} {label:13s} {grid:9s} " + " ".join(cells), flush=True)
             if law_name == "gmm8":
-                x, calls = run_peer(diffusers, sde, score, x_T, cls_name, config,
-                                    peer_steps(cls_name, a.check_nfe))  # fmt: skip
+                x, calls = run_peer(
+                    diffusers, sde, score, x_T, cls_name, config, peer_steps(cls_name, a.check_nfe)
+                )
                 d, _ = score_cell(law, x, fresh_ll, f2)
                 checks.append((label, grid, calls, d))
-    print(f"\ncheck of the score/schedule mapping: each peer at NFE ~{a.check_nfe} on gmm8 "
-          "(|delta| < 0.05 required)")
+    print(
+        f"\ncheck of the score/schedule mapping: each peer at NFE ~{a.check_nfe} on gmm8 "
+        "(|delta| < 0.05 required)"
+    )
     for label, grid, calls, d in checks:
-        print(f"  {label:13s} {grid:9s} NFE {calls:4d}: |delta| {d:.4f} "
-              f"{'ok' if d < 0.05 else 'FAIL'}")
+        print(
+            f"  {label:13s} {grid:9s} NFE {calls:4d}: |delta| {d:.4f} "
+            f"{'ok' if d < 0.05 else 'FAIL'}"
+        )
     if any(d >= 0.05 for *_, d in checks):
         sys.exit("a peer row failed its high-NFE check: the mapping to diffusers is wrong")
 
@@ -328,10 +381,18 @@ def digits_config(a) -> dict:
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    overrides = ["mode=train", f"sde={a.digits_sde}", "data=digits", "model=unet",
-                 f"model.ch={a.digits_ch}", f"training.steps={a.digits_steps}",
-                 f"outputs_root={a.outputs_root}", "logger.mode=disabled", "progress=false",
-                 "device=cpu"]  # fmt: skip
+    overrides = [
+        "mode=train",
+        f"sde={a.digits_sde}",
+        "data=digits",
+        "model=unet",
+        f"model.ch={a.digits_ch}",
+        f"training.steps={a.digits_steps}",
+        f"outputs_root={a.outputs_root}",
+        "logger.mode=disabled",
+        "progress=false",
+        "device=cpu",
+    ]
     conf = Path(__file__).resolve().parents[1] / "conf"
     GlobalHydra.instance().clear()
     try:
@@ -351,9 +412,11 @@ def digits_model(a, cfg: dict):
 
     path = a.checkpoint
     if path is None:
-        runs = [r for r in matching_runs(cfg)
-                if r["model_match"] and r["status"] == "finished"
-                and r["planned"] == a.digits_steps]  # fmt: skip
+        runs = [
+            r
+            for r in matching_runs(cfg)
+            if r["model_match"] and r["status"] == "finished" and r["planned"] == a.digits_steps
+        ]
         for run in sorted(runs, key=lambda r: r["mtime"], reverse=True):
             found = ckpt.latest_valid(run["dir"] / "checkpoints")
             if found:
@@ -363,14 +426,19 @@ def digits_model(a, cfg: dict):
     if path is None:
         stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
         out_dir = Path(a.outputs_root) / "train" / f"{stamp}-bench_vp_digits"
-        print(f"training: python run.py sde=vp mode=train data=digits model=unet "
-              f"model.ch={a.digits_ch} training.steps={a.digits_steps} (into {out_dir})",
-              flush=True)  # fmt: skip
+        print(
+            f"training: python run.py sde=vp mode=train data=digits model=unet "
+            f"model.ch={a.digits_ch} training.steps={a.digits_steps} (into {out_dir})",
+            flush=True,
+        )
         t0 = time.perf_counter()
         summary = run_train(cfg, out_dir)
         path = summary["checkpoint"]
-        print(f"trained in {time.perf_counter() - t0:.0f} s: loss {summary['final_loss']:.4g}, "
-              f"{path}", flush=True)  # fmt: skip
+        print(
+            f"trained in {time.perf_counter() - t0:.0f} s: loss {summary['final_loss']:.4g}, "
+            f"{path}",
+            flush=True,
+        )
     sde, dataset, model, path = load_score_model({**cfg, "ckpt": str(path)})
     return sde, dataset, model, Path(path)
 
@@ -393,8 +461,15 @@ def digits_table(a, diffusers=None) -> None:
     def draw(sampler: str, steps: int, seed: int, first: int = 0, **options):
         """Samples first .. first + n - 1 (keyed noise) in the model's range, and the NFE."""
         idx = torch.arange(first, first + n)
-        x, nfe = samplers.sample(sde, model, (n, *dataset.shape), sampler, steps,
-                                 generator=sample_noise(seed, idx), **options)  # fmt: skip
+        x, nfe = samplers.sample(
+            sde,
+            model,
+            (n, *dataset.shape),
+            sampler,
+            steps,
+            generator=sample_noise(seed, idx),
+            **options,
+        )
         return torch.nan_to_num(x, nan=dataset.model_range[0]), nfe
 
     # the reference (samples 0 .. n-1) and a second PC set (n .. 2n-1) for the floor at n vs n
@@ -412,8 +487,11 @@ def digits_table(a, diffusers=None) -> None:
         u8 = to_images(dataset, x)
         torch.save({"images": torch.from_numpy(u8), "nfe": nfe}, cache)
         pc_sets.append((u8, nfe))
-        print(f"1000-step PC set {part}: {n} samples, NFE {nfe}, {time.perf_counter() - t0:.0f} s "
-              f"(cached in {cache})", flush=True)  # fmt: skip
+        print(
+            f"1000-step PC set {part}: {n} samples, NFE {nfe}, {time.perf_counter() - t0:.0f} s "
+            f"(cached in {cache})",
+            flush=True,
+        )
     (ref, ref_nfe), (second, _) = pc_sets
     train_u8, test_u8 = dataset_uint8(dataset, "train"), dataset_uint8(dataset, "test")
     feats = build_features(dataset, train_u8, test_u8, cfg)
@@ -432,22 +510,31 @@ def digits_table(a, diffusers=None) -> None:
     # other noise): what every ODE solver approximates, so its distance is their accuracy
     x_ode, used = draw("dpm_solver3", 199, a.seed, grid="logsnr")
     fid_ode, mmd_ode = scores(to_images(dataset, x_ode))
-    print(f"\n## digits: {path}; {n} samples per set (seed {a.seed}); reference: {n} samples of "
-          f"1000-step PC (reverse diffusion + Langevin, snr 0.16, NFE {ref_nfe}, seed {ref_seed})"
-          f"; features: {feats.name} (test accuracy {feats.accuracy:.3f})")  # fmt: skip
-    print(f"FID to the PC reference, then pixel MMD (bandwidth {h:.3f}); floor (a second "
-          f"1000-step PC set of {n}, samples {n}..{2 * n - 1}): FID {fid_floor:.2f}, MMD "
-          f"{mmd_floor:.4f}; PC reference vs the {len(test_u8)} test digits: FID "
-          f"{fid_test:.2f}")  # fmt: skip
-    print(f"ODE limit (dpm_solver3, logsnr, NFE {used}): FID {fid_ode:.2f}, MMD {mmd_ode:.4f}. "
-          "Each cell: FID, MMD, and the flow error: the mean over samples of the squared distance "
-          "(summed over pixels, model range) to that ODE solution from the same prior draw")
+    print(
+        f"\n## digits: {path}; {n} samples per set (seed {a.seed}); reference: {n} samples of "
+        f"1000-step PC (reverse diffusion + Langevin, snr 0.16, NFE {ref_nfe}, seed {ref_seed})"
+        f"; features: {feats.name} (test accuracy {feats.accuracy:.3f})"
+    )
+    print(
+        f"FID to the PC reference, then pixel MMD (bandwidth {h:.3f}); floor (a second "
+        f"1000-step PC set of {n}, samples {n}..{2 * n - 1}): FID {fid_floor:.2f}, MMD "
+        f"{mmd_floor:.4f}; PC reference vs the {len(test_u8)} test digits: FID "
+        f"{fid_test:.2f}"
+    )
+    print(
+        f"ODE limit (dpm_solver3, logsnr, NFE {used}): FID {fid_ode:.2f}, MMD {mmd_ode:.4f}. "
+        "Each cell: FID, MMD, and the flow error: the mean over samples of the squared distance "
+        "(summed over pixels, model range) to that ODE solution from the same prior draw"
+    )
     print(f"\n{'solver':13s} {'grid':9s} " + " ".join(f"NFE {v:<20d}" for v in nfes))
     # fast/fit: grid="fit", the steps fitted to this model's flow first (256 calibration draws,
     # seed 0, not the samples scored; the fit's own evaluations are not in the NFE)
-    rows = [("fast", "auto"), ("fast", "fit")] + [(s, g) for s in DIGITS_SOLVERS
-                                                  for g in DIGITS_GRIDS
-                                                  if not (s == "ddim" and a.digits_sde == "ve")]
+    rows = [("fast", "auto"), ("fast", "fit")] + [
+        (s, g)
+        for s in DIGITS_SOLVERS
+        for g in DIGITS_GRIDS
+        if not (s == "ddim" and a.digits_sde == "ve")
+    ]
     table, flow = {}, {}
 
     def cell(key: tuple, x: torch.Tensor, used: int) -> str:
@@ -471,11 +558,14 @@ def digits_table(a, diffusers=None) -> None:
             cells.append(cell((sampler, grid, nfe), x, used))
         print(f"{sampler:13s} {grid:9s} " + " ".join(cells), flush=True)
     if diffusers is not None and repr(sde) != repr(PEER_SDE):
-        print(f"(no diffusers rows: the model's SDE is {sde!r}; the mapping of --peers is for "
-              f"{PEER_SDE!r})")  # fmt: skip
+        print(
+            f"(no diffusers rows: the model's SDE is {sde!r}; the mapping of --peers is for "
+            f"{PEER_SDE!r})"
+        )
     elif diffusers is not None:  # --peers: diffusers on the same model, same prior draws
-        x_T = sde.prior_sampling((n, *dataset.shape), generator=sample_noise(a.seed,
-                                                                             torch.arange(n)))
+        x_T = sde.prior_sampling(
+            (n, *dataset.shape), generator=sample_noise(a.seed, torch.arange(n))
+        )
 
         def score64(x, t):  # the float32 U-Net on diffusers' float64 state
             return model(x.float(), t.float()).double()
@@ -484,16 +574,19 @@ def digits_table(a, diffusers=None) -> None:
             cells = []
             for nfe in nfes:
                 with torch.no_grad():
-                    x, calls = run_peer(diffusers, sde, score64, x_T, cls_name, config,
-                                        peer_steps(cls_name, nfe))  # fmt: skip
+                    x, calls = run_peer(
+                        diffusers, sde, score64, x_T, cls_name, config, peer_steps(cls_name, nfe)
+                    )
                 x = torch.nan_to_num(x.float(), nan=dataset.model_range[0])
                 cells.append(cell((f"peer:{label}", grid, nfe), x, calls))
             print(f"{'peer:' + label:13s} {grid:9s} " + " ".join(cells), flush=True)
     for nfe in nfes:
         for what, values, fmt in (("FID", table, ".2f"), ("flow error", flow, ".3f")):
             best = sorted((v, k[0], k[1]) for k, v in values.items() if k[2] == nfe)
-            print(f"best {what} at NFE {nfe}: " + ", ".join(
-                f"{s}/{g} {v:{fmt}}" for v, s, g in best[: a.best]))  # fmt: skip
+            print(
+                f"best {what} at NFE {nfe}: "
+                + ", ".join(f"{s}/{g} {v:{fmt}}" for v, s, g in best[: a.best])
+            )
     print(f"--digits took {time.perf_counter() - t_start:.0f} s")
 
 

@@ -136,8 +136,10 @@ def table(
     rows = []  # (backend, divergence, tol, CPU s, mean |err|, |mean err|)
     for divergence in ("exact", "hutchinson"):
         per_field, cpu_field = field_seconds(sde, score_fn, x, divergence)
-        print(f"  one field evaluation ({divergence}): {1e3 * per_field:.2f} ms"
-              f" (CPU {1e3 * cpu_field:.2f} ms)")  # fmt: skip
+        print(
+            f"  one field evaluation ({divergence}): {1e3 * per_field:.2f} ms"
+            f" (CPU {1e3 * cpu_field:.2f} ms)"
+        )
         backends = ("torchdiffeq", "scipy") + (("score_sde",) if divergence != "exact" else ())
         for backend in backends:
             for tol in tolerances:
@@ -151,10 +153,17 @@ def table(
                         logp, nfe = score_sde_likelihood(sde, score_fn, x, probes, tol, tol)
                     else:
                         res = log_likelihood_stats(
-                            sde, score_fn, x, divergence=divergence, probe="rademacher",
-                            rtol=tol, atol=tol, backend=backend, eps=EPS,
+                            sde,
+                            score_fn,
+                            x,
+                            divergence=divergence,
+                            probe="rademacher",
+                            rtol=tol,
+                            atol=tol,
+                            backend=backend,
+                            eps=EPS,
                             generator=torch.Generator().manual_seed(0),
-                        )  # fmt: skip
+                        )
                         logp, nfe = res.logp, res.nfe
                     wall = min(wall, time.perf_counter() - start)
                     cpu = min(cpu, time.process_time() - start_cpu)
@@ -166,8 +175,9 @@ def table(
                 else:
                     err = logp - reference
                     errs = f"{err.abs().mean().item():10.2e} {err.mean().item():+10.2e}"
-                    rows.append((backend, name, tol, cpu, err.abs().mean().item(),
-                                 abs(err.mean().item())))  # fmt: skip
+                    rows.append(
+                        (backend, name, tol, cpu, err.abs().mean().item(), abs(err.mean().item()))
+                    )
                 print(
                     f"{backend:12s} {name:16s} {tol:6.0e} {nfe:5d} {wall:7.2f} {per_nfe:7.2f}"
                     f" {per_nfe - 1e3 * per_field:7.2f} {ovh:5.2f} {errs}",
@@ -190,9 +200,11 @@ def equal_error(rows: list[tuple]) -> None:
             print(f"    score_sde tol {theirs[2]:.0e}: no toolkit row as accurate")
             continue
         best = min(fits, key=lambda r: r[3])
-        print(f"    score_sde tol {theirs[2]:.0e} ({theirs[3]:.3f} s CPU, {theirs[4]:.2e} / "
-              f"{theirs[5]:.2e}): {best[0]} {best[1]} tol {best[2]:.0e} ({best[3]:.3f} s, "
-              f"{best[4]:.2e} / {best[5]:.2e}), time ratio {best[3] / theirs[3]:.2f}")  # fmt: skip
+        print(
+            f"    score_sde tol {theirs[2]:.0e} ({theirs[3]:.3f} s CPU, {theirs[4]:.2e} / "
+            f"{theirs[5]:.2e}): {best[0]} {best[1]} tol {best[2]:.0e} ({best[3]:.3f} s, "
+            f"{best[4]:.2e} / {best[5]:.2e}), time ratio {best[3] / theirs[3]:.2f}"
+        )
 
 
 def train_mlp(sde: SDE, steps: int, seed: int = 0) -> ScoreModel:
@@ -268,8 +280,10 @@ def main() -> None:
         table(sde, model, x, ref.logp)
         elbo_rows(sde, model, x, ref.logp)
 
-    print(f"\n== 3. gmm8, VP, network-sized score: random-init MLP(hidden=256, depth=3), float64,"
-          f" {args.points} points (issue 10: ovh <= 1.15)")  # fmt: skip
+    print(
+        f"\n== 3. gmm8, VP, network-sized score: random-init MLP(hidden=256, depth=3), float64,"
+        f" {args.points} points (issue 10: ovh <= 1.15)"
+    )
     torch.manual_seed(0)
     big = ScoreModel(MLP((2,), hidden=256, depth=3), sde).double().eval().requires_grad_(False)
     table(sde, big, x, None, tolerances=(1e-3,))

@@ -158,8 +158,14 @@ def issue_overhead(args) -> None:
             wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
             one, one_cpu = time_replay(score, timed.inputs, min(nfe, args.eval_calls))
             if best is None or wall < best[1]:
-                best = (nfe, wall, one, wall / (nfe * one), cpu / (nfe * one_cpu),
-                        wall / timed.seconds)  # fmt: skip
+                best = (
+                    nfe,
+                    wall,
+                    one,
+                    wall / (nfe * one),
+                    cpu / (nfe * one_cpu),
+                    wall / timed.seconds,
+                )
         nfe, wall, one, ratio, cpu_ratio, inside = best
         verdict = "pass" if cpu_ratio <= ISSUE_TARGET else "FAIL"
         print(

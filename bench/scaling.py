@@ -49,8 +49,13 @@ def run_py(args: list[str], root: Path, procs: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     launcher = [sys.executable]
     if procs > 1:
-        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-                     "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]  # fmt: skip
+        launcher += [
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={procs}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+        ]
     cmd = [*launcher, str(ROOT / "run.py"), f"outputs_root={root}", *QUIET, *args]
     start = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -102,11 +107,20 @@ def loop_steps_per_s(model, sde, dataset, steps: int, batch: int, device, out: P
 
     seconds = []
     for n in (5, 5 + steps):
-        s = TrainSettings(steps=n, batch_size=batch, lr=1e-4, warmup=0, log_every=50,
-                          ckpt_every=10**9, **kw)  # fmt: skip
+        s = TrainSettings(
+            steps=n, batch_size=batch, lr=1e-4, warmup=0, log_every=50, ckpt_every=10**9, **kw
+        )
         start = time.perf_counter()
-        train(copy.deepcopy(model), make_loss("dsm", sde), dataset, s, out / str(n), config={},
-              progress=False, dist_info=DistInfo(device=torch.device(device)))  # fmt: skip
+        train(
+            copy.deepcopy(model),
+            make_loss("dsm", sde),
+            dataset,
+            s,
+            out / str(n),
+            config={},
+            progress=False,
+            dist_info=DistInfo(device=torch.device(device)),
+        )
         seconds.append(time.perf_counter() - start)
     return steps / (seconds[1] - seconds[0])
 
@@ -114,8 +128,12 @@ def loop_steps_per_s(model, sde, dataset, steps: int, batch: int, device, out: P
 def build(data: dict, model: dict, device):
     from tasks.common import build_dataset, build_score_model, build_sde
 
-    cfg = {"sde": {"name": "vp", "beta_min": 0.1, "beta_max": 20.0}, "data": data,
-           "model": model, "seed": 0}  # fmt: skip
+    cfg = {
+        "sde": {"name": "vp", "beta_min": 0.1, "beta_max": 20.0},
+        "data": data,
+        "model": model,
+        "seed": 0,
+    }
     sde, ds = build_sde(cfg["sde"]), build_dataset(data)
     return sde, ds, build_score_model(cfg, sde, ds).to(device)
 
@@ -133,10 +151,22 @@ def main() -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {device}")
 
     # -- the loop against a minimal hand-written one, same model, batch and loss
-    cases = [("gmm8 MLP 4x256, batch 256", {"name": "gmm8"},
-              {"name": "mlp", "hidden": 256, "depth": 4}, 256, 300 if q else 1000),
-             ("digits U-Net ch 32, batch 128", {"name": "digits", "levels": 17},
-              {"name": "unet", "ch": 32}, 128, 20 if q else 60)]  # fmt: skip
+    cases = [
+        (
+            "gmm8 MLP 4x256, batch 256",
+            {"name": "gmm8"},
+            {"name": "mlp", "hidden": 256, "depth": 4},
+            256,
+            300 if q else 1000,
+        ),
+        (
+            "digits U-Net ch 32, batch 128",
+            {"name": "digits", "levels": 17},
+            {"name": "unet", "ch": 32},
+            128,
+            20 if q else 60,
+        ),
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         for label, data, model_cfg, batch, steps in cases:
             hand, loop = [], []
@@ -144,11 +174,19 @@ def main() -> None:
                 sde, ds, model = build(data, model_cfg, device)
                 hand.append(hand_written_steps_per_s(model, sde, ds, steps, batch, device))
                 sde, ds, model = build(data, model_cfg, device)
-                loop.append(loop_steps_per_s(model, sde, ds, steps, batch, device,
-                                             Path(tmp) / f"{label}{r}"))  # fmt: skip
+                loop.append(
+                    loop_steps_per_s(
+                        model, sde, ds, steps, batch, device, Path(tmp) / f"{label}{r}"
+                    )
+                )
             h, lo = max(hand), max(loop)
-            rows.append((f"loop overhead: {label}", f"hand {h:.1f} steps/s, loop {lo:.1f}",
-                         f"ratio {lo / h:.3f}"))  # fmt: skip
+            rows.append(
+                (
+                    f"loop overhead: {label}",
+                    f"hand {h:.1f} steps/s, loop {lo:.1f}",
+                    f"ratio {lo / h:.3f}",
+                )
+            )
 
         # -- processes: run.py with 1 and 2 processes
         train_steps = 300 if q else 1500
@@ -158,23 +196,49 @@ def main() -> None:
             wall = run_py([f"training.steps={train_steps}", "training.log_every=100"], root, procs)
             t = newest(root, "train/*/train.json")
             per[procs] = (t["step"] / t["seconds"], wall)
-            rows.append((f"train gmm8 MLP, {procs} process{'es' if procs > 1 else ''}",
-                         f"{per[procs][0]:.0f} steps/s ({per[procs][0] * 256:.0f} examples/s)",
-                         f"wall {wall:.1f} s"))  # fmt: skip
+            rows.append(
+                (
+                    f"train gmm8 MLP, {procs} process{'es' if procs > 1 else ''}",
+                    f"{per[procs][0]:.0f} steps/s ({per[procs][0] * 256:.0f} examples/s)",
+                    f"wall {wall:.1f} s",
+                )
+            )
         n = 3000 if q else 12000
         for procs in (1, 2):
             root = Path(tmp) / f"runs{procs}"
-            wall = run_py(["mode=sample", "model=exact", "sampler=pc", f"sampler.n_samples={n}",
-                           "sampler.batch_size=1000"], root, procs)  # fmt: skip
+            wall = run_py(
+                [
+                    "mode=sample",
+                    "model=exact",
+                    "sampler=pc",
+                    f"sampler.n_samples={n}",
+                    "sampler.batch_size=1000",
+                ],
+                root,
+                procs,
+            )
             m = newest(root, "sample/*/metrics.json")
-            rows.append((f"sample {n} pc (exact gmm8), {procs} process{'es' if procs > 1 else ''}",
-                         f"{m['samples_per_second']:.0f} samples/s",
-                         f"wall {wall:.1f} s"))  # fmt: skip
+            rows.append(
+                (
+                    f"sample {n} pc (exact gmm8), {procs} process{'es' if procs > 1 else ''}",
+                    f"{m['samples_per_second']:.0f} samples/s",
+                    f"wall {wall:.1f} s",
+                )
+            )
         pts = 64 if q else 256
         for procs in (1, 2):
             root = Path(tmp) / f"runs{procs}"
-            wall = run_py(["mode=nll", "model=exact", f"likelihood.n_points={pts}",
-                           "likelihood.batch_size=16", "likelihood.threads=1"], root, procs)
+            wall = run_py(
+                [
+                    "mode=nll",
+                    "model=exact",
+                    f"likelihood.n_points={pts}",
+                    "likelihood.batch_size=16",
+                    "likelihood.threads=1",
+                ],
+                root,
+                procs,
+            )
             m = newest(root, "nll/*/nll.json")
             label = f"nll {pts} points (exact gmm8), {procs} process{'es' if procs > 1 else ''}"
             rows.append((label, f"{m['n'] / m['seconds']:.1f} points/s", f"wall {wall:.1f} s"))
@@ -182,14 +246,28 @@ def main() -> None:
         if device == "cuda":
             for precision in ("fp32", "bf16"):
                 for compiled in (False, True):
-                    sde, ds, model = build({"name": "digits", "levels": 17},
-                                           {"name": "unet", "ch": 64}, device)  # fmt: skip
-                    sps = loop_steps_per_s(model, sde, ds, 200, 128, device,
-                                           Path(tmp) / f"gpu{precision}{compiled}",
-                                           precision=precision, compile=compiled)  # fmt: skip
-                    rows.append((f"cuda train digits U-Net ch 64, {precision}, compile "
-                                 f"{'on' if compiled else 'off'}", f"{sps:.1f} steps/s",
-                                 f"{sps * 128:.0f} images/s"))  # fmt: skip
+                    sde, ds, model = build(
+                        {"name": "digits", "levels": 17}, {"name": "unet", "ch": 64}, device
+                    )
+                    sps = loop_steps_per_s(
+                        model,
+                        sde,
+                        ds,
+                        200,
+                        128,
+                        device,
+                        Path(tmp) / f"gpu{precision}{compiled}",
+                        precision=precision,
+                        compile=compiled,
+                    )
+                    rows.append(
+                        (
+                            f"cuda train digits U-Net ch 64, {precision}, compile "
+                            f"{'on' if compiled else 'off'}",
+                            f"{sps:.1f} steps/s",
+                            f"{sps * 128:.0f} images/s",
+                        )
+                    )
 
     width = max(len(r[0]) for r in rows)
     print(f"\n{'case':<{width}} | {'throughput':<40} | note")

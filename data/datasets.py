@@ -141,15 +141,27 @@ def toy(name: str) -> Dataset:
     """The embedded 2-D laws: gmm8 (exact density), checkerboard, swissroll, moons."""
     if name == "gmm8":
         mix = gmm8()
-        return Dataset(name, (2,), "points", law=_mixture_law(mix), mixture=mix,
-                       law_labels=_mixture_law_labels(mix))  # fmt: skip
+        return Dataset(
+            name,
+            (2,),
+            "points",
+            law=_mixture_law(mix),
+            mixture=mix,
+            law_labels=_mixture_law_labels(mix),
+        )
     laws = {"checkerboard": _checkerboard, "swissroll": _swissroll, "moons": _moons}
     return Dataset(name, (2,), "points", law=laws[name])
 
 
 def mixture_dataset(name: str, mixture: GaussianMixture) -> Dataset:
-    return Dataset(name, mixture.shape, "points", law=_mixture_law(mixture), mixture=mixture,
-                   law_labels=_mixture_law_labels(mixture))  # fmt: skip
+    return Dataset(
+        name,
+        mixture.shape,
+        "points",
+        law=_mixture_law(mixture),
+        mixture=mixture,
+        law_labels=_mixture_law_labels(mixture),
+    )
 
 
 # --------------------------------------------------------------------------- images

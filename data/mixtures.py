@@ -75,8 +75,11 @@ class GaussianMixture:
         copy per score evaluation)."""
         cache = self.__dict__.setdefault("_device_cache", {})
         if device not in cache:
-            cache[device] = (self.means.to(device), self.variances.to(device),
-                             self.weights.log().to(device))  # fmt: skip
+            cache[device] = (
+                self.means.to(device),
+                self.variances.to(device),
+                self.weights.log().to(device),
+            )
         return cache[device]
 
     def log_prob_at(
@@ -116,7 +119,7 @@ class GaussianMixture:
         y = y.to(xf.device).long()
         rows = torch.arange(x.shape[0], device=xf.device)
         k = y.clamp_min(0)
-        cond = ((mean[rows, k] if mean.shape[0] == x.shape[0] else mean[0, k]) - xf[:, 0])
+        cond = (mean[rows, k] if mean.shape[0] == x.shape[0] else mean[0, k]) - xf[:, 0]
         cond = cond / (var[rows, k] if var.shape[0] == x.shape[0] else var[0, k])
         cond = cond.reshape(x.shape).to(x.dtype)
         if bool((y >= 0).all()):

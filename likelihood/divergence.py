@@ -46,10 +46,12 @@ def _vjps(
         if not v.requires_grad:  # a field that does not depend on x (e.g. VE's drift)
             return v, torch.zeros_like(cotangents)
         last = cotangents.shape[0] - 1
-        products = torch.stack([
-            torch.autograd.grad(v, y, u, retain_graph=i < last, materialize_grads=True)[0]
-            for i, u in enumerate(cotangents)
-        ])  # fmt: skip
+        products = torch.stack(
+            [
+                torch.autograd.grad(v, y, u, retain_graph=i < last, materialize_grads=True)[0]
+                for i, u in enumerate(cotangents)
+            ]
+        )
     return v.detach(), products
 
 

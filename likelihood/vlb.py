@@ -247,8 +247,9 @@ def vlb(
             z = noise.randn((b, n, *x.shape[1:]), dtype=x.dtype, device=x.device).flatten(0, 1)
             u = us[:, start : start + n].reshape(-1)
             xs = x.repeat_interleave(n, dim=0)
-            h = diffusion_samples(sde, score_fn, xs, u, z, t0=eps, steps=steps,
-                                  time_sampling=time_sampling)  # fmt: skip
+            h = diffusion_samples(
+                sde, score_fn, xs, u, z, t0=eps, steps=steps, time_sampling=time_sampling
+            )
             values.append(h.double().reshape(b, n))
         h = torch.cat(values, dim=1)
         diffusion = h.mean(1)

@@ -43,14 +43,20 @@ class SmallCNN(nn.Module):
         super().__init__()
         w = width
         self.body = nn.Sequential(
-            nn.Conv2d(channels, w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(channels, w, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-            nn.Linear(8 * w, feature_dim), nn.ReLU(),
-        )  # fmt: skip
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(8 * w, feature_dim),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(feature_dim, n_classes)
         self.register_buffer("feature_scale", torch.ones(()))
 
@@ -105,8 +111,9 @@ def train_classifier(train_uint8, train_labels, settings: dict = SETTINGS) -> Sm
         torch.manual_seed(settings["seed"])
         model = SmallCNN(x.shape[1], n_classes)
     g = torch.Generator().manual_seed(settings["seed"])
-    opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"],
-                            weight_decay=settings["weight_decay"])
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"]
+    )
     bs, epochs = settings["batch_size"], settings["epochs"]
     steps = epochs * ((len(x) + bs - 1) // bs)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings["lr"], total_steps=steps)
@@ -153,16 +160,23 @@ def load_or_train(
             model.eval()
             return model, float(saved["test_accuracy"]), path
         except Exception as e:  # a damaged cache file is retrained, never trusted
-            log.warning(f"feature classifier cache {path} unreadable ({type(e).__name__}); "
-                "retraining")
+            log.warning(
+                f"feature classifier cache {path} unreadable ({type(e).__name__}); retraining"
+            )
 
     t0 = time.perf_counter()
     model = train_classifier(train_uint8, train_labels)
     acc = accuracy(model, test_uint8, test_labels)
-    log.info(f"trained the feature classifier on {len(train_uint8)} images in "
-        f"{time.perf_counter() - t0:.1f} s: test accuracy {acc:.4f}; cached in {path}")
-    state = {"state_dict": model.state_dict(), "test_accuracy": acc,
-             "arch": ARCH_VERSION, "n_train": int(len(train_uint8))}
+    log.info(
+        f"trained the feature classifier on {len(train_uint8)} images in "
+        f"{time.perf_counter() - t0:.1f} s: test accuracy {acc:.4f}; cached in {path}"
+    )
+    state = {
+        "state_dict": model.state_dict(),
+        "test_accuracy": acc,
+        "arch": ARCH_VERSION,
+        "n_train": int(len(train_uint8)),
+    }
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write(path, lambda f: f.write(buf.getvalue()))

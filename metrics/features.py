@@ -85,20 +85,28 @@ def user_features(spec: str) -> Features:
             f"eval.features={spec}: {attr}() failed ({type(e).__name__}: {e})"
         ) from None
     if not callable(fn):
-        raise _user_error(f"eval.features={spec}: {attr}() returned a {type(fn).__name__}, "
-                          "not a callable")
+        raise _user_error(
+            f"eval.features={spec}: {attr}() returned a {type(fn).__name__}, not a callable"
+        )
     if isinstance(fn, torch.nn.Module):
         fn.eval()
     return Features(getattr(fn, "name", spec), fn, key=None, batch=64)
 
 
-def classifier_features(train_u8, train_labels, test_u8, test_labels, cache_dir: Path, device: str = "cpu") -> Features:
+def classifier_features(
+    train_u8, train_labels, test_u8, test_labels, cache_dir: Path, device: str = "cpu"
+) -> Features:
     """The penultimate layer of the toolkit's classifier (trained once, cached by content hash)."""
 
     model, acc, path = load_or_train(train_u8, train_labels, test_u8, test_labels, cache_dir)
     model = model.to(device)
-    return Features("classifier", lambda b: model.features(b * 2 - 1), accuracy=acc,
-                    key=path.stem, device=device)
+    return Features(
+        "classifier",
+        lambda b: model.features(b * 2 - 1),
+        accuracy=acc,
+        key=path.stem,
+        device=device,
+    )
 
 
 def inception_features(weights: Path, device: str = "cpu") -> Features:
@@ -114,8 +122,13 @@ def inception_features(weights: Path, device: str = "cpu") -> Features:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     # the reference cache is keyed by the weights' content, not their file name
-    return Features("inception-v3 (FID pool3)", model, key=f"inception-{h.hexdigest()[:16]}",
-                    device=device, batch=50)
+    return Features(
+        "inception-v3 (FID pool3)",
+        model,
+        key=f"inception-{h.hexdigest()[:16]}",
+        device=device,
+        batch=50,
+    )
 
 
 def default_weights_path(outputs_root) -> Path:
@@ -141,21 +154,33 @@ def build_features(dataset, train_u8, test_u8, cfg: dict) -> Features:
             choice = "inception"
         else:
             if train_u8.shape[1] == 3:
-                log.info(f"no Inception-v3 weights: FID is not computed and KID/precision/recall use "
+                log.info(
+                    f"no Inception-v3 weights: FID is not computed and KID/precision/recall use "
                     f"raw pixels; for FID download {WEIGHTS_HINT} to {default_weights_path(root)}"
-                    " or pass eval.inception_weights=PATH")
+                    " or pass eval.inception_weights=PATH"
+                )
             choice = "pixels"
     if choice == "classifier":
         if labels is None:
-            raise _user_error(f"eval.features=classifier needs a labelled data set (digits, "
-                              f"mnist); data={dataset.name} has no labels; use auto or pixels")
-        return classifier_features(train_u8, labels["train"].numpy(), test_u8,
-                                   labels["test"].numpy(), root / "features", device)
+            raise _user_error(
+                f"eval.features=classifier needs a labelled data set (digits, "
+                f"mnist); data={dataset.name} has no labels; use auto or pixels"
+            )
+        return classifier_features(
+            train_u8,
+            labels["train"].numpy(),
+            test_u8,
+            labels["test"].numpy(),
+            root / "features",
+            device,
+        )
     if choice == "inception":
         if weights is None:
-            raise _user_error(f"eval.features=inception needs the weights: download "
-                              f"{WEIGHTS_HINT} and pass eval.inception_weights=PATH (or put it "
-                              f"at {default_weights_path(root)})")
+            raise _user_error(
+                f"eval.features=inception needs the weights: download "
+                f"{WEIGHTS_HINT} and pass eval.inception_weights=PATH (or put it "
+                f"at {default_weights_path(root)})"
+            )
         return inception_features(Path(weights), device)
     if choice == "pixels":
         return pixel_features()

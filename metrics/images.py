@@ -71,24 +71,36 @@ def check_eval_config(cfg: dict) -> dict:
     seeds = e.get("seeds", [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
-    if (not isinstance(seeds, (list, tuple)) or not seeds
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
-        raise UserError(f"eval.seeds={seeds!r} is not allowed; allowed: a non-empty list of "
-                        "integers >= 0, e.g. [0,1,2]")
+    if (
+        not isinstance(seeds, (list, tuple))
+        or not seeds
+        or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)
+    ):
+        raise UserError(
+            f"eval.seeds={seeds!r} is not allowed; allowed: a non-empty list of "
+            "integers >= 0, e.g. [0,1,2]"
+        )
     f = e.get("features", "auto")
     if not isinstance(f, str) or (f not in FEATURE_CHOICES and ":" not in f):
-        raise UserError(f"eval.features={f!r} is not allowed; allowed: "
-                        f"{', '.join(FEATURE_CHOICES)} or package.module:factory")
+        raise UserError(
+            f"eval.features={f!r} is not allowed; allowed: "
+            f"{', '.join(FEATURE_CHOICES)} or package.module:factory"
+        )
     for k in ("export_png", "only"):
         if e.get(k, False) not in (True, False):
             raise UserError(f"eval.{k}={e.get(k)!r} is not allowed; allowed: true, false")
     for k in ("inception_weights", "path"):
         if e.get(k) is not None and not isinstance(e.get(k), str):
             raise UserError(f"eval.{k}={e.get(k)!r} is not allowed; allowed: a path or null")
-    return {"n_samples": n, "seeds": list(seeds), "features": f,
-            "inception_weights": e.get("inception_weights"),
-            "export_png": bool(e.get("export_png", False)), "only": bool(e.get("only", False)),
-            "path": e.get("path")}
+    return {
+        "n_samples": n,
+        "seeds": list(seeds),
+        "features": f,
+        "inception_weights": e.get("inception_weights"),
+        "export_png": bool(e.get("export_png", False)),
+        "only": bool(e.get("only", False)),
+        "path": e.get("path"),
+    }
 
 
 def _data_hash(*arrays: np.ndarray) -> str:
@@ -111,8 +123,9 @@ def reference_features(dataset, feats: Features, train_u8, test_u8, cache_dir: P
                 saved = torch.load(path, map_location="cpu", weights_only=True)
                 return saved["train"], saved["test"]
             except Exception as e:
-                log.warning(f"reference statistics {path} unreadable ({type(e).__name__}); "
-                    "recomputing")
+                log.warning(
+                    f"reference statistics {path} unreadable ({type(e).__name__}); recomputing"
+                )
     f_train, f_test = feats(train_u8), feats(test_u8)
     if path is not None:
         buf = io.BytesIO()
@@ -121,8 +134,9 @@ def reference_features(dataset, feats: Features, train_u8, test_u8, cache_dir: P
     return f_train, f_test
 
 
-def evaluate_images(dataset, samples_uint8: np.ndarray, cfg: dict, out_dir: Path,
-                    seed: int = 0) -> dict:
+def evaluate_images(
+    dataset, samples_uint8: np.ndarray, cfg: dict, out_dir: Path, seed: int = 0
+) -> dict:
     """Score one set of samples of an image data set; write the nearest-neighbour picture (and
     the PNG folder with eval.export_png) under out_dir; return the metrics.json entries.
 
@@ -144,14 +158,18 @@ def evaluate_images(dataset, samples_uint8: np.ndarray, cfg: dict, out_dir: Path
     x = np.asarray(samples_uint8)
     if x.dtype != np.uint8 or x.shape[1:] != tuple(dataset.shape) or x.shape[0] < 4:
         want = ", ".join(map(str, dataset.shape))
-        raise UserError(f"samples of dtype {x.dtype} and shape {x.shape} do not fit "
-                        f"data={dataset.name}: expected uint8 (N >= 4, {want})")
+        raise UserError(
+            f"samples of dtype {x.dtype} and shape {x.shape} do not fit "
+            f"data={dataset.name}: expected uint8 (N >= 4, {want})"
+        )
     out_dir = Path(out_dir)
     root = Path(cfg.get("outputs_root", "outputs"))
     train_u8, test_u8 = dataset_uint8(dataset, "train"), dataset_uint8(dataset, "test")
     if len(test_u8) < 5:
-        raise UserError(f"data={dataset.name}: its test split holds {len(test_u8)} images; "
-                        "image metrics need at least 5 (k-NN radii with k = 3)")
+        raise UserError(
+            f"data={dataset.name}: its test split holds {len(test_u8)} images; "
+            "image metrics need at least 5 (k-NN radii with k = 3)"
+        )
     feats = build_features(dataset, train_u8, test_u8, cfg)
     f_train, f_test = reference_features(dataset, feats, train_u8, test_u8, root / "features")
     f_s = feats(x)
@@ -166,8 +184,11 @@ def evaluate_images(dataset, samples_uint8: np.ndarray, cfg: dict, out_dir: Path
     kid_f, kid_fs = kid(f_test, f_floor, subset_size=size, seed=seed)
     p, r = precision_recall(f_test, f_s, k=3)
     pf, rf = precision_recall(f_test, f_floor, k=3)
-    mem = memorisation(x.astype(np.float32) / 255, train_u8.astype(np.float32) / 255,
-                       test_u8.astype(np.float32) / 255)
+    mem = memorisation(
+        x.astype(np.float32) / 255,
+        train_u8.astype(np.float32) / 255,
+        test_u8.astype(np.float32) / 255,
+    )
     picture = out_dir / "nearest_train.png"
     nearest_neighbour_picture(x, train_u8, mem["nn_index"].numpy(), picture)
     out = {
@@ -191,7 +212,7 @@ def evaluate_images(dataset, samples_uint8: np.ndarray, cfg: dict, out_dir: Path
         "memorisation_share": mem["share"],
         "memorisation_threshold": mem["threshold"],
         "memorisation_space": "pixels in [0, 1], threshold: 1st percentile of test-to-train "
-                              "nearest distances",
+        "nearest distances",
         "nearest_neighbour_picture": str(picture),
     }
     if check_eval_config(cfg)["export_png"]:
@@ -209,8 +230,11 @@ def aggregate_seeds(results: list[dict]) -> dict:
     for k in SEED_METRICS:
         vals = [r[k] for r in results if r.get(k) is not None]
         if vals:
-            out[k], out[f"{k}_min"], out[f"{k}_mean"] = float(np.mean(vals)), min(vals), float(
-                np.mean(vals))
+            out[k], out[f"{k}_min"], out[f"{k}_mean"] = (
+                float(np.mean(vals)),
+                min(vals),
+                float(np.mean(vals)),
+            )
     out["per_seed"] = [{k: r.get(k) for k in SEED_METRICS} for r in results]
     return out
 
@@ -234,8 +258,9 @@ def export_png(samples_uint8: np.ndarray, folder: Path) -> Path:
     return folder
 
 
-def nearest_neighbour_picture(samples_uint8, train_uint8, nn_index, path: Path, n: int = 32,
-                              min_size: int = 64) -> None:
+def nearest_neighbour_picture(
+    samples_uint8, train_uint8, nn_index, path: Path, n: int = 32, min_size: int = 64
+) -> None:
     """PNG of up to n samples, each beside its nearest training image (pairs in columns of 4),
     upscaled (nearest) so an image is at least min_size pixels; written atomically."""
     from PIL import Image
@@ -247,8 +272,11 @@ def nearest_neighbour_picture(samples_uint8, train_uint8, nn_index, path: Path, 
     rows = math.ceil(k / pairs_per_row)
     pad, gap = 2, 8
     cell_w = 2 * w * scale + pad
-    canvas = np.full((rows * (h * scale + pad) + pad,
-                      pairs_per_row * (cell_w + gap) + pad, c), 255, dtype=np.uint8)
+    canvas = np.full(
+        (rows * (h * scale + pad) + pad, pairs_per_row * (cell_w + gap) + pad, c),
+        255,
+        dtype=np.uint8,
+    )
     for i in range(k):
         r, q = divmod(i, pairs_per_row)
         y0, x0 = pad + r * (h * scale + pad), pad + q * (cell_w + gap)
@@ -264,17 +292,28 @@ def nearest_neighbour_picture(samples_uint8, train_uint8, nn_index, path: Path, 
 
 def summary_line(m: dict) -> str:
     """One log line of the main figures."""
-    parts = [f"{m['n_samples']} samples vs {m['n_reference']} test images ({m['features']}"
-             + (f", accuracy {m['feature_accuracy']:.3f}" if m.get("feature_accuracy") else "")
-             + ")"]
+    parts = [
+        f"{m['n_samples']} samples vs {m['n_reference']} test images ({m['features']}"
+        + (f", accuracy {m['feature_accuracy']:.3f}" if m.get("feature_accuracy") else "")
+        + ")"
+    ]
     if m.get("fid") is not None:
         parts.append(f"FID {m['fid']:.3f} (floor {m['fid_floor_test_vs_train']:.3f})")
     parts.append(f"KID {m['kid']:.4f}±{m['kid_std']:.4f} (floor {m['kid_floor']:.4f})")
-    parts.append(f"precision {m['precision']:.3f} recall {m['recall']:.3f} (floors "
-                 f"{m['precision_floor']:.3f}, {m['recall_floor']:.3f})")
+    parts.append(
+        f"precision {m['precision']:.3f} recall {m['recall']:.3f} (floors "
+        f"{m['precision_floor']:.3f}, {m['recall_floor']:.3f})"
+    )
     parts.append(f"memorisation {m['memorisation_share']:.3f}")
     return "; ".join(parts)
 
 
-__all__ = ["aggregate_seeds", "dataset_uint8", "evaluate_images", "export_png",
-           "nearest_neighbour_picture", "raw_to_uint8", "summary_line"]
+__all__ = [
+    "aggregate_seeds",
+    "dataset_uint8",
+    "evaluate_images",
+    "export_png",
+    "nearest_neighbour_picture",
+    "raw_to_uint8",
+    "summary_line",
+]

@@ -27,9 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_HINT = (
-    f"{WEIGHTS_NAME} from the pytorch-fid releases (tag fid_weights, about 92 MB)"
-)
+WEIGHTS_HINT = f"{WEIGHTS_NAME} from the pytorch-fid releases (tag fid_weights, about 92 MB)"
 
 
 class BasicConv2d(nn.Module):
@@ -207,8 +205,9 @@ def load_fid_inception(path) -> FIDInceptionV3:
     """
     p = Path(path).expanduser()
     if not p.is_file():
-        raise InceptionWeightsError(f"eval.inception_weights={p}: no such file; download "
-                                    f"{WEIGHTS_HINT}")
+        raise InceptionWeightsError(
+            f"eval.inception_weights={p}: no such file; download {WEIGHTS_HINT}"
+        )
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -24,12 +24,20 @@ from .unet import ResBlock, _norm
 class PointClassifierNet(nn.Module):
     """(B, *D), (B,) -> logits (B, K): a residual MLP with the time embedding added per block."""
 
-    def __init__(self, shape, n_classes: int, hidden: int = 128, depth: int = 3,
-                 emb_dim: int = 64, embedding: str = "sinusoidal") -> None:  # fmt: skip
+    def __init__(
+        self,
+        shape,
+        n_classes: int,
+        hidden: int = 128,
+        depth: int = 3,
+        emb_dim: int = 64,
+        embedding: str = "sinusoidal",
+    ) -> None:
         super().__init__()
         d = math.prod(shape)
-        self.embed = nn.Sequential(make_embedding(embedding, emb_dim), nn.Linear(emb_dim, hidden),
-                                   nn.SiLU())  # fmt: skip
+        self.embed = nn.Sequential(
+            make_embedding(embedding, emb_dim), nn.Linear(emb_dim, hidden), nn.SiLU()
+        )
         self.inp = nn.Linear(d, hidden)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth)
@@ -48,12 +56,12 @@ class ImageClassifierNet(nn.Module):
     """(B, C, H, W), (B,) -> logits (B, K): residual blocks at each resolution (halved between
     levels), global average pooling and a linear head."""
 
-    def __init__(self, shape, n_classes: int, ch: int = 32, levels: int = 2,
-                 embedding: str = "sinusoidal") -> None:  # fmt: skip
+    def __init__(
+        self, shape, n_classes: int, ch: int = 32, levels: int = 2, embedding: str = "sinusoidal"
+    ) -> None:
         super().__init__()
         emb_dim = 4 * ch
-        self.embed = nn.Sequential(make_embedding(embedding, ch), nn.Linear(ch, emb_dim),
-                                   nn.SiLU())  # fmt: skip
+        self.embed = nn.Sequential(make_embedding(embedding, ch), nn.Linear(ch, emb_dim), nn.SiLU())
         self.conv_in = nn.Conv2d(shape[0], ch, 3, padding=1)
         self.blocks = nn.ModuleList()
         cur = ch

@@ -153,8 +153,17 @@ def sample(
     if isinstance(options.get("grid"), str) and options["grid"] == "fit":
         n = options.get("steps", sampler_options(sampler).get("steps"))
         try:
-            options["grid"], _ = fit_schedule(sde, score_fn, tuple(shape[1:]), sampler, n, eps=eps,
-                                              denoise=denoise, options=options, device=x.device)
+            options["grid"], _ = fit_schedule(
+                sde,
+                score_fn,
+                tuple(shape[1:]),
+                sampler,
+                n,
+                eps=eps,
+                denoise=denoise,
+                options=options,
+                device=x.device,
+            )
         except ValueError as e:
             raise ValueError(f"grid='fit': {e}") from None
     counted = CountingScore(score_fn)
@@ -198,8 +207,9 @@ def fit_schedule(
     n = batch or (1000 if len(shape) == 1 else 256)
     x_T = sde.prior_sampling((n, *shape), generator=torch.Generator().manual_seed(seed))
     x_T = x_T.to(device=device, dtype=dtype or x_T.dtype)
-    return optimise_grid(sde, score_fn, x_T, _lookup(sampler), steps, eps=eps,
-                         denoise=denoise, options=options)  # fmt: skip
+    return optimise_grid(
+        sde, score_fn, x_T, _lookup(sampler), steps, eps=eps, denoise=denoise, options=options
+    )
 
 
 def encode(
@@ -244,9 +254,18 @@ def _flow(sde, score_fn, x, to_data, eps, method, rtol, atol, steps, grid, progr
     counted = CountingScore(score_fn)
     with torch.no_grad():
         out = solve_flow(
-            sde, counted, x, to_data=to_data, eps=eps, steps=steps, method=method, rtol=rtol,
-            atol=atol, grid=grid, progress=progress,
-        )  # fmt: skip
+            sde,
+            counted,
+            x,
+            to_data=to_data,
+            eps=eps,
+            steps=steps,
+            method=method,
+            rtol=rtol,
+            atol=atol,
+            grid=grid,
+            progress=progress,
+        )
     return out, counted.nfe
 
 

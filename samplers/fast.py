@@ -172,8 +172,7 @@ def sample_fast(
     if grid is None:
         grid = "quadratic" if positions is None else schedule_times(sde, positions, eps)
     grid = get_grid(grid, sde, n, eps)
-    x = SOLVERS[name](sde, score_fn, x, steps=n, eps=eps, grid=grid, progress=progress,
-                      **options)  # fmt: skip
+    x = SOLVERS[name](sde, score_fn, x, steps=n, eps=eps, grid=grid, progress=progress, **options)
     return tweedie_denoise(sde, score_fn, x, eps) if denoise and final is None else x
 
 
@@ -286,7 +285,6 @@ def gap_constrained_fit(
     gaps and errors).
     """
 
-
     if final_step:
         solver, options = FINAL_STEP[(sde_kind(sde), steps)]
         n, bound = steps + 1, FINAL_STEP_RATIO
@@ -313,8 +311,10 @@ def gap_constrained_fit(
 
     with torch.no_grad():
         fns = [MixtureScore(sde, law) for law in laws]
-        ref_logp = [law.log_prob(flow(f, x).double()).mean().item()
-                    for law, f, x in zip(laws, fns, x_laws, strict=True)]  # fmt: skip
+        ref_logp = [
+            law.log_prob(flow(f, x).double()).mean().item()
+            for law, f, x in zip(laws, fns, x_laws, strict=True)
+        ]
         targets = [flow(f, x) for f, x in objective]
         cache: dict[tuple, tuple[list[float], list[float]]] = {}
 
@@ -322,10 +322,14 @@ def gap_constrained_fit(
             key = tuple(u)
             if key not in cache:
                 times = schedule_times(sde, u, eps)
-                gaps = [law.log_prob(run(f, x, times).double()).mean().item() - r
-                        for law, f, x, r in zip(laws, fns, x_laws, ref_logp, strict=True)]
-                errs = [(run(f, x, times) - y).double().square().flatten(1).sum(1).mean().item()
-                        for (f, x), y in zip(objective, targets, strict=True)]  # fmt: skip
+                gaps = [
+                    law.log_prob(run(f, x, times).double()).mean().item() - r
+                    for law, f, x, r in zip(laws, fns, x_laws, ref_logp, strict=True)
+                ]
+                errs = [
+                    (run(f, x, times) - y).double().square().flatten(1).sum(1).mean().item()
+                    for (f, x), y in zip(objective, targets, strict=True)
+                ]
                 if not all(math.isfinite(v) for v in (*gaps, *errs)):  # a diverged schedule
                     gaps, errs = [1e3] * len(gaps), [1e30] * len(errs)
                 cache[key] = gaps, errs
@@ -342,20 +346,29 @@ def gap_constrained_fit(
 
         steps_diff = np.eye(n - 1) - np.eye(n - 1, k=-1)  # z_i - z_{i-1}, with z_0 = 0
         limit = math.log(bound) * (1 - 1e-9)
-        constraints = [NonlinearConstraint(slack, 0.0, np.inf),
-                       LinearConstraint(steps_diff, -limit, limit)]  # fmt: skip
+        constraints = [
+            NonlinearConstraint(slack, 0.0, np.inf),
+            LinearConstraint(steps_diff, -limit, limit),
+        ]
 
         def solve(z0) -> tuple[tuple, list[float]]:  # (rank: within the bounds first, end)
-            result = minimize(value, z0, method="COBYQA", constraints=constraints,
-                              options=dict(maxfev=evals, initial_tr_radius=0.3,
-                                           final_tr_radius=1e-3))  # fmt: skip
+            result = minimize(
+                value,
+                z0,
+                method="COBYQA",
+                constraints=constraints,
+                options=dict(maxfev=evals, initial_tr_radius=0.3, final_tr_radius=1e-3),
+            )
             violation = max(0.0, -float(slack(result.x).min()))
             return (violation > 1e-3 * tol, violation, value(result.x)), u_of(result.x)
 
         best = None
         for name in ["given", *starts] if positions is not None else starts:
-            u0 = list(positions) if name == "given" else _within_ratio(lambda_positions(
-                sde, get_grid(name, sde, n, eps), eps), bound)  # fmt: skip
+            u0 = (
+                list(positions)
+                if name == "given"
+                else _within_ratio(lambda_positions(sde, get_grid(name, sde, n, eps), eps), bound)
+            )
             rank, u = solve(z_of(u0))
             if best is None or rank < best[0]:
                 best = (rank, u, name, u0)
@@ -368,8 +381,15 @@ def gap_constrained_fit(
         _, u, name, u0 = best
         start = parts(u0)
         gaps, errs = parts(u)
-    info = {"gaps": gaps, "errors": errs, "start": name, "hop": hop, "start_gaps": start[0],
-            "start_errors": start[1], "logsnr_errors": base}  # fmt: skip
+    info = {
+        "gaps": gaps,
+        "errors": errs,
+        "start": name,
+        "hop": hop,
+        "start_gaps": start[0],
+        "start_errors": start[1],
+        "logsnr_errors": base,
+    }
     return u, info
 
 
@@ -396,11 +416,13 @@ def _within_ratio(u: list[float], bound: float) -> list[float]:
 
 def _report(what: str, info: dict) -> None:
     hop = f" (hop {info['hop']})" if info.get("hop") else ""
-    log.info(f"  {what}, from {info['start']}{hop}: gaps "
-          f"{' '.join(f'{v:.3f}' for v in info['start_gaps'])} -> "
-          f"{' '.join(f'{v:.3f}' for v in info['gaps'])}, errors "
-          f"{' '.join(f'{v:.3g}' for v in info['start_errors'])} -> "
-          f"{' '.join(f'{v:.3g}' for v in info['errors'])}")  # fmt: skip
+    log.info(
+        f"  {what}, from {info['start']}{hop}: gaps "
+        f"{' '.join(f'{v:.3f}' for v in info['start_gaps'])} -> "
+        f"{' '.join(f'{v:.3f}' for v in info['gaps'])}, errors "
+        f"{' '.join(f'{v:.3g}' for v in info['start_errors'])} -> "
+        f"{' '.join(f'{v:.3g}' for v in info['errors'])}"
+    )
 
 
 def refit(
@@ -432,16 +454,18 @@ def refit(
     logSNR and EDM grids (docs/fast-sampling.md).
     """
 
-
     sdes = {"vp": VPSDE(), "subvp": subVPSDE(), "ve": VESDE()}
     trained: dict[str, list[tuple[ScoreFn, torch.Tensor]]] = {}  # kind -> [(model, prior draws)]
     for kind, loaded in (images or {}).items():
         for sde, model, shape in loaded:
             if repr(sde) != repr(sdes[kind]):
-                raise ValueError(f"a trained model has {sde!r}; the {kind} fit needs {sdes[kind]!r}")
+                raise ValueError(
+                    f"a trained model has {sde!r}; the {kind} fit needs {sdes[kind]!r}"
+                )
             g = torch.Generator().manual_seed(seed)
-            trained.setdefault(kind, []).append((model, sde.prior_sampling((n_images, *shape),
-                                                                           generator=g)))
+            trained.setdefault(kind, []).append(
+                (model, sde.prior_sampling((n_images, *shape), generator=g))
+            )
     out, with_trained, constrained, final = {}, set(), set(), {}
     todo = FITTED_STEPS if steps_list is None else steps_list
     for kind, steps in ((k, n) for k in kinds or sdes for n in todo):
@@ -456,44 +480,64 @@ def refit(
         fns += [m for m, _ in models]
         cal += [x for _, x in models]
         weights = [1.0, 1.0] + [trained_weight(kind, steps)] * len(models)
-        _, info = optimise_grid(sde, fns, cal, SOLVERS[solver], steps, options=options,
-                                max_step_ratio=max_step_ratio(steps), normalise=joint,
-                                weights=weights if joint else None)  # fmt: skip
+        _, info = optimise_grid(
+            sde,
+            fns,
+            cal,
+            SOLVERS[solver],
+            steps,
+            options=options,
+            max_step_ratio=max_step_ratio(steps),
+            normalise=joint,
+            weights=weights if joint else None,
+        )
         out[f"{kind}/{steps}"] = info["positions"]
         if joint:
             with_trained.add(f"{kind}/{steps}")
-        log.info(f"{kind} steps={steps} {solver} {options}: objective {info['mse']:.3g} "
-              f"(start {info['start']})")  # fmt: skip
+        log.info(
+            f"{kind} steps={steps} {solver} {options}: objective {info['mse']:.3g} "
+            f"(start {info['start']})"
+        )
         g = torch.Generator().manual_seed(seed)
         x_laws = [sde.prior_sampling((n_gap, law.dim), generator=g).double() for law in laws]
         if steps in GAP_CONSTRAINED[kind]:
             objective = models if joint else list(zip(fns, cal, strict=True))
-            u, gi = gap_constrained_fit(sde, steps, info["positions"], laws, x_laws, objective,
-                                        starts=gap_starts(kind, steps))  # fmt: skip
+            u, gi = gap_constrained_fit(
+                sde,
+                steps,
+                info["positions"],
+                laws,
+                x_laws,
+                objective,
+                starts=gap_starts(kind, steps),
+            )
             out[f"{kind}/{steps}"] = u
             constrained.add(f"{kind}/{steps}")
             _report("gap-constrained", gi)
         if (kind, steps) in FINAL_STEP and joint:  # from uniform-t, with five basin hops
-            u, gi = gap_constrained_fit(sde, steps, None, laws, x_laws, models,
-                                        starts=("uniform",), hops=5, final_step=True)  # fmt: skip
+            u, gi = gap_constrained_fit(
+                sde, steps, None, laws, x_laws, models, starts=("uniform",), hops=5, final_step=True
+            )
             final[f"{kind}/{steps}"] = u
             _report(f"final step ({steps + 1} solver steps)", gi)
-    record = {"fitted_on": f"exact scores of gmm8 + mix5d ({n} points each, calibration seed "
-              f"{seed}); the entries of with_trained_models also {n_images} prior draws of each "
-              "trained digits U-Net of the same kind given (shipped: python run.py mode=train "
-              "sde=<kind> data=digits model=unet model.ch=16 training.steps=1000, and the same "
-              "with model.ch=8 training.steps=500 training.batch_size=64; VP's 9-step entry also "
-              "on the latter with seed=1 and on model.ch=24 training.steps=2000, its 14- and "
-              "19-step entries also on the ch 24 one), weight "
-              "trained_weight(kind, steps), each batch's error divided by its logSNR-grid error; "
-              "eps=1e-3, denoise, neighbouring lambda-steps within max_step_ratio(steps); the "
-              f"entries of gap_constrained then polished by gap_constrained_fit (tol {GAP_TOL}, "
-              f"{n_gap} draws per law, calibration seed {seed}); those of final_step "
-              "(steps + 1 solver steps, no denoising) by gap_constrained_fit from the uniform-t "
-              "grid with five basin hops. "
-              "Refit: python -m tasks.schedules refit --images vp=CKPT --images vp=CKPT2 "
-              "--images subvp=CKPT ... [--steps 4-24] [--kinds vp,ve]",
-              "positions": {}}  # fmt: skip
+    record = {
+        "fitted_on": f"exact scores of gmm8 + mix5d ({n} points each, calibration seed "
+        f"{seed}); the entries of with_trained_models also {n_images} prior draws of each "
+        "trained digits U-Net of the same kind given (shipped: python run.py mode=train "
+        "sde=<kind> data=digits model=unet model.ch=16 training.steps=1000, and the same "
+        "with model.ch=8 training.steps=500 training.batch_size=64; VP's 9-step entry also "
+        "on the latter with seed=1 and on model.ch=24 training.steps=2000, its 14- and "
+        "19-step entries also on the ch 24 one), weight "
+        "trained_weight(kind, steps), each batch's error divided by its logSNR-grid error; "
+        "eps=1e-3, denoise, neighbouring lambda-steps within max_step_ratio(steps); the "
+        f"entries of gap_constrained then polished by gap_constrained_fit (tol {GAP_TOL}, "
+        f"{n_gap} draws per law, calibration seed {seed}); those of final_step "
+        "(steps + 1 solver steps, no denoising) by gap_constrained_fit from the uniform-t "
+        "grid with five basin hops. "
+        "Refit: python -m tasks.schedules refit --images vp=CKPT --images vp=CKPT2 "
+        "--images subvp=CKPT ... [--steps 4-24] [--kinds vp,ve]",
+        "positions": {},
+    }
     if SCHEDULE_FILE.is_file():  # keep the entries not refitted now
         old = json.loads(SCHEDULE_FILE.read_text())
         record["positions"] = old["positions"]

@@ -195,7 +195,6 @@ def intervals(sde: SDE, ts: torch.Tensor, progress: bool = False) -> Iterator[St
     n = len(t) - 1
     steps = (Step(t[i], t[i + 1], alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]) for i in range(n))
     if progress:
-
         return iter(tqdm(steps, total=n))
     return steps
 

@@ -65,8 +65,9 @@ class GuidedScore:
             return score + self.classifier_scale * self.classifier_grad(x, t, y)
         if self.guidance == 0.0:
             return self.model(x, t, y)
-        both = self.model(torch.cat([x, x]), torch.cat([t, t]),
-                          torch.cat([y, torch.full_like(y, NULL_CLASS)]))  # fmt: skip
+        both = self.model(
+            torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL_CLASS)])
+        )
         cond, uncond = both.chunk(2)
         return (1.0 + self.guidance) * cond - self.guidance * uncond
 

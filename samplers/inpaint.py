@@ -102,35 +102,57 @@ def inpaint_resampled(
     multimodal laws. Meant for low-dimensional unknowns. Returns (x: (B, *D), nfe).
     """
 
-
     if mask.dtype != torch.bool or tuple(mask.shape) != tuple(known.shape[1:]):
-        raise ValueError(f"mask must be a bool tensor of shape {tuple(known.shape[1:])} "
-                         f"(one pattern for all rows), got {mask.dtype} {tuple(mask.shape)}")
-    for name, v in (("n_candidates", n_candidates), ("n_proposals", n_proposals),
-                    ("n_centers", n_centers)):
+        raise ValueError(
+            f"mask must be a bool tensor of shape {tuple(known.shape[1:])} "
+            f"(one pattern for all rows), got {mask.dtype} {tuple(mask.shape)}"
+        )
+    for name, v in (
+        ("n_candidates", n_candidates),
+        ("n_proposals", n_proposals),
+        ("n_centers", n_centers),
+    ):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     b = known.shape[0]
     free = ~mask.reshape(-1).to(known.device)
-    props, nfe = inpaint(sde, score_fn, known.repeat_interleave(n_proposals, 0), mask,
-                         steps=proposal_steps, generator=generator, eps=eps)
+    props, nfe = inpaint(
+        sde,
+        score_fn,
+        known.repeat_interleave(n_proposals, 0),
+        mask,
+        steps=proposal_steps,
+        generator=generator,
+        eps=eps,
+    )
     u = props.flatten(1)[:, free].double()
     centers = u[torch.randperm(u.shape[0], generator=generator, device=u.device)[:n_centers]]
     nc, d = centers.shape
     h = bandwidth * centers.std(0).clamp_min(1e-6) * nc ** (-1 / (d + 4))
     pick = torch.randint(nc, (b * n_candidates,), generator=generator, device=u.device)
-    z = centers[pick] + h * torch.randn(b * n_candidates, d, generator=generator,
-                                        dtype=torch.float64, device=u.device)
+    z = centers[pick] + h * torch.randn(
+        b * n_candidates, d, generator=generator, dtype=torch.float64, device=u.device
+    )
     norm = math.log(nc) + 0.5 * d * math.log(2 * math.pi) + h.log().sum()
-    log_q = torch.cat([
-        torch.logsumexp(-0.5 * ((zc[:, None] - centers[None]) / h).square().sum(-1), 1) - norm
-        for zc in z.split(chunk)
-    ])
+    log_q = torch.cat(
+        [
+            torch.logsumexp(-0.5 * ((zc[:, None] - centers[None]) / h).square().sum(-1), 1) - norm
+            for zc in z.split(chunk)
+        ]
+    )
     full = known.flatten(1).repeat_interleave(n_candidates, 0).clone()
     full[:, free] = z.to(full.dtype)
     full = full.reshape(b * n_candidates, *known.shape[1:])
-    log_p, nfe_p = log_likelihood(sde, score_fn, full, divergence=divergence, rtol=rtol,
-                                  atol=atol, eps=1e-5, generator=generator)
+    log_p, nfe_p = log_likelihood(
+        sde,
+        score_fn,
+        full,
+        divergence=divergence,
+        rtol=rtol,
+        atol=atol,
+        eps=1e-5,
+        generator=generator,
+    )
     weights = torch.softmax((log_p.double() - log_q).reshape(b, n_candidates), dim=1)
     keep = torch.multinomial(weights, 1, generator=generator).squeeze(1)
     x = full.reshape(b, n_candidates, *known.shape[1:])[torch.arange(b), keep]

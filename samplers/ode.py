@@ -21,8 +21,11 @@ from .grids import get_grid
 FIXED_METHODS = ("euler", "midpoint", "rk4", "heun2", "heun3", "explicit_adams", "implicit_adams")
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 # sample_ode's options and their allowed values (run.py's validation reads them too)
-RULES = {"method": Choice(*ADAPTIVE_METHODS, *FIXED_METHODS),
-         "rtol": Number(lo=0, lo_open=True), "atol": Number(lo=0, lo_open=True)}  # fmt: skip
+RULES = {
+    "method": Choice(*ADAPTIVE_METHODS, *FIXED_METHODS),
+    "rtol": Number(lo=0, lo_open=True),
+    "atol": Number(lo=0, lo_open=True),
+}
 
 
 def solve_flow(
@@ -102,9 +105,18 @@ def sample_ode(
     Deterministic: `generator` is unused. Adaptive methods take no `steps`.
     """
     return solve_flow(
-        sde, score_fn, x, to_data=True, eps=eps, steps=steps, method=method, rtol=rtol, atol=atol,
-        grid=grid, progress=progress,
-    )  # fmt: skip
+        sde,
+        score_fn,
+        x,
+        to_data=True,
+        eps=eps,
+        steps=steps,
+        method=method,
+        rtol=rtol,
+        atol=atol,
+        grid=grid,
+        progress=progress,
+    )
 
 
 def _bar(progress: bool):

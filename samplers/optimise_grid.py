@@ -76,10 +76,17 @@ def dp_grid(
     alpha, sigma = (v.tolist() for v in sde.alpha_sigma(ts))
     lam = log_snr(sde, ts).tolist()
     var = states[-1].flatten(1).var(0).mean().item()
-    x0 = torch.stack([
-        (states[i] + sigma[i] ** 2 * score_fn(states[i], states[i].new_full((states.shape[1],),
-         float(ts[i])))) / alpha[i] for i in range(m)
-    ])  # fmt: skip
+    x0 = torch.stack(
+        [
+            (
+                states[i]
+                + sigma[i] ** 2
+                * score_fn(states[i], states[i].new_full((states.shape[1],), float(ts[i])))
+            )
+            / alpha[i]
+            for i in range(m)
+        ]
+    )
     inf = float("inf")
     cost = torch.full((m + 1, m + 1), inf, dtype=torch.float64)
     for i in range(m):
@@ -138,10 +145,14 @@ def optimise_grid(
     if weights is not None and len(weights) != len(batches):
         raise ValueError(f"weights must be one number per batch ({len(batches)}), got {weights!r}")
     with torch.no_grad():
-        refs = [reference(sde, f, x, eps, candidates, substeps) for f, x in zip(scores_fns,
-                batches, strict=True)]  # fmt: skip
-        targets = [tweedie_denoise(sde, f, st[-1], eps) if denoise else st[-1]
-                   for f, (_, st) in zip(scores_fns, refs, strict=True)]  # fmt: skip
+        refs = [
+            reference(sde, f, x, eps, candidates, substeps)
+            for f, x in zip(scores_fns, batches, strict=True)
+        ]
+        targets = [
+            tweedie_denoise(sde, f, st[-1], eps) if denoise else st[-1]
+            for f, (_, st) in zip(scores_fns, refs, strict=True)
+        ]
 
         def errors(times: torch.Tensor) -> list[float]:
             out = []
@@ -160,9 +171,10 @@ def optimise_grid(
             if not (times.diff() < 0).all():  # positions closer than the bisection resolves
                 return float("inf")
             h = log_snr(sde, times).diff()
-            if float((h[1:] / h[:-1]).abs().max().clamp_min(1)) > max_step_ratio or float(
-                (h[:-1] / h[1:]).abs().max()
-            ) > max_step_ratio:
+            if (
+                float((h[1:] / h[:-1]).abs().max().clamp_min(1)) > max_step_ratio
+                or float((h[:-1] / h[1:]).abs().max()) > max_step_ratio
+            ):
                 return float("inf")
             err = sum(wi * e for wi, e in zip(w, errors(times), strict=True))
             return err if math.isfinite(err) else float("inf")
@@ -206,8 +218,10 @@ FITTABLE = ("fast", "dpm_solver", "dpm_solver3", "unipc", "ipndm", "heun", "ddim
 def check_fittable(sampler: str, options: dict, steps: int | None) -> None:
     """Raise ValueError unless a schedule can be fitted for this sampler, options and steps."""
     if sampler not in FITTABLE:
-        raise ValueError(f"it fits the steps of a deterministic solver ({', '.join(FITTABLE)}); "
-                         f"sampler {sampler!r} is not one")  # fmt: skip
+        raise ValueError(
+            f"it fits the steps of a deterministic solver ({', '.join(FITTABLE)}); "
+            f"sampler {sampler!r} is not one"
+        )
     if steps is None:
         raise ValueError(f"it needs a fixed step count; set steps for sampler {sampler!r}")
     if sampler == "ddim" and float(options.get("eta", 0.0)) != 0.0:

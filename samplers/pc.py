@@ -165,8 +165,12 @@ CORRECTORS: dict[str, Callable] = {
 }
 
 # sample_pc's options and their allowed values (run.py's validation reads them too)
-PC_RULES = {"predictor": Choice(*PREDICTORS), "corrector": Choice(*CORRECTORS),
-            "snr": Number(lo=0, lo_open=True), "n_corrector_steps": Number(lo=0, integer=True)}  # fmt: skip
+PC_RULES = {
+    "predictor": Choice(*PREDICTORS),
+    "corrector": Choice(*CORRECTORS),
+    "snr": Number(lo=0, lo_open=True),
+    "n_corrector_steps": Number(lo=0, integer=True),
+}
 
 
 # ---------------------------------------------------------------- samplers
@@ -215,9 +219,17 @@ def _predictor_only(predictor: str, doc: str) -> Callable[..., torch.Tensor]:
         progress: bool = False,
     ) -> torch.Tensor:
         return sample_pc(
-            sde, score_fn, x, steps=steps, eps=eps, predictor=predictor, corrector="none",
-            grid=grid, generator=generator, progress=progress,
-        )  # fmt: skip
+            sde,
+            score_fn,
+            x,
+            steps=steps,
+            eps=eps,
+            predictor=predictor,
+            corrector="none",
+            grid=grid,
+            generator=generator,
+            progress=progress,
+        )
 
     sampler.__doc__ = doc
     return sampler
@@ -261,6 +273,10 @@ def check_pc(
     predictor: str, corrector: str, snr: float, n_corrector_steps: int
 ) -> tuple[Callable, Callable]:
     """Validate the PC options; return the (predictor, corrector) functions."""
-    check_options(PC_RULES, dict(predictor=predictor, corrector=corrector, snr=snr,
-                                 n_corrector_steps=n_corrector_steps))  # fmt: skip
+    check_options(
+        PC_RULES,
+        dict(
+            predictor=predictor, corrector=corrector, snr=snr, n_corrector_steps=n_corrector_steps
+        ),
+    )
     return PREDICTORS[predictor], CORRECTORS[corrector]

@@ -25,8 +25,12 @@ from .grids import get_grid, intervals
 
 VARIANTS = ("bh1", "bh2")
 # sample_unipc's options and their allowed values (run.py's validation reads them too)
-RULES = {"order": Number(1, 3, integer=True), "variant": Choice(*VARIANTS),
-         "use_corrector": FLAG, "lower_order_final": FLAG}  # fmt: skip
+RULES = {
+    "order": Number(1, 3, integer=True),
+    "variant": Choice(*VARIANTS),
+    "use_corrector": FLAG,
+    "lower_order_final": FLAG,
+}
 
 
 def b_of_h(variant: str, h: float) -> float:
@@ -81,8 +85,15 @@ def sample_unipc(
     Order p with use_corrector=False, p + 1 with it (once past the warm-up). `steps` NFE (steps + 1
     with the final denoising): the default 19 steps cost 20. `generator` is unused.
     """
-    check_options(RULES, dict(order=order, variant=variant, use_corrector=use_corrector,
-                              lower_order_final=lower_order_final))  # fmt: skip
+    check_options(
+        RULES,
+        dict(
+            order=order,
+            variant=variant,
+            use_corrector=use_corrector,
+            lower_order_final=lower_order_final,
+        ),
+    )
     history: list[tuple[float, torch.Tensor]] = []  # (lambda, x0), newest first
     for i, st in enumerate(intervals(sde, get_grid(grid, sde, steps, eps), progress)):
         lam_t, h = lam(st.alpha_t, st.sigma_t), step_h(st)
@@ -105,9 +116,11 @@ def sample_unipc(
         if use_corrector:
             x = base
             for a, r, d in zip(
-                unipc_coefficients([*rs, 1.0], h, variant), [*rs, 1.0], [*ds, m_new - m0],
+                unipc_coefficients([*rs, 1.0], h, variant),
+                [*rs, 1.0],
+                [*ds, m_new - m0],
                 strict=True,
-            ):  # fmt: skip
+            ):
                 x = x + (bh * a / r) * d
         else:
             x = x_pred

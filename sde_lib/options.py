@@ -17,7 +17,7 @@ from .errors import UserError
 
 
 class OptionError(UserError, ValueError):
-    """An option value outside its rule; the message names the key, the value and what is allowed."""
+    """An option value outside its rule; the message names the key, the value and the rule."""
 
 
 def _fail(key: str, value: Any, allowed: str) -> OptionError:
@@ -76,8 +76,9 @@ class Number:
         return int(value) if self.integer else float(value)
 
 
-def check_options(rules: Mapping[str, Choice | Number], values: Mapping[str, Any],
-                  prefix: str = "") -> None:  # fmt: skip
+def check_options(
+    rules: Mapping[str, Choice | Number], values: Mapping[str, Any], prefix: str = ""
+) -> None:
     """Check each value that has a rule; keys without a rule are the caller's to check."""
     for key, value in values.items():
         if key in rules:

@@ -60,8 +60,13 @@ def build_dataset(c: dict) -> Dataset:
         if name == "mnist":
             return mnist()
         if name == "npz":
-            return npz_dataset(c["path"], c.get("key"), c.get("range"), c.get("levels"),
-                               label_key=c.get("label_key"))  # fmt: skip
+            return npz_dataset(
+                c["path"],
+                c.get("key"),
+                c.get("range"),
+                c.get("levels"),
+                label_key=c.get("label_key"),
+            )
         if name == "folder":
             return folder_dataset(c["path"], c.get("channels", 1))
     except DataError as e:
@@ -187,8 +192,11 @@ def is_classifier_run(cfg: dict) -> bool:
 
 def run_identity(cfg: dict) -> dict:
     """What a checkpoint must share with a run to be used by it: the SDE, data and model."""
-    return {"sde": sde_identity(cfg["sde"]), "data": data_identity(cfg["data"]),
-            "model": model_identity(cfg["model"])}  # fmt: skip
+    return {
+        "sde": sde_identity(cfg["sde"]),
+        "data": data_identity(cfg["data"]),
+        "model": model_identity(cfg["model"]),
+    }
 
 
 def find_checkpoint(cfg: dict) -> tuple[Path, dict]:
@@ -209,8 +217,7 @@ def find_checkpoint(cfg: dict) -> tuple[Path, dict]:
     runs = matching_runs(cfg)
     # runs with this model config first, finished ones first (newest first), then unfinished or
     # failed ones (newest first)
-    runs.sort(key=lambda r: (r["model_match"], r["status"] == "finished", r["mtime"]),
-              reverse=True)  # fmt: skip
+    runs.sort(key=lambda r: (r["model_match"], r["status"] == "finished", r["mtime"]), reverse=True)
     for run in runs:
         for path in reversed(ckpt.list_checkpoints(run["dir"] / "checkpoints")):
             try:
@@ -261,13 +268,15 @@ def matching_runs(cfg: dict) -> list[dict]:
             status = json.loads((run_json.parent / "train.json").read_text()).get("status")
         except (OSError, ValueError, AttributeError):
             status = None
-        runs.append({
-            "dir": run_json.parent,
-            "status": status or "unknown",
-            "planned": meta.get("planned_steps"),
-            "mtime": paths[-1].stat().st_mtime,
-            "model_match": model_identity(meta.get("model")) == model_identity(cfg["model"]),
-        })  # fmt: skip
+        runs.append(
+            {
+                "dir": run_json.parent,
+                "status": status or "unknown",
+                "planned": meta.get("planned_steps"),
+                "mtime": paths[-1].stat().st_mtime,
+                "model_match": model_identity(meta.get("model")) == model_identity(cfg["model"]),
+            }
+        )
     return runs
 
 
@@ -321,8 +330,10 @@ def load_score_model(cfg: dict, find=find_checkpoint):
         )
     if cfg.get("ckpt"):  # an explicit checkpoint brings its own model; sde and data must match
         if cfg["model"] != saved["model"]:
-            log.info(f"using the checkpoint's model config {saved['model']} (ckpt={path}); "
-                "model.* overrides are ignored with an explicit ckpt")
+            log.info(
+                f"using the checkpoint's model config {saved['model']} (ckpt={path}); "
+                "model.* overrides are ignored with an explicit ckpt"
+            )
         cfg = {**cfg, "model": saved["model"]}
     check_compatible(cfg, saved, path)
     model = build_score_model(saved, sde, dataset)

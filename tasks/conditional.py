@@ -51,8 +51,13 @@ def build_classifier(cfg: dict, sde, dataset) -> torch.nn.Module:
         net = ImageClassifierNet(dataset.shape, k, ch=int(c.get("ch", 32)), embedding=emb)
         sigma_data = 0.5
     else:
-        net = PointClassifierNet(dataset.shape, k, hidden=int(c.get("hidden", 128)),
-                                 depth=int(c.get("depth", 3)), embedding=emb)  # fmt: skip
+        net = PointClassifierNet(
+            dataset.shape,
+            k,
+            hidden=int(c.get("hidden", 128)),
+            depth=int(c.get("depth", 3)),
+            embedding=emb,
+        )
         sigma_data = 1.0
     if c.get("sigma_data") is not None:
         sigma_data = float(c["sigma_data"])
@@ -64,35 +69,44 @@ def load_classifier(cfg: dict, sde, dataset) -> torch.nn.Module:
     of a training.objective=classifier checkpoint with the same sde and data."""
     spec = cfg["sampler"]["classifier"]
     if spec == "exact":
-
         if dataset.mixture is None:
-            raise UserError(f"sampler.classifier=exact needs a mixture data set (gmm8, mix5d); "
-                            f"data={dataset.name} has no closed-form classifier")  # fmt: skip
+            raise UserError(
+                f"sampler.classifier=exact needs a mixture data set (gmm8, mix5d); "
+                f"data={dataset.name} has no closed-form classifier"
+            )
         return MixtureClassifier(sde, dataset.mixture)
     path = Path(str(spec)).expanduser()
     if not path.is_file():
-        raise UserError(f"sampler.classifier={spec}: no such file; pass a checkpoint of "
-                        "mode=train training.objective=classifier, or exact")  # fmt: skip
+        raise UserError(
+            f"sampler.classifier={spec}: no such file; pass a checkpoint of "
+            "mode=train training.objective=classifier, or exact"
+        )
     try:
         state = ckpt.load(path)  # weights_only: the file cannot run code
     except ckpt.CheckpointError as e:
         raise UserError(str(e)) from None
     saved = ckpt.config_of(state)
     if not is_classifier_run(saved):
-        raise UserError(f"sampler.classifier={spec} is a score checkpoint, not a classifier "
-                        "(train one with training.objective=classifier)")  # fmt: skip
-    for group, mine, theirs in (("sde", cfg["sde"], saved["sde"]),
-                                ("data", data_identity(cfg["data"]),
-                                 data_identity(saved["data"]))):  # fmt: skip
+        raise UserError(
+            f"sampler.classifier={spec} is a score checkpoint, not a classifier "
+            "(train one with training.objective=classifier)"
+        )
+    for group, mine, theirs in (
+        ("sde", cfg["sde"], saved["sde"]),
+        ("data", data_identity(cfg["data"]), data_identity(saved["data"])),
+    ):
         if mine != theirs:
-            raise UserError(f"sampler.classifier={spec} was trained with {group}={theirs}, "
-                            f"this run has {group}={mine}")  # fmt: skip
+            raise UserError(
+                f"sampler.classifier={spec} was trained with {group}={theirs}, "
+                f"this run has {group}={mine}"
+            )
     model = build_classifier(saved, sde, dataset)
     try:
         model.load_state_dict(state["ema"])
     except RuntimeError as e:
-        raise UserError(f"sampler.classifier={spec} does not fit: "
-                        f"{str(e).splitlines()[0]}") from None  # fmt: skip
+        raise UserError(
+            f"sampler.classifier={spec} does not fit: {str(e).splitlines()[0]}"
+        ) from None
     log.info(f"classifier guidance with {path} (scale {cfg['sampler']['classifier_scale']})")
     return model.eval()
 
@@ -106,34 +120,43 @@ def make_guide(cfg: dict, model, dataset, sde, device):
     clf = c.get("classifier")
     k_model = n_classes_of(model)
     if w != 0 and k_model == 0:
-        raise UserError(f"sampler.guidance={w:g} needs a conditional model (train it with "
-                        "model.conditional=true); this model is unconditional")  # fmt: skip
+        raise UserError(
+            f"sampler.guidance={w:g} needs a conditional model (train it with "
+            "model.conditional=true); this model is unconditional"
+        )
     if spec is None:
         if w != 0 or clf:
             what = f"sampler.guidance={w:g}" if w != 0 else f"sampler.classifier={clf}"
             raise UserError(f"{what} needs sampler.class_label=K (a class, a list, or random)")
         return None, {}
     if clf and w != 0:
-        raise UserError("sampler.guidance (classifier-free) and sampler.classifier (classifier "
-                        "guidance) are two methods: set one of them")  # fmt: skip
+        raise UserError(
+            "sampler.guidance (classifier-free) and sampler.classifier (classifier "
+            "guidance) are two methods: set one of them"
+        )
     classifier = None
     if clf:
         classifier = load_classifier(cfg, sde, dataset).to(device)
         k = classifier.n_classes
     elif k_model == 0:
-        raise UserError("sampler.class_label needs a conditional model (train it with "
-                        "model.conditional=true) or a classifier (sampler.classifier=PATH)")
+        raise UserError(
+            "sampler.class_label needs a conditional model (train it with "
+            "model.conditional=true) or a classifier (sampler.classifier=PATH)"
+        )
     else:
         k = k_model
     n = int(c["n_samples"])
     values = spec if isinstance(spec, (list, tuple)) else [] if spec == "random" else [spec]
     if isinstance(spec, (list, tuple)) and len(spec) != n:
-        raise UserError(f"sampler.class_label is a list of {len(spec)} labels; give one per "
-                        f"sample (sampler.n_samples={n}), a single class or random")  # fmt: skip
+        raise UserError(
+            f"sampler.class_label is a list of {len(spec)} labels; give one per "
+            f"sample (sampler.n_samples={n}), a single class or random"
+        )
     for v in values:
         if not 0 <= int(v) < k:
-            raise UserError(f"sampler.class_label={v} is out of range: the model has {k} "
-                            f"classes, 0..{k - 1}")  # fmt: skip
+            raise UserError(
+                f"sampler.class_label={v} is out of range: the model has {k} classes, 0..{k - 1}"
+            )
     seed = int(cfg["seed"])
     scale = float(c.get("classifier_scale", 1.0))
 
@@ -146,8 +169,10 @@ def make_guide(cfg: dict, model, dataset, sde, device):
     if clf:
         desc.update(classifier=str(clf), classifier_scale=scale)
     if method == "classifier-free":
-        desc["nfe_note"] = ("one NFE = one batched network call on 2B rows (conditional and "
-                            "null-class scores together)")
+        desc["nfe_note"] = (
+            "one NFE = one batched network call on 2B rows (conditional and "
+            "null-class scores together)"
+        )
     if method == "classifier":
         desc["nfe_note"] = "NFE counts score evaluations; each adds one classifier gradient"
     return guide, desc
@@ -158,8 +183,9 @@ def sample_labels(cfg: dict, n: int, k: int) -> torch.Tensor:
     return label_batch(cfg["sampler"]["class_label"], torch.arange(n), k, int(cfg["seed"]))
 
 
-def conditional_metrics(dataset, x: torch.Tensor, labels: torch.Tensor | None, cfg: dict,
-                        images_uint8=None) -> dict:  # fmt: skip
+def conditional_metrics(
+    dataset, x: torch.Tensor, labels: torch.Tensor | None, cfg: dict, images_uint8=None
+) -> dict:
     """How often the samples are of their requested class, judged by the toolkit's digits/MNIST
     classifier (images, `metrics.classifier`, cached under outputs_root/features) or by the most
     responsible component (mixture data). Returns per-class shares (`conditional_accuracy`),
@@ -179,8 +205,11 @@ def conditional_metrics(dataset, x: torch.Tensor, labels: torch.Tensor | None, c
         per[str(c)] = float((pred[sel] == c).double().mean())
     out["conditional_accuracy"] = per
     out["conditional_accuracy_mean"] = float((pred == labels).double().mean())
-    out["conditional_judge"] = ("toolkit classifier (metrics.classifier)"
-                                if dataset.kind == "images" else "most responsible component")
+    out["conditional_judge"] = (
+        "toolkit classifier (metrics.classifier)"
+        if dataset.kind == "images"
+        else "most responsible component"
+    )
     return out
 
 
@@ -191,10 +220,13 @@ def predicted_classes(dataset, x: torch.Tensor, cfg: dict, images_uint8=None):
             return None
 
         root = Path(cfg.get("outputs_root", "outputs"))
-        clf, _, _ = load_or_train(dataset_uint8(dataset, "train"),
-                                  dataset.labels["train"].numpy(),
-                                  dataset_uint8(dataset, "test"), dataset.labels["test"].numpy(),
-                                  root / "features")  # fmt: skip
+        clf, _, _ = load_or_train(
+            dataset_uint8(dataset, "train"),
+            dataset.labels["train"].numpy(),
+            dataset_uint8(dataset, "test"),
+            dataset.labels["test"].numpy(),
+            root / "features",
+        )
         xs = to_input(np.asarray(images_uint8))
         with torch.no_grad():
             return torch.cat([clf(xs[i : i + 512]).argmax(1) for i in range(0, len(xs), 512)])

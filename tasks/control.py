@@ -43,15 +43,22 @@ log = logging.getLogger(__name__)
 
 MASK_NAMES = ("left", "right", "top", "bottom", "center", "random")
 MASK_STREAM = 0x6D61736B
-PC_NAMES = {"pc": None, "em": "euler_maruyama", "reverse_diffusion": "reverse_diffusion",
-            "ancestral": "ancestral"}  # fmt: skip
+PC_NAMES = {
+    "pc": None,
+    "em": "euler_maruyama",
+    "reverse_diffusion": "reverse_diffusion",
+    "ancestral": "ancestral",
+}
 
 # orthogonal RGB transform: row 0 is the grey level (R + G + B) / sqrt(3)
-COLOR_BASIS = torch.tensor([
-    [1 / math.sqrt(3), 1 / math.sqrt(3), 1 / math.sqrt(3)],
-    [1 / math.sqrt(2), -1 / math.sqrt(2), 0.0],
-    [1 / math.sqrt(6), 1 / math.sqrt(6), -2 / math.sqrt(6)],
-], dtype=torch.float64)  # fmt: skip
+COLOR_BASIS = torch.tensor(
+    [
+        [1 / math.sqrt(3), 1 / math.sqrt(3), 1 / math.sqrt(3)],
+        [1 / math.sqrt(2), -1 / math.sqrt(2), 0.0],
+        [1 / math.sqrt(6), 1 / math.sqrt(6), -2 / math.sqrt(6)],
+    ],
+    dtype=torch.float64,
+)
 
 
 def build_mask(spec: str, shape: tuple[int, ...], kind: str, seed: int = 0) -> torch.Tensor:
@@ -65,7 +72,9 @@ def build_mask(spec: str, shape: tuple[int, ...], kind: str, seed: int = 0) -> t
                 "right": cols >= w - w // 2 + rows * 0,
                 "top": rows < h // 2 + cols * 0,
                 "bottom": rows >= h - h // 2 + cols * 0,
-                "center": (rows >= h // 4) & (rows < h - h // 4) & (cols >= w // 4)
+                "center": (rows >= h // 4)
+                & (rows < h - h // 4)
+                & (cols >= w // 4)
                 & (cols < w - w // 4),
             }.get(spec)
             if fill is None:  # random: one pattern, half of the pixels, keyed by the seed
@@ -76,8 +85,10 @@ def build_mask(spec: str, shape: tuple[int, ...], kind: str, seed: int = 0) -> t
             half = max(1, d // 2)
             idx = torch.arange(d)
             if spec in ("top", "bottom", "center"):
-                raise UserError(f"sampler.mask={spec} applies to images; for points use left, "
-                                "right, random or an .npy file")  # fmt: skip
+                raise UserError(
+                    f"sampler.mask={spec} applies to images; for points use left, "
+                    "right, random or an .npy file"
+                )
             out = {"left": idx < half, "right": idx >= d - half}.get(spec)
             if out is None:
                 out = _keyed_uniforms(seed, d) < 0.5
@@ -86,8 +97,10 @@ def build_mask(spec: str, shape: tuple[int, ...], kind: str, seed: int = 0) -> t
         out = _mask_file(spec, shape, kind)
     if bool(out.all()) or not bool(out.any()):
         what = "every value" if bool(out.all()) else "nothing"
-        raise UserError(f"sampler.mask={spec} marks {what} to fill; give a mask with both known "
-                        "values and values to fill")  # fmt: skip
+        raise UserError(
+            f"sampler.mask={spec} marks {what} to fill; give a mask with both known "
+            "values and values to fill"
+        )
     return out
 
 
@@ -102,17 +115,22 @@ def _keyed_uniforms(seed: int, n: int) -> torch.Tensor:
 def _mask_file(spec: str, shape: tuple[int, ...], kind: str) -> torch.Tensor:
     path = Path(spec).expanduser()
     if path.suffix != ".npy" or not path.is_file():
-        raise UserError(f"sampler.mask={spec} is neither a mask name ({', '.join(MASK_NAMES)}) "
-                        "nor an existing .npy file")  # fmt: skip
+        raise UserError(
+            f"sampler.mask={spec} is neither a mask name ({', '.join(MASK_NAMES)}) "
+            "nor an existing .npy file"
+        )
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise UserError(f"sampler.mask={spec}: not a readable .npy array ({type(e).__name__})"
-                        ) from None  # fmt: skip
+        raise UserError(
+            f"sampler.mask={spec}: not a readable .npy array ({type(e).__name__})"
+        ) from None
     ok = [tuple(shape)] + ([tuple(shape[1:])] if kind == "images" else [])
     if tuple(arr.shape) not in ok:
-        raise UserError(f"sampler.mask={spec} has shape {tuple(arr.shape)}; the data's examples "
-                        f"need {' or '.join(str(s) for s in ok)} (1 = to fill, 0 = known)")
+        raise UserError(
+            f"sampler.mask={spec} has shape {tuple(arr.shape)}; the data's examples "
+            f"need {' or '.join(str(s) for s in ok)} (1 = to fill, 0 = known)"
+        )
     if arr.dtype.kind not in "biuf" or not np.isin(arr, (0, 1)).all():
         raise UserError(f"sampler.mask={spec} must hold only 0 (known) and 1 (to fill)")
     return torch.from_numpy(arr.astype(bool)).expand(shape).clone()
@@ -123,11 +141,16 @@ def _pc_options(c: dict) -> dict:
     ancestral)."""
     name = c["name"]
     if name not in PC_NAMES:
-        raise UserError(f"sampler.task={c['task']} runs the replacement method on the PC "
-                        f"sampler; use sampler=pc, em, reverse_diffusion or ancestral (got "
-                        f"sampler={name})")  # fmt: skip
-    opts = {"steps": int(c.get("steps") or 1000), "eps": float(c["eps"]),
-            "denoise": bool(c["denoise"])}  # fmt: skip
+        raise UserError(
+            f"sampler.task={c['task']} runs the replacement method on the PC "
+            f"sampler; use sampler=pc, em, reverse_diffusion or ancestral (got "
+            f"sampler={name})"
+        )
+    opts = {
+        "steps": int(c.get("steps") or 1000),
+        "eps": float(c["eps"]),
+        "denoise": bool(c["denoise"]),
+    }
     if name == "pc":
         for k in ("predictor", "corrector", "snr", "n_corrector_steps", "grid"):
             if k in c:
@@ -179,8 +202,10 @@ def _run(cfg, task, sde, dataset, model, ckpt_path, device, out_dir) -> dict:
     c, seed = cfg["sampler"], int(cfg["seed"])
     points = dataset.kind == "points"
     if task == "colorize" and (len(dataset.shape) != 3 or dataset.shape[0] != 3):
-        raise UserError(f"sampler.task=colorize needs 3-channel (RGB) images; data={dataset.name} "
-                        f"has shape {tuple(dataset.shape)}")  # fmt: skip
+        raise UserError(
+            f"sampler.task=colorize needs 3-channel (RGB) images; data={dataset.name} "
+            f"has shape {tuple(dataset.shape)}"
+        )
     n = int(c["n_samples"])
     if dataset.law is not None:
         originals = dataset.test_set(n, seed=seed + 1)
@@ -193,20 +218,31 @@ def _run(cfg, task, sde, dataset, model, ckpt_path, device, out_dir) -> dict:
     idx = torch.arange(n)
     guide, guided = make_guide(cfg, model, dataset, sde, device)
     if guide is not None and points:
-        raise UserError("sampler.class_label with sampler.task on points is not supported "
-                        "(inpaint_resampled); use it with image data")  # fmt: skip
+        raise UserError(
+            "sampler.class_label with sampler.task on points is not supported "
+            "(inpaint_resampled); use it with image data"
+        )
     score = model if guide is None else guide(idx.to(device))
     start = time.perf_counter()
-    metrics = {"task": task, "n": n, "sde": cfg["sde"]["name"], "data": dataset.name,
-               "checkpoint": str(ckpt_path) if ckpt_path else "exact score", **guided}  # fmt: skip
+    metrics = {
+        "task": task,
+        "n": n,
+        "sde": cfg["sde"]["name"],
+        "data": dataset.name,
+        "checkpoint": str(ckpt_path) if ckpt_path else "exact score",
+        **guided,
+    }
     if task == "colorize":
         pc = _pc_options(c)
         inputs, out, nfe = colorize(sde, score, originals, generator=sample_noise(seed, idx), **pc)
         fill = torch.zeros(dataset.shape, dtype=torch.bool)
         fill[1:] = True  # in the rotated coordinates; reported as the colour coordinates
         grey_err = (out.mean(1) - originals.mean(1)).abs().max().item()
-        metrics.update(method="decoupled colourisation (Song et al. 2021, App. I.3)",
-                       grey_level_max_abs_error=grey_err, **pc)  # fmt: skip
+        metrics.update(
+            method="decoupled colourisation (Song et al. 2021, App. I.3)",
+            grey_level_max_abs_error=grey_err,
+            **pc,
+        )
         mask_desc = "grey level known, colour filled"
     else:
         fill = build_mask(str(c["mask"]), tuple(dataset.shape), dataset.kind, seed)
@@ -214,13 +250,15 @@ def _run(cfg, task, sde, dataset, model, ckpt_path, device, out_dir) -> dict:
         if points:
             gen = torch.Generator(device=device).manual_seed(seed)
             with torch.no_grad():
-                out, nfe = samplers.inpaint_resampled(sde, score, originals, keep,
-                                                      generator=gen, eps=float(c["eps"]))
+                out, nfe = samplers.inpaint_resampled(
+                    sde, score, originals, keep, generator=gen, eps=float(c["eps"])
+                )
             metrics["method"] = "inpaint_resampled (replacement + importance resampling)"
         else:
             pc = _pc_options(c)
-            out, nfe = samplers.inpaint(sde, score, originals, keep,
-                                        generator=sample_noise(seed, idx), **pc)  # fmt: skip
+            out, nfe = samplers.inpaint(
+                sde, score, originals, keep, generator=sample_noise(seed, idx), **pc
+            )
             metrics.update(method="replacement (Song et al. 2021, App. I.2)", **pc)
         inputs = torch.where(keep, originals, torch.zeros_like(originals))
         known_err = (out - originals)[:, keep].abs().max().item()
@@ -229,9 +267,13 @@ def _run(cfg, task, sde, dataset, model, ckpt_path, device, out_dir) -> dict:
     seconds = time.perf_counter() - start
     out, inputs, originals = out.cpu(), inputs.cpu(), originals.cpu()
     free = fill.expand(originals.shape[1:])
-    metrics.update(mask=mask_desc, filled_share=float(fill.double().mean()), nfe=nfe,
-                   seconds=round(seconds, 3),
-                   mse_filled=float((out - originals)[:, free].square().mean()))  # fmt: skip
+    metrics.update(
+        mask=mask_desc,
+        filled_share=float(fill.double().mean()),
+        nfe=nfe,
+        seconds=round(seconds, 3),
+        mse_filled=float((out - originals)[:, free].square().mean()),
+    )
     if dataset.mixture is not None and task == "inpaint":
         metrics.update(exact_conditional_check(dataset.mixture, originals, out, ~fill, seed))
     if dataset.labels is not None and dataset.kind == "images":
@@ -240,10 +282,13 @@ def _run(cfg, task, sde, dataset, model, ckpt_path, device, out_dir) -> dict:
         metrics["completion_class_agreement"] = float((pred == truth).double().mean())
 
     buf = io.BytesIO()
-    np.savez(buf, inputs=dataset.inverse_scaler(inputs).numpy(),
-             completions=dataset.inverse_scaler(out).numpy(),
-             originals=dataset.inverse_scaler(originals).numpy(),
-             mask_to_fill=fill.numpy())  # fmt: skip
+    np.savez(
+        buf,
+        inputs=dataset.inverse_scaler(inputs).numpy(),
+        completions=dataset.inverse_scaler(out).numpy(),
+        originals=dataset.inverse_scaler(originals).numpy(),
+        mask_to_fill=fill.numpy(),
+    )
     atomic_write(out_dir / "samples.npz", lambda f: f.write(buf.getvalue()))
     picture = out_dir / f"{task}.png"
     if dataset.kind == "images":
@@ -283,9 +328,11 @@ def exact_conditional_check(mixture, originals, out, keep, seed: int) -> dict:
         ref.append(float(cond.log_prob(cond.sample(1, generator=g).double().reshape(1, -1))[0]))
     a, b = np.array(got), np.array(ref)
     se = float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
-    return {"exact_conditional_loglik_mean": float(a.mean()),
-            "exact_conditional_loglik_mean_exact_draws": float(b.mean()),
-            "exact_conditional_loglik_z": float((a.mean() - b.mean()) / max(se, 1e-12))}
+    return {
+        "exact_conditional_loglik_mean": float(a.mean()),
+        "exact_conditional_loglik_mean_exact_draws": float(b.mean()),
+        "exact_conditional_loglik_z": float((a.mean() - b.mean()) / max(se, 1e-12)),
+    }
 
 
 def _side_by_side(u8: np.ndarray, k: int, path: Path) -> None:
@@ -300,8 +347,9 @@ def _side_by_side(u8: np.ndarray, k: int, path: Path) -> None:
         r, q = divmod(i, per_row)
         for j in range(3):
             x0 = 1 + q * (3 * (w + 1) + gap) + j * (w + 1)
-            canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, x0 : x0 + w] = (
-                u8[3 * i + j].transpose(1, 2, 0))  # fmt: skip
+            canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, x0 : x0 + w] = u8[3 * i + j].transpose(
+                1, 2, 0
+            )
     image_grid(canvas.transpose(2, 0, 1)[None], path, max_images=1, min_px=256)
 
 
@@ -316,8 +364,11 @@ def _points_picture(inputs, out, originals, fill, path: Path, dataset) -> None:
     for ax, x, title in ((axes[0], out, "completions"), (axes[1], originals, "originals")):
         ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.85")
         ax.scatter(x[:, 0], x[:, 1], s=4)
-        ax.set_title(f"{title} (coordinate {int(fill.nonzero()[0][0])} filled)"
-                     if title == "completions" else title)  # fmt: skip
+        ax.set_title(
+            f"{title} (coordinate {int(fill.nonzero()[0][0])} filled)"
+            if title == "completions"
+            else title
+        )
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)

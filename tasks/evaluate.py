@@ -38,8 +38,9 @@ def validate_eval(cfg: dict) -> dict:
 
     e = check_eval_config(cfg)
     if e["path"] is not None and not Path(e["path"]).expanduser().exists():
-        raise UserError(f"eval.path={e['path']} does not exist; give a samples.npz file or a "
-                        "folder of images")
+        raise UserError(
+            f"eval.path={e['path']} does not exist; give a samples.npz file or a folder of images"
+        )
     w = e["inception_weights"]
     if w is not None and not Path(w).expanduser().is_file():
         raise UserError(f"eval.inception_weights={w}: no such file")
@@ -59,8 +60,10 @@ def newest_samples(cfg: dict, data_name: str) -> Path:
         if meta.get("data") == data_name and npz.is_file():
             found.append((npz.stat().st_mtime, npz))
     if not found:
-        raise UserError(f"no mode=sample run of data={data_name} under {root}/sample; sample first "
-                        "or pass eval.path=samples.npz or an image folder")
+        raise UserError(
+            f"no mode=sample run of data={data_name} under {root}/sample; sample first "
+            "or pass eval.path=samples.npz or an image folder"
+        )
     return max(found)[1]
 
 
@@ -103,8 +106,10 @@ def load_samples(path: Path, dataset) -> np.ndarray:
             raise UserError(f"{path}: 'samples' must be finite numbers; got dtype {arr.dtype}")
         x = arr if arr.dtype == np.uint8 else raw_to_uint8(dataset, arr)
     if x.shape[1:] != tuple(dataset.shape):
-        raise UserError(f"{path}: images of shape {x.shape[1:]} do not match data={dataset.name} "
-                        f"{tuple(dataset.shape)}")
+        raise UserError(
+            f"{path}: images of shape {x.shape[1:]} do not match data={dataset.name} "
+            f"{tuple(dataset.shape)}"
+        )
     return x
 
 
@@ -127,17 +132,29 @@ def run_eval(cfg: dict, out_dir: Path) -> dict:
     for s in e["seeds"]:
         idx = np.random.default_rng(s).permutation(len(x))[:n] if n < len(x) else slice(None)
         results.append(evaluate_images(dataset, x[idx], cfg, out_dir, seed=s))
-    metrics = {"mode": "eval", "source": str(path), "data": dataset.name, "seeds": e["seeds"],
-               **aggregate_seeds(results)}
+    metrics = {
+        "mode": "eval",
+        "source": str(path),
+        "data": dataset.name,
+        "seeds": e["seeds"],
+        **aggregate_seeds(results),
+    }
     image_grid(x[:64], out_dir / "samples.png")
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     log.info(summary_line(metrics))
-    log.info(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'samples.png'}, "
-        f"{metrics['nearest_neighbour_picture']}")
+    log.info(
+        f"wrote {out_dir / 'metrics.json'}, {out_dir / 'samples.png'}, "
+        f"{metrics['nearest_neighbour_picture']}"
+    )
     logger = RunLogger(cfg["logger"], out_dir, cfg, "eval")
     try:
-        logger.summary({k: v for k, v in metrics.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        logger.summary(
+            {
+                k: v
+                for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        )
         logger.log_image("samples", out_dir / "samples.png")
         logger.log_image("nearest_train", Path(metrics["nearest_neighbour_picture"]))
     finally:

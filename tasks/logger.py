@@ -27,7 +27,6 @@ class RunLogger:
                 reinit="finish_previous",
             )
         except Exception as e:  # e.g. online without an API key
-
             raise UserError(
                 f"logger.mode={c['mode']} could not start wandb "
                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "

@@ -118,7 +118,6 @@ def _log_prob(
 ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     """(log p(x): (B,), evaluations, Monte Carlo stderr: (B,) or None) by the configured method."""
     if lc["method"] == "vlb":
-
         rows = max(1, min(65536, ELBO_NUMBERS_PER_CALL // x[0].numel()))
         images = dataset is not None and dataset.kind == "images" and dataset.levels is not None
         res = vlb(
@@ -214,8 +213,9 @@ def _sha256_tensor(x: torch.Tensor) -> str:
     return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def cache_material(cfg: dict, ckpt_path: Path | None, device: torch.device,
-                   checkpoint_sha256: str | None = None) -> dict:  # fmt: skip
+def cache_material(
+    cfg: dict, ckpt_path: Path | None, device: torch.device, checkpoint_sha256: str | None = None
+) -> dict:
     """Everything besides the points themselves that determines a batch's numbers.
     checkpoint_sha256: the checkpoint file's hash, given where this process cannot read the
     file (under torchrun rank 0 hashes it for all); hashed here when not given."""
@@ -362,11 +362,16 @@ def _bound_name(lc: dict, dataset: Dataset) -> str | None:
     """What method=vlb computed, in words (None for the other methods)."""
     if lc["method"] != "vlb":
         return None
-    what = ("continuous-time VLB (VDM, Kingma et al. 2021)" if lc.get("steps") is None
-            else f"discrete {int(lc['steps'])}-step VLB (DDPM, Ho et al. 2020, eq. 5)")  # fmt: skip
-    on = (f"on the {dataset.levels}-level discrete data (discretised decoder)"
-          if dataset.kind == "images" and dataset.levels is not None
-          else "on the density (Gaussian decoder)")  # fmt: skip
+    what = (
+        "continuous-time VLB (VDM, Kingma et al. 2021)"
+        if lc.get("steps") is None
+        else f"discrete {int(lc['steps'])}-step VLB (DDPM, Ho et al. 2020, eq. 5)"
+    )
+    on = (
+        f"on the {dataset.levels}-level discrete data (discretised decoder)"
+        if dataset.kind == "images" and dataset.levels is not None
+        else "on the density (Gaussian decoder)"
+    )
     return f"{what} {on}, decoder at t0 = eps = {lc['eps']}"
 
 
@@ -515,24 +520,33 @@ def run_nll(cfg: dict, out_dir: Path) -> dict:
         mine = my_items(len(batches), info)
         cache_dir, files, results = _cache(cfg, ckpt_path, device, batches, sha)
         cached = [r is not None for r in results]  # before this run: found in this rank's cache
-        what = ("ELBO" if lc["method"] == "elbo" else "VLB" if lc["method"] == "vlb"
-                else f"PF-ODE ({lc['solver']}, {lc['divergence']})")  # fmt: skip
+        what = (
+            "ELBO"
+            if lc["method"] == "elbo"
+            else "VLB"
+            if lc["method"] == "vlb"
+            else f"PF-ODE ({lc['solver']}, {lc['divergence']})"
+        )
         threads = resolve_threads(lc, dataset, device)
         procs = f"{info.world_size} process{'es' if info.world_size > 1 else ''}"
-        log.info(f"nll of {x.shape[0]} {dataset.name} test points by {what}, {len(batches)} "
-              f"batches, {procs}")  # fmt: skip
+        log.info(
+            f"nll of {x.shape[0]} {dataset.name} test points by {what}, {len(batches)} "
+            f"batches, {procs}"
+        )
         logger_cfg = cfg["logger"] if main else {**cfg["logger"], "mode": "disabled"}
         logger = RunLogger(logger_cfg, out_dir, cfg, "nll")
         try:
             with cpu_threads(threads):
                 show = bool(cfg.get("progress", True)) and main
-                _compute(sde, model, dataset, cfg, device, batches, files, results, mine, logger,
-                         show)  # fmt: skip
+                _compute(
+                    sde, model, dataset, cfg, device, batches, files, results, mine, logger, show
+                )
                 used_threads = torch.get_num_threads()
             gathered = gather_to_main({i: (results[i].to_json(), cached[i]) for i in mine}, info)
             if main:
-                results = [BatchResult.from_json(gathered[i][0], b.shape[0])
-                           for i, b in enumerate(batches)]  # fmt: skip
+                results = [
+                    BatchResult.from_json(gathered[i][0], b.shape[0]) for i, b in enumerate(batches)
+                ]
                 reused = sum(gathered[i][1] for i in range(len(batches)))
                 for i, r in enumerate(results):  # the other ranks' batches, into this cache
                     if not files[i].is_file():

@@ -40,8 +40,20 @@ log = logging.getLogger(__name__)
 
 # keys of the sampler config group that are not options of the sampler function itself
 # (the conditional-generation keys are read in tasks/conditional.py and tasks/control.py)
-RUN_KEYS = ("name", "steps", "eps", "denoise", "n_samples", "batch_size", "task", "mask",
-            "class_label", "guidance", "classifier", "classifier_scale")  # fmt: skip
+RUN_KEYS = (
+    "name",
+    "steps",
+    "eps",
+    "denoise",
+    "n_samples",
+    "batch_size",
+    "task",
+    "mask",
+    "class_label",
+    "guidance",
+    "classifier",
+    "classifier_scale",
+)
 
 
 def sampler_call_options(c: dict) -> dict:
@@ -140,32 +152,57 @@ def draw(sde, model, dataset, cfg: dict, device, info: DistInfo, n: int, seed: i
     return out, nfe
 
 
-def fit_grid(cfg: dict, sde, model, dataset, info: DistInfo, out_dir: Path, guided: bool) -> tuple[dict, Path]:  # fmt: skip
+def fit_grid(
+    cfg: dict, sde, model, dataset, info: DistInfo, out_dir: Path, guided: bool
+) -> tuple[dict, Path]:
     """sampler.grid=fit: the time steps fitted once (rank 0) to this model's own flow and written
     to out_dir/schedule.json; returns (cfg with sampler.grid set to those times, the file). The
     times reach the other ranks through the process group, not the file (rank 0's run folder may
     be on another machine)."""
     c = cfg["sampler"]
     if guided:
-        raise UserError("sampler.grid=fit fits an unguided model's flow; drop class_label / "
-                        "guidance, or fit without them and pass the file as sampler.grid")
+        raise UserError(
+            "sampler.grid=fit fits an unguided model's flow; drop class_label / "
+            "guidance, or fit without them and pass the file as sampler.grid"
+        )
     path = out_dir / "schedule.json"
 
     def fit_on_main() -> list[float]:
         start = time.perf_counter()
         try:
-            times, fit = fit_schedule(sde, model, tuple(dataset.shape), c["name"], int(c["steps"]),
-                                      eps=float(c["eps"]), denoise=bool(c["denoise"]),
-                                      options=sampler_call_options(c), device=info.device)
+            times, fit = fit_schedule(
+                sde,
+                model,
+                tuple(dataset.shape),
+                c["name"],
+                int(c["steps"]),
+                eps=float(c["eps"]),
+                denoise=bool(c["denoise"]),
+                options=sampler_call_options(c),
+                device=info.device,
+            )
         except ValueError as e:
             raise UserError(f"sampler.grid=fit: {e}") from None
-        save_schedule(path, times, sde=repr(sde), solver=c["name"], eps=float(c["eps"]),
-                      denoise=bool(c["denoise"]), checkpoint=cfg.get("ckpt"), fit=fit)  # fmt: skip
-        fixed = ", ".join(f"{k} {v:.3g}" for k, v in fit["mse_start"].items()
-                          if k in samplers.GRIDS and math.isfinite(v))  # fmt: skip
-        log.info(f"fitted a {c['steps']}-step schedule for sampler={c['name']} to this model's flow "
+        save_schedule(
+            path,
+            times,
+            sde=repr(sde),
+            solver=c["name"],
+            eps=float(c["eps"]),
+            denoise=bool(c["denoise"]),
+            checkpoint=cfg.get("ckpt"),
+            fit=fit,
+        )
+        fixed = ", ".join(
+            f"{k} {v:.3g}"
+            for k, v in fit["mse_start"].items()
+            if k in samplers.GRIDS and math.isfinite(v)
+        )
+        log.info(
+            f"fitted a {c['steps']}-step schedule for sampler={c['name']} to this model's flow "
             f"in {time.perf_counter() - start:.0f} s (squared error to its reference flow "
-            f"{fit['mse']:.3g}; fixed grids: {fixed}); reuse it with sampler.grid={path}")
+            f"{fit['mse']:.3g}; fixed grids: {fixed}); reuse it with sampler.grid={path}"
+        )
         # the float64 times as the file holds them: every rank samples on exactly the grid that
         # sampler.grid=<the file> gives later (get_grid checks a list and a file the same way)
         return torch.as_tensor(times, dtype=torch.float64).tolist()
@@ -211,7 +248,7 @@ def run_sample(cfg: dict, out_dir: Path) -> dict:
         guide, guided = make_guide(cfg, model, dataset, sde, info.device)
         grid_file = None  # sampler.grid=fit: the schedule file it writes (rank 0)
         if c.get("grid") == "fit":
-            cfg, grid_file = fit_grid(cfg, sde, model, dataset, info, out_dir, guide is not None)  # fmt: skip
+            cfg, grid_file = fit_grid(cfg, sde, model, dataset, info, out_dir, guide is not None)
             c = cfg["sampler"]
         start = time.perf_counter()
         n, seed = int(c["n_samples"]), int(cfg["seed"])
@@ -227,8 +264,7 @@ def run_sample(cfg: dict, out_dir: Path) -> dict:
             for k, s in enumerate(e.get("seeds") or [0]):
                 if k == 0 and s == 0 and n_eval == n:
                     continue
-                part, _ = draw(sde, model, dataset, cfg, info.device, info, n_eval, seed + s,
-                               guide)
+                part, _ = draw(sde, model, dataset, cfg, info.device, info, n_eval, seed + s, guide)
                 extra[s] = gather_to_main(part, info)
     finally:
         teardown(info)
@@ -239,12 +275,16 @@ def run_sample(cfg: dict, out_dir: Path) -> dict:
     ok = finite_rows(x)
     bad = int((~ok).sum())
     if bad == n:
-        raise UserError(f"all {n} samples hold NaN or inf values: {_model_state(ckpt_path)}; "
-                        "nothing was written: train further or from a lower training.lr, "
-                        "or pass another ckpt")  # fmt: skip
+        raise UserError(
+            f"all {n} samples hold NaN or inf values: {_model_state(ckpt_path)}; "
+            "nothing was written: train further or from a lower training.lr, "
+            "or pass another ckpt"
+        )
     if bad:
-        log.warning(f"{bad} of {n} samples hold NaN or inf values; the metrics and pictures "
-            "use the finite ones (a diverged model or sampler: check the training run)")
+        log.warning(
+            f"{bad} of {n} samples hold NaN or inf values; the metrics and pictures "
+            "use the finite ones (a diverged model or sampler: check the training run)"
+        )
     metrics = {
         "sampler": c["name"],
         # a fitted schedule is named by its file (the times are in it)
@@ -272,12 +312,15 @@ def run_sample(cfg: dict, out_dir: Path) -> dict:
         metrics.update(image_metrics(dataset, x, extra, cfg, out_dir))
     if good.shape[0] > 0:
         u8 = to_images(dataset, good) if dataset.kind == "images" else None
-        metrics.update(conditional_metrics(dataset, good, None if labels is None else labels[ok],
-                                           cfg, u8))  # fmt: skip
+        metrics.update(
+            conditional_metrics(dataset, good, None if labels is None else labels[ok], cfg, u8)
+        )
         if "conditional_accuracy" in metrics:
-            log.info(f"share of samples of the requested class ({metrics['conditional_judge']}): "
+            log.info(
+                f"share of samples of the requested class ({metrics['conditional_judge']}): "
                 f"{metrics['conditional_accuracy_mean']:.3f}; per class "
-                f"{ {k: round(v, 3) for k, v in metrics['conditional_accuracy'].items()} }")
+                f"{ {k: round(v, 3) for k, v in metrics['conditional_accuracy'].items()} }"
+            )
 
     raw = dataset.inverse_scaler(x)
     buf = io.BytesIO()

@@ -69,16 +69,33 @@ def fit(a: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     else:
         sde, score_fn, shape, source = exact_model(a.sde or "vp", a.data or "gmm8")
     times, info = fit_schedule(
-        sde, score_fn, shape, a.solver, steps, eps=a.eps, denoise=not a.no_denoise,
-        batch=a.batch, seed=a.seed, dtype=torch.float64 if a.checkpoint is None else None,
-    )  # fmt: skip
+        sde,
+        score_fn,
+        shape,
+        a.solver,
+        steps,
+        eps=a.eps,
+        denoise=not a.no_denoise,
+        batch=a.batch,
+        seed=a.seed,
+        dtype=torch.float64 if a.checkpoint is None else None,
+    )
     path = save_schedule(
-        a.out, times, sde=repr(sde), **source, solver=a.solver, nfe=a.nfe, eps=a.eps,
-        denoise=not a.no_denoise, fit=info,
-    )  # fmt: skip
+        a.out,
+        times,
+        sde=repr(sde),
+        **source,
+        solver=a.solver,
+        nfe=a.nfe,
+        eps=a.eps,
+        denoise=not a.no_denoise,
+        fit=info,
+    )
     starts = ", ".join(f"{k} {v:.3g}" for k, v in info["mse_start"].items())
-    log.info(f"wrote {path}: steps={steps}, start {info['start']}, mse {info['mse']:.3g} "
-             f"(fixed grids: {starts})")  # fmt: skip
+    log.info(
+        f"wrote {path}: steps={steps}, start {info['start']}, mse {info['mse']:.3g} "
+        f"(fixed grids: {starts})"
+    )
     return path
 
 
@@ -89,32 +106,56 @@ def refit_shipped(a: argparse.Namespace) -> None:
         kind, path = v.split("=", 1)
         sde, model, shape, _ = checkpoint_model(Path(path))
         images.setdefault(kind, []).append((sde, model, shape))
-    refit(images=images, steps_list=_steps(a.steps) if a.steps else None,
-          kinds=a.kinds.split(",") if a.kinds else None)  # fmt: skip
+    refit(
+        images=images,
+        steps_list=_steps(a.steps) if a.steps else None,
+        kinds=a.kinds.split(",") if a.kinds else None,
+    )
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     parser = argparse.ArgumentParser(prog="python -m tasks.schedules", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", help="fit one schedule and write it as JSON")
-    f.add_argument("--checkpoint", type=Path, default=None,
-                   help="a trained score model's checkpoint: its SDE, data shape and EMA "
-                   "weights (then --sde / --data are taken from it)")  # fmt: skip
-    f.add_argument("--sde", choices=tuple(EXACT_SDES), default=None,
-                   help="exact mixture score: the SDE (default vp)")
-    f.add_argument("--data", choices=tuple(EXACT_LAWS), default=None,
-                   help="exact mixture score: the law (default gmm8)")
+    f.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="a trained score model's checkpoint: its SDE, data shape and EMA "
+        "weights (then --sde / --data are taken from it)",
+    )
+    f.add_argument(
+        "--sde",
+        choices=tuple(EXACT_SDES),
+        default=None,
+        help="exact mixture score: the SDE (default vp)",
+    )
+    f.add_argument(
+        "--data",
+        choices=tuple(EXACT_LAWS),
+        default=None,
+        help="exact mixture score: the law (default gmm8)",
+    )
     f.add_argument("--solver", default="unipc", choices=FITTABLE, help="a deterministic solver")
     f.add_argument("--nfe", type=int, default=10, help="budget, final denoising included")
     f.add_argument("--no-denoise", action="store_true")
     f.add_argument("--eps", type=float, default=1e-3)
-    f.add_argument("--batch", type=int, default=None,
-                   help="calibration batch size (default 1000 points, 256 images)")
+    f.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="calibration batch size (default 1000 points, 256 images)",
+    )
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", type=Path, required=True, help="JSON schedule file to write")
     r = sub.add_parser("refit", help="refit the schedules shipped with sampler=fast")
-    r.add_argument("--images", action="append", default=[], metavar="KIND=CKPT",
-                   help="a trained model of that SDE kind (vp, subvp, ve) to fit on as well")
+    r.add_argument(
+        "--images",
+        action="append",
+        default=[],
+        metavar="KIND=CKPT",
+        help="a trained model of that SDE kind (vp, subvp, ve) to fit on as well",
+    )
     r.add_argument("--steps", default=None, help="only these step counts, e.g. 4-12 or 9,19")
     r.add_argument("--kinds", default=None, help="only these kinds, e.g. vp,ve")
     a = parser.parse_args(argv)

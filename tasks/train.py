@@ -99,7 +99,6 @@ def run_train(cfg: dict, out_dir: Path) -> dict:
         t = cfg["training"]
         classifier = t.get("objective", "score") == "classifier"
         if classifier:  # a noise-conditional classifier p_t(y | x) for classifier guidance
-
             model = build_classifier(cfg, sde, dataset)
         else:
             model = build_score_model(cfg, sde, dataset)
@@ -133,8 +132,9 @@ def run_train(cfg: dict, out_dir: Path) -> dict:
             meta = {k: cfg[k] for k in ("sde", "data", "model", "training", "seed")}
             meta["planned_steps"] = settings.steps
             atomic_write_text(out_dir / "run.json", json.dumps(meta, indent=2))
-            _write_status(out_dir, {"status": "running", "step": 0,
-                                    "planned_steps": settings.steps})  # fmt: skip
+            _write_status(
+                out_dir, {"status": "running", "step": 0, "planned_steps": settings.steps}
+            )
             n_params = sum(p.numel() for p in model.parameters())
             log.info(
                 f"training {type(model.net).__name__} ({n_params / 1e6:.2f}M params) on "
@@ -158,8 +158,9 @@ def run_train(cfg: dict, out_dir: Path) -> dict:
             )
         except NonFiniteError as e:
             if info.is_main:
-                _write_status(out_dir, {"status": "failed", "error": str(e),
-                                        "planned_steps": settings.steps})  # fmt: skip
+                _write_status(
+                    out_dir, {"status": "failed", "error": str(e), "planned_steps": settings.steps}
+                )
             raise UserError(str(e)) from None
         finally:
             if logger is not None:

@@ -31,8 +31,17 @@ def _get(cfg: dict, key: str):
     return node
 
 
-def _num(cfg: dict, key: str, *, kind=float, lo=None, hi=None, lo_open=False, hi_open=False,
-         none_ok=False):  # fmt: skip
+def _num(
+    cfg: dict,
+    key: str,
+    *,
+    kind=float,
+    lo=None,
+    hi=None,
+    lo_open=False,
+    hi_open=False,
+    none_ok=False,
+):
     """cfg[key] (a dotted path) as a finite number of `kind` within the bounds, else UserError."""
     rule = Number(lo, hi, kind is int, lo_open, hi_open, none_ok)
     return rule.check(key, _get(cfg, key))
@@ -96,8 +105,10 @@ def validate_training(cfg: dict) -> None:
     _num(cfg, f"{t}.label_dropout", lo=0, hi=1, hi_open=True)
     _choice(cfg, "model.conditional", (True, False))
     if cfg[t]["objective"] == "classifier" and cfg["model"]["conditional"]:
-        raise UserError("training.objective=classifier trains a classifier p_t(y | x), which "
-                        "is not class-conditional: drop model.conditional=true")  # fmt: skip
+        raise UserError(
+            "training.objective=classifier trains a classifier p_t(y | x), which "
+            "is not class-conditional: drop model.conditional=true"
+        )
     _choice(cfg, f"{t}.likelihood_weighting", (True, False))
     _num(cfg, f"{t}.n_projections", kind=int, lo=1)
     _choice(cfg, f"{t}.projection", ("rademacher", "gaussian"))
@@ -131,9 +142,11 @@ def validate_sampler(cfg: dict) -> None:
     c = cfg["sampler"]
     if c.get("grid") == "fit":  # fitted to the model when sampling (tasks.sample.fit_grid)
         if c.get("task", "sample") != "sample":
-            raise UserError(f"sampler.grid=fit works with sampler.task=sample only, not "
-                            f"{c['task']}; fit with task=sample, then pass the schedule.json it "
-                            "writes as sampler.grid")  # fmt: skip
+            raise UserError(
+                f"sampler.grid=fit works with sampler.task=sample only, not "
+                f"{c['task']}; fit with task=sample, then pass the schedule.json it "
+                "writes as sampler.grid"
+            )
         try:
             check_fittable(name, c, c.get("steps") or samplers.sampler_options(name).get("steps"))
         except ValueError as e:
@@ -143,8 +156,10 @@ def validate_sampler(cfg: dict) -> None:
         steps = c.get("steps") or samplers.sampler_options(name).get("steps")
         if steps is None:  # adaptive ODE solvers: a grid only matters for a fixed step count
             if c["grid"] not in samplers.GRIDS and not Path(str(c["grid"])).is_file():
-                raise UserError(f"sampler.grid={c['grid']!r} is not allowed; allowed: "
-                                f"{', '.join(samplers.GRIDS)}, or a .json schedule file")
+                raise UserError(
+                    f"sampler.grid={c['grid']!r} is not allowed; allowed: "
+                    f"{', '.join(samplers.GRIDS)}, or a .json schedule file"
+                )
         else:
             try:
                 samplers.get_grid(c["grid"], build_sde(cfg["sde"]), int(steps), float(c["eps"]))
@@ -161,22 +176,34 @@ def validate_conditional_sampling(cfg: dict) -> None:
         _choice(cfg, f"{p}.task", ("sample", "inpaint", "colorize"))
     mask = c.get("mask", "left")
     if not isinstance(mask, str) or not mask:
-        raise UserError(f"sampler.mask={mask!r} is not allowed; allowed: left, right, top, "
-                        "bottom, center, random or the path of a .npy file")  # fmt: skip
+        raise UserError(
+            f"sampler.mask={mask!r} is not allowed; allowed: left, right, top, "
+            "bottom, center, random or the path of a .npy file"
+        )
     label = c.get("class_label")
-    ok = label is None or label == "random" or (
-        isinstance(label, int) and not isinstance(label, bool) and label >= 0) or (
-        isinstance(label, list) and label and all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in label))
+    ok = (
+        label is None
+        or label == "random"
+        or (isinstance(label, int) and not isinstance(label, bool) and label >= 0)
+        or (
+            isinstance(label, list)
+            and label
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in label)
+        )
+    )
     if not ok:
-        raise UserError(f"sampler.class_label={label!r} is not allowed; allowed: a class "
-                        "index K >= 0, a list of them (one per sample), random or null")
+        raise UserError(
+            f"sampler.class_label={label!r} is not allowed; allowed: a class "
+            "index K >= 0, a list of them (one per sample), random or null"
+        )
     for key in ("guidance", "classifier_scale"):
         if key in c:
             _num(cfg, f"{p}.{key}", lo=0)
     if c.get("classifier") is not None and not isinstance(c["classifier"], str):
-        raise UserError(f"sampler.classifier={c['classifier']!r} is not allowed; allowed: the "
-                        "path of a classifier checkpoint, exact or null")  # fmt: skip
+        raise UserError(
+            f"sampler.classifier={c['classifier']!r} is not allowed; allowed: the "
+            "path of a classifier checkpoint, exact or null"
+        )
 
 
 def validate_likelihood(cfg: dict) -> None:

@@ -68,8 +68,9 @@ class ClassifierLoss:
     def __init__(self, sde: SDE, eps: float = 1e-5) -> None:
         self.sde, self.eps = sde, eps
 
-    def __call__(self, classifier, x0: torch.Tensor, noise=None,
-                 labels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def __call__(
+        self, classifier, x0: torch.Tensor, noise=None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if labels is None:
             raise ValueError("the classifier objective needs labels")
         src = as_noise(noise)
@@ -77,7 +78,9 @@ class ClassifierLoss:
         t = self.eps + (self.sde.T - self.eps) * u
         z = src.randn(x0.shape, dtype=x0.dtype, device=x0.device)
         alpha, sigma = self.sde.alpha_sigma(t)
-        xt = append_dims(alpha.to(x0.dtype), x0.ndim) * x0 + append_dims(
-            sigma.to(x0.dtype), x0.ndim) * z  # fmt: skip
+        xt = (
+            append_dims(alpha.to(x0.dtype), x0.ndim) * x0
+            + append_dims(sigma.to(x0.dtype), x0.ndim) * z
+        )
         logits = classifier(xt, t)
         return F.cross_entropy(logits.float(), labels.to(x0.device).long(), reduction="none")

@@ -201,8 +201,9 @@ def gather_to_main(mine: dict, info: DistInfo, chunk_bytes: int = CHUNK_BYTES) -
     return merged
 
 
-def share_from_main(compute, info: DistInfo, error: type[Exception] = RuntimeError,
-                    chunk_bytes: int = CHUNK_BYTES):  # fmt: skip
+def share_from_main(
+    compute, info: DistInfo, error: type[Exception] = RuntimeError, chunk_bytes: int = CHUNK_BYTES
+):
     """compute() run on rank 0 only, and its result on every rank.
 
     For what one rank finds or computes and all need: the checkpoint (rank 0 looks it up under

@@ -167,8 +167,16 @@ def train(
     # fused: one kernel per step, and it skips a non-finite step on the device (found_inf)
     opt = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(s.warmup))
-    plan = BatchPlan(dataset, s.batch_size, s.seed, dist_info.rank, world, s.batch_per_device,
-                     s.random_flip, labels=s.labels)  # fmt: skip
+    plan = BatchPlan(
+        dataset,
+        s.batch_size,
+        s.seed,
+        dist_info.rank,
+        world,
+        s.batch_per_device,
+        s.random_flip,
+        labels=s.labels,
+    )
     step, skipped = 0, 0
     history: dict = {"step": [], "loss": []}
     if resume is not None:
@@ -264,8 +272,9 @@ def train(
                 sync = not dist_info.enabled or j == len(micro) - 1
                 with contextlib.nullcontext() if sync else net.no_sync():
                     with autocast:
-                        per_example = loss_fn(forward, x0, noise, **(
-                            {"labels": labels[0]} if labels else {}))  # fmt: skip
+                        per_example = loss_fn(
+                            forward, x0, noise, **({"labels": labels[0]} if labels else {})
+                        )
                     part = per_example.float().sum()
                     # DDP averages over ranks: this makes the gradient that of the global mean
                     (part * (world / s.batch_size)).backward()

@@ -157,7 +157,6 @@ class VLBLoss:
 
     def __call__(self, score_fn: ScoreFn, x0: torch.Tensor, g=None, labels=None):
 
-
         if labels is not None:  # a conditional network: the bound of p(x | y)
             model = score_fn
 
@@ -171,11 +170,19 @@ class VLBLoss:
         z0 = noise.randn(x0.shape, dtype=x0.dtype, device=x0.device)
         ts = stratified(u, k).reshape(-1).to(x0.dtype)
         xs = x0.repeat_interleave(k, dim=0)
-        scope = (self.schedule.variance_gradient(b * k) if self.schedule is not None
-                 else contextlib.nullcontext())  # fmt: skip
+        scope = (
+            self.schedule.variance_gradient(b * k)
+            if self.schedule is not None
+            else contextlib.nullcontext()
+        )
         with scope as holder:
-            diff = diffusion_samples(self.sde, score_fn, xs, ts, z, t0=self.eps,
-                                     time_sampling=self.time_sampling).reshape(b, k).mean(1)
+            diff = (
+                diffusion_samples(
+                    self.sde, score_fn, xs, ts, z, t0=self.eps, time_sampling=self.time_sampling
+                )
+                .reshape(b, k)
+                .mean(1)
+            )
             prior = prior_kl(self.sde, x0)
             recon = reconstruction(self.sde, x0, self.eps, z0, self.levels, self.data_range)
         per_dim = 1.0 / (x0[0].numel() * math.log(2))
