@@ -1,7 +1,9 @@
-"""Compose run.py's config in-process (Hydra compose API) and run a mode through tasks.dispatch."""
+"""Compose run.py's config in-process (Hydra compose API) and run a mode through tasks.dispatch;
+a free TCP port for torchrun."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -25,3 +27,11 @@ def run_mode(outputs_root: Path, name: str, *overrides: str) -> tuple[dict, Path
     out = Path(outputs_root) / cfg["mode"] / name
     out.mkdir(parents=True, exist_ok=True)
     return dispatch(cfg, out, log=lambda *a: None), out
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it: bind to port 0), for torchrun's
+    --master_port, so that tests running side by side (pytest -n 2) never share one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
