@@ -1,8 +1,10 @@
-"""Compose run.py's config in-process (Hydra compose API) and run a mode through tasks.dispatch."""
+"""Compose run.py's config in-process (Hydra compose API) and run a mode through tasks.dispatch;
+a free TCP port for torchrun."""
 
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,3 +53,11 @@ def log_lines() -> Iterator[list[str]]:
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it: bind to port 0), for torchrun's
+    --master_port, so that tests running side by side (pytest -n 2) never share one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from runs import CONF, compose_cfg
+from runs import CONF, compose_cfg, free_port
 
 from tasks import validate
 
@@ -78,17 +77,16 @@ def test_every_option_of_every_group_composes_and_validates(tmp_path, group):
         if group == "model" and option == "exact":
             extra = ["mode=sample"]
         cfg = compose_cfg(tmp_path, f"{group}={option}", *extra)
-        validate(cfg)
+        validate(cfg)  # raises UserError on a bad value
+        if "name" in cfg[group]:  # the option was the one composed
+            assert cfg[group]["name"] == option, (group, option, cfg[group]["name"])
 
 
 def test_torchrun_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:  # a free port: a fixed one collides with concurrent runs
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={port}", str(ROOT / "run.py"),
+         "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(ROOT / "run.py"),
          "training.steps=20", "logger.mode=disabled", "progress=false"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

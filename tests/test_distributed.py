@@ -1,6 +1,6 @@
 """Two processes (torchrun, gloo on 127.0.0.1, a free port) against one: training, sampling and
 likelihood give the same numbers, also when the ranks share no file system (each its own
-outputs_root); a killed rank ends the run with one line in bounded time."""
+outputs_root); a killed rank ends the run with one line, by itself."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,17 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from runs import compose_cfg, run_mode
+from runs import compose_cfg, free_port, run_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
 QUIET = ("logger.mode=disabled", "progress=false")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args: str, cwd: Path, timeout: float = 300, popen: bool = False, env=None):
@@ -213,13 +206,17 @@ def _rank_of(pid: int) -> int:
     return int(next(v for v in env if v.startswith(b"RANK=")).split(b"=")[1])
 
 
-def test_a_killed_rank_ends_the_other_with_one_line_in_bounded_time(tmp_path):
+def test_a_killed_rank_ends_the_other_with_one_line_and_cleans_up(tmp_path):
+    """SIGKILL to rank 0: rank 1 prints one line naming the lost process and resume=true, the run
+    exits non-zero, and rank 1 removes its temporary Hydra folder as it leaves, which a rank that
+    waited on its dead peer until torchrun's SIGKILL (30 s after its SIGTERM) would leave behind.
+    No assertion on how long it takes (measured 0.4-1.2 s); the 120 s waits are hang guards."""
     args = ("training.steps=1000000", "training.ckpt_every=50", "dist_timeout_s=60", *QUIET)
     (tmp_path / "tmp").mkdir()  # where rank 1 has its temporary Hydra folder
     proc = torchrun(str(ROOT / "run.py"), *args, cwd=tmp_path, popen=True,
                     env={"TMPDIR": str(tmp_path / "tmp")})  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 120  # hang guard
         while not list(tmp_path.glob("outputs/train/*/checkpoints/ckpt_*.pt")):
             assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint"
             time.sleep(0.2)
@@ -227,18 +224,16 @@ def test_a_killed_rank_ends_the_other_with_one_line_in_bounded_time(tmp_path):
                                capture_output=True, text=True).stdout.split()  # fmt: skip
         workers = {_rank_of(int(p)): int(p) for p in ranks if int(p) != proc.pid}
         assert sorted(workers) == [0, 1], ranks
-        killed = time.monotonic()
         # rank 0: rank 1 survives, and it has a temporary Hydra folder to remove as it leaves
         os.kill(workers[0], signal.SIGKILL)
-        out, _ = proc.communicate(timeout=60)
-        took = time.monotonic() - killed
+        out, _ = proc.communicate(timeout=120)  # hang guard
     finally:
         proc.kill()
-    # 30 s is torchrun's grace between its SIGTERM and SIGKILL: the surviving rank left by itself
-    assert proc.returncode != 0 and took < 30, f"{took:.1f} s\n{out[-3000:]}"
+    assert proc.returncode != 0, out[-3000:]
     lines = [ln for ln in out.splitlines() if ln.startswith("error: rank")]
     ok = lines and lines[0].startswith("error: rank 1 lost another process")
     assert ok and "resume=true" in lines[0], out[-3000:]
+    assert len(lines) == 1, out[-3000:]  # one line, from the one surviving rank
     assert not list((tmp_path / "tmp").glob("scoresde-rank-*"))  # removed although it left at once
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 
 import pytest
 import torch
@@ -173,10 +174,20 @@ def test_every_sampler_runs_on_image_shaped_data(sampler, sde_name):
     assert x.shape == (8, 1, 2, 2) and torch.isfinite(x).all() and nfe > 0
 
 
-def test_progress_bar_runs(capsys):
+def test_progress_bar_counts_the_steps_and_only_when_asked(capsys):
+    """The bar's final line (tqdm on stderr): 5/5 for em with 5 steps; for the adaptive ODE the
+    count of drift evaluations, which is the NFE less the denoising evaluation."""
     sde, score, _ = setup()
     samplers.sample(sde, score, (4, 2), "em", 5, progress=True)
-    samplers.sample(sde, score, (4, 2), "ode", progress=True)
+    err = capsys.readouterr().err
+    assert re.findall(r"(\d+)/(\d+)", err)[-1] == ("5", "5"), err
+    _, nfe = samplers.sample(sde, score, (4, 2), "ode", progress=True)
+    err = capsys.readouterr().err
+    counts = re.findall(r"ODE drift evaluations: (\d+)it", err)
+    assert counts and int(counts[-1]) == nfe - 1 > 10, (err, nfe)
+    samplers.sample(sde, score, (4, 2), "em", 5)
+    samplers.sample(sde, score, (4, 2), "ode")
+    assert capsys.readouterr().err == ""
 
 
 def test_encode_with_a_fixed_step_method_inverts_decode_approximately():
