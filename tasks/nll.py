@@ -397,7 +397,6 @@ def _cache(
     ckpt_path: Path | None,
     device: torch.device,
     batches: list[torch.Tensor],
-    log,
     checkpoint_sha256: str | None = None,
 ) -> tuple[Path, list[Path], list[BatchResult | None]]:
     """The cache folder, each batch's file in it, and the batches already finished there.

@@ -21,9 +21,10 @@ import torch
 
 from data.mixtures import gmm8, mixture5d
 from models.exact import MixtureScore
+from samplers.api import fit_schedule
 from samplers.fast import refit
 from samplers.grids import save_schedule
-from samplers.optimise_grid import FITTABLE, fit_schedule
+from samplers.optimise_grid import FITTABLE
 from sde_lib import VESDE, VPSDE, subVPSDE
 from sde_lib.errors import UserError
 from training import checkpoint as ckpt

@@ -51,15 +51,21 @@ def main() -> None:
         big = {"weights": torch.linspace(0, 1, 1000, dtype=torch.float64), "step": 7}
         shared = share_from_main(lambda: big if info.is_main else None, info, chunk_bytes=CHUNK)
         try:
-            share_from_main(lambda: (_ for _ in ()).throw(ValueError("no checkpoint here")),
-                            info, ValueError, CHUNK)  # fmt: skip
+            share_from_main(
+                lambda: (_ for _ in ()).throw(ValueError("no checkpoint here")),
+                info,
+                ValueError,
+                CHUNK,
+            )
             error = None
         except ValueError as e:
             error = str(e)
     finally:
         teardown(info)
-    torch.save({"merged": merged, "shared": shared, "error": error, "sizes": sizes},
-               out / f"rank{info.rank}.pt")  # fmt: skip
+    torch.save(
+        {"merged": merged, "shared": shared, "error": error, "sizes": sizes},
+        out / f"rank{info.rank}.pt",
+    )
 
 
 if __name__ == "__main__":

@@ -44,10 +44,27 @@ def main() -> None:
         dist.all_gather(theirs, mine)
         worst.append(max(float((t - mine).abs().max()) for t in theirs))
 
-    s = TrainSettings(steps=steps, batch_size=batch, lr=1e-3, warmup=2, log_every=2,
-                      ckpt_every=1000, batch_per_device=per_device, random_flip=True)
-    train(model, make_loss("dsm", sde), ds, s, out / "run", config=cfg, dist_info=info,
-          progress=False, callback=compare)
+    s = TrainSettings(
+        steps=steps,
+        batch_size=batch,
+        lr=1e-3,
+        warmup=2,
+        log_every=2,
+        ckpt_every=1000,
+        batch_per_device=per_device,
+        random_flip=True,
+    )
+    train(
+        model,
+        make_loss("dsm", sde),
+        ds,
+        s,
+        out / "run",
+        config=cfg,
+        dist_info=info,
+        progress=False,
+        callback=compare,
+    )
     if info.is_main:
         torch.save({"params": flat(model), "worst": torch.tensor(worst)}, out / "dist.pt")
     teardown(info)

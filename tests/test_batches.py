@@ -32,8 +32,9 @@ def test_ranks_split_the_same_global_batch_and_noise(ds, world, per_device):
         z_one = n_one.randn(x_one.shape)
         xs, zs = [], []
         for r in range(world):
-            plan = BatchPlan(ds, 24, 0, rank=r, world_size=world, batch_per_device=per_device,
-                             random_flip=True)  # fmt: skip
+            plan = BatchPlan(
+                ds, 24, 0, rank=r, world_size=world, batch_per_device=per_device, random_flip=True
+            )
             for x0, noise in plan.micro_batches(step, plan.local_batch(step), "cpu"):
                 xs.append(x0)
                 zs.append(noise.randn(x0.shape))

@@ -24,8 +24,14 @@ def _has_cuda() -> bool:
 
 def run_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_train_then_find_checkpoint_end_to_end(tmp_path):
@@ -66,9 +72,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
     assert "Traceback" not in r.stderr + r.stdout
 
 
-@pytest.mark.parametrize(
-    "group", sorted(p.name for p in CONF.iterdir() if p.is_dir())
-)
+@pytest.mark.parametrize("group", sorted(p.name for p in CONF.iterdir() if p.is_dir()))
 def test_every_option_of_every_group_composes_and_validates(tmp_path, group):
     for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
         extra = []
@@ -85,10 +89,24 @@ def test_every_option_of_every_group_composes_and_validates(tmp_path, group):
 def test_torchrun_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(ROOT / "run.py"),
-         "training.steps=20", "logger.mode=disabled", "progress=false"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            str(ROOT / "run.py"),
+            "training.steps=20",
+            "logger.mode=disabled",
+            "progress=false",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "world size 2" in r.stdout
     from training import checkpoint as ckpt
@@ -103,12 +121,24 @@ def test_the_three_usage_commands_chain_without_paths(tmp_path):
     """README: train, then sample and nll find the newest matching checkpoint on their own."""
     r = run_py("sde=vp", "mode=train", "training.steps=40", "logger.mode=disabled", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_py("mode=sample", "sampler=pc", "sampler.steps=20", "sampler.n_samples=100",
-               "logger.mode=disabled", cwd=tmp_path)
+    r = run_py(
+        "mode=sample",
+        "sampler=pc",
+        "sampler.steps=20",
+        "sampler.n_samples=100",
+        "logger.mode=disabled",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "using checkpoint" in r.stdout and "ckpt_00000040.pt" in r.stdout
-    r = run_py("mode=nll", "likelihood.n_points=20", "likelihood.rtol=1e-3",
-               "likelihood.atol=1e-3", "logger.mode=disabled", cwd=tmp_path)
+    r = run_py(
+        "mode=nll",
+        "likelihood.n_points=20",
+        "likelihood.rtol=1e-3",
+        "likelihood.atol=1e-3",
+        "logger.mode=disabled",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ckpt_00000040.pt" in r.stdout
     for mode, name in (("sample", "metrics.json"), ("nll", "nll.json")):
@@ -121,14 +151,14 @@ def test_hydra_flags_and_sweeps_work_as_in_any_hydra_app(tmp_path):
     assert not (tmp_path / "outputs").exists()
     r = run_py("--info", "defaults", cwd=tmp_path)
     assert r.returncode == 0 and "sde/vp" in r.stdout, r.stderr[-2000:]
-    r = run_py("-m", "training.steps=30,40", "logger.mode=disabled", "progress=false",
-               cwd=tmp_path)  # fmt: skip
+    r = run_py("-m", "training.steps=30,40", "logger.mode=disabled", "progress=false", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     jobs = sorted((tmp_path / "outputs" / "train").glob("*_sweep/*/train.json"))
     assert [json.loads(p.read_text())["step"] for p in jobs] == [30, 40]
     # a sweep's jobs are found by mode=sample like any other training run
-    r = run_py("mode=sample", "sampler=fast", "sampler.n_samples=50", "logger.mode=disabled",
-               cwd=tmp_path)  # fmt: skip
+    r = run_py(
+        "mode=sample", "sampler=fast", "sampler.n_samples=50", "logger.mode=disabled", cwd=tmp_path
+    )
     assert r.returncode == 0 and "_sweep/1_vp_gmm8" in r.stdout, r.stderr[-2000:]
 
 
@@ -139,8 +169,11 @@ def test_hydra_flags_and_sweeps_work_as_in_any_hydra_app(tmp_path):
         (["sde=vp,ve"], "add -m"),
         (["outputs_root=/proc/nope/outputs"], "outputs_root=/proc/nope/outputs is not a writable"),
         (["hydra/launcher=submitit_slurm"], "pip install -e '.[slurm]'"),
-        pytest.param(["device=cuda"], "device=cuda but no CUDA device",
-                     marks=pytest.mark.skipif(_has_cuda(), reason="needs a machine without CUDA")),
+        pytest.param(
+            ["device=cuda"],
+            "device=cuda but no CUDA device",
+            marks=pytest.mark.skipif(_has_cuda(), reason="needs a machine without CUDA"),
+        ),
     ],
 )
 def test_more_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
@@ -152,15 +185,22 @@ def test_more_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
 
 
 def test_lookup_prefers_finished_runs_and_all_non_finite_samples_exit_2(tmp_path):
-    r = run_py("training.lr=1e9", "training.max_bad_steps=3", "training.steps=50",
-               "logger.mode=disabled", "progress=false", cwd=tmp_path)  # fmt: skip
+    r = run_py(
+        "training.lr=1e9",
+        "training.max_bad_steps=3",
+        "training.steps=50",
+        "logger.mode=disabled",
+        "progress=false",
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and "non-finite" in r.stderr, r.stderr[-2000:]
     status = json.loads(next(tmp_path.glob("outputs/train/*/train.json")).read_text())
     assert status["status"] == "failed"
     # only the failed run: it is used and said so; its samples are all non-finite (lr=1e9
     # diverged), so the run ends with one line naming the checkpoint and its run, writing nothing
-    r = run_py("mode=sample", "sampler=fast", "sampler.n_samples=64", "logger.mode=disabled",
-               cwd=tmp_path)  # fmt: skip
+    r = run_py(
+        "mode=sample", "sampler=fast", "sampler.n_samples=64", "logger.mode=disabled", cwd=tmp_path
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert "newest failed one: step" in r.stdout and "of 50 planned" in r.stdout
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
@@ -170,8 +210,15 @@ def test_lookup_prefers_finished_runs_and_all_non_finite_samples_exit_2(tmp_path
     # a finished run made before a later failed one is preferred to it
     r = run_py("training.steps=20", "logger.mode=disabled", "progress=false", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_py("training.lr=1e9", "training.max_bad_steps=3", "training.steps=50",
-               "logger.mode=disabled", "progress=false", cwd=tmp_path)  # fmt: skip
-    r = run_py("mode=sample", "sampler=fast", "sampler.n_samples=64", "logger.mode=disabled",
-               cwd=tmp_path)  # fmt: skip
+    r = run_py(
+        "training.lr=1e9",
+        "training.max_bad_steps=3",
+        "training.steps=50",
+        "logger.mode=disabled",
+        "progress=false",
+        cwd=tmp_path,
+    )
+    r = run_py(
+        "mode=sample", "sampler=fast", "sampler.n_samples=64", "logger.mode=disabled", cwd=tmp_path
+    )
     assert r.returncode == 0 and "newest finished" in r.stdout, r.stdout[-2000:]

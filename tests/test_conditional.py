@@ -38,11 +38,22 @@ def test_exact_conditional_and_exact_classifier_reproduce_the_component(tmp_path
     """model=exact with sampler.class_label=k (guidance 0) samples component k; classifier
     guidance at scale 1 with the exact p_t(y | x) on the exact unconditional score does too."""
     mix, k = mixture5d(), 2
-    run = ("mode=sample", "data=mix5d", "model=exact", f"sde={sde}", "sampler=pc",
-           "sampler.steps=500", "sampler.corrector=none", f"sampler.n_samples={N}",
-           f"sampler.batch_size={N}", f"sampler.class_label={k}")  # fmt: skip
-    for name, extra in (("cfg", ("sampler.guidance=0",)),
-                        ("clf", ("sampler.classifier=exact", "sampler.classifier_scale=1"))):
+    run = (
+        "mode=sample",
+        "data=mix5d",
+        "model=exact",
+        f"sde={sde}",
+        "sampler=pc",
+        "sampler.steps=500",
+        "sampler.corrector=none",
+        f"sampler.n_samples={N}",
+        f"sampler.batch_size={N}",
+        f"sampler.class_label={k}",
+    )
+    for name, extra in (
+        ("cfg", ("sampler.guidance=0",)),
+        ("clf", ("sampler.classifier=exact", "sampler.classifier_scale=1")),
+    ):
         m, out = run_mode(tmp_path, name, *run, *extra)
         x = torch.from_numpy(np.load(out / "samples.npz")["samples_model_space"]).double()
         _check_component_law(x, mix.means[k], mix.variances[k])
@@ -98,8 +109,15 @@ def test_classifier_free_guidance_is_one_batched_call():
 
 
 def test_user_errors_are_one_line(tmp_path):
-    base = ("mode=sample", "data=gmm8", "model=exact", "sampler=em", "sampler.steps=5",
-            "sampler.n_samples=8", "sampler.batch_size=8")  # fmt: skip
+    base = (
+        "mode=sample",
+        "data=gmm8",
+        "model=exact",
+        "sampler=em",
+        "sampler.steps=5",
+        "sampler.n_samples=8",
+        "sampler.batch_size=8",
+    )
     out = tmp_path / "o"
     cases = [
         (("sampler.class_label=8",), "out of range"),
@@ -127,8 +145,10 @@ def test_labels_follow_the_examples_of_every_batch():
     one = BatchPlan(ds, 32, seed=3, labels=True)
     x, y = one.local_batch(5)
     assert torch.equal(y, ds.labels["train"][one.global_indices(5)])
-    halves = [BatchPlan(ds, 32, seed=3, rank=r, world_size=2, labels=True).local_batch(5)
-              for r in range(2)]  # fmt: skip
+    halves = [
+        BatchPlan(ds, 32, seed=3, rank=r, world_size=2, labels=True).local_batch(5)
+        for r in range(2)
+    ]
     assert torch.equal(torch.cat([h[1] for h in halves]), y)
     assert torch.equal(torch.cat([h[0] for h in halves]), x)
     law = toy("gmm8")
@@ -155,8 +175,15 @@ def test_labels_follow_the_examples_of_every_batch():
     assert torch.equal(whole, split) and 4 < int((whole == -1).sum()) < 28
 
 
-TINY = ("data=digits", "model=unet", "model.ch=8", "model.conditional=true",
-        "training.batch_size=64", "training.warmup=20", "training.log_every=50")  # fmt: skip
+TINY = (
+    "data=digits",
+    "model=unet",
+    "model.ch=8",
+    "model.conditional=true",
+    "training.batch_size=64",
+    "training.warmup=20",
+    "training.log_every=50",
+)
 
 
 def test_conditional_digits_guidance_raises_the_share_of_the_class(tmp_path):
@@ -165,10 +192,14 @@ def test_conditional_digits_guidance_raises_the_share_of_the_class(tmp_path):
     same checkpoint inpaints with the known pixels kept exactly."""
     run_mode(tmp_path, "train", *TINY, "training.steps=400", "training.label_dropout=0.1")
     share = {}
-    for name, extra in (("none", ()), ("w0", ("sampler.class_label=3", "sampler.guidance=0")),
-                        ("w2", ("sampler.class_label=3", "sampler.guidance=2"))):  # fmt: skip
-        m, out = run_mode(tmp_path, name, "mode=sample", *TINY, "sampler=fast",
-                          "sampler.n_samples=200", *extra)  # fmt: skip
+    for name, extra in (
+        ("none", ()),
+        ("w0", ("sampler.class_label=3", "sampler.guidance=0")),
+        ("w2", ("sampler.class_label=3", "sampler.guidance=2")),
+    ):
+        m, out = run_mode(
+            tmp_path, name, "mode=sample", *TINY, "sampler=fast", "sampler.n_samples=200", *extra
+        )
         saved = json.loads((out / "metrics.json").read_text())
         share[name] = saved["predicted_class_shares"][3]
         if extra:
@@ -178,8 +209,16 @@ def test_conditional_digits_guidance_raises_the_share_of_the_class(tmp_path):
     assert share["none"] < 0.15 and share["w0"] > 2 * share["none"], share
     assert share["w2"] > share["w0"] + 0.1, share
 
-    m, out = run_mode(tmp_path, "inpaint", "mode=sample", *TINY, "sampler.task=inpaint",
-                      "sampler.mask=left", "sampler.steps=30", "sampler.n_samples=20")  # fmt: skip
+    m, out = run_mode(
+        tmp_path,
+        "inpaint",
+        "mode=sample",
+        *TINY,
+        "sampler.task=inpaint",
+        "sampler.mask=left",
+        "sampler.steps=30",
+        "sampler.n_samples=20",
+    )
     saved = np.load(out / "samples.npz")
     keep = ~saved["mask_to_fill"]
     assert keep[..., :4].sum() == 0 and keep[..., 4:].all()  # left half filled
@@ -189,8 +228,16 @@ def test_conditional_digits_guidance_raises_the_share_of_the_class(tmp_path):
 
 
 def test_inpainting_mixture_points_follows_the_exact_conditional(tmp_path):
-    m, out = run_mode(tmp_path, "inp", "mode=sample", "data=mix5d", "model=exact",
-                      "sampler.task=inpaint", "sampler.mask=random", "sampler.n_samples=200")
+    m, out = run_mode(
+        tmp_path,
+        "inp",
+        "mode=sample",
+        "data=mix5d",
+        "model=exact",
+        "sampler.task=inpaint",
+        "sampler.mask=random",
+        "sampler.n_samples=200",
+    )
     assert m["known_values_max_abs_error"] == 0.0
     assert abs(m["exact_conditional_loglik_z"]) < 3.5, m
     assert 0 < m["filled_share"] < 1
@@ -208,8 +255,9 @@ def test_colorize_keeps_the_grey_level_and_finds_the_colour():
     mix = GaussianMixture([1.0], mean.double(), 0.01, shape=(3, 2, 2))
     sde = VPSDE()
     x = mix.sample(64, generator=torch.Generator().manual_seed(1))
-    grey, out, nfe = colorize(sde, MixtureScore(sde, mix), x, steps=200,
-                              generator=torch.Generator().manual_seed(2))  # fmt: skip
+    grey, out, nfe = colorize(
+        sde, MixtureScore(sde, mix), x, steps=200, generator=torch.Generator().manual_seed(2)
+    )
     assert torch.allclose(out.mean(1), x.mean(1), atol=1e-5)
     assert torch.allclose(grey.mean(1), x.mean(1), atol=1e-5) and nfe == 401
     rot = torch.einsum("ij,bjhw->bihw", COLOR_BASIS.float(), out)
@@ -228,8 +276,10 @@ def test_bad_control_and_guidance_input(tmp_path):
         (("data=gmm8", "model=exact", "sampler.task=inpaint", f"sampler.mask={bad}"), "shape"),
         (("data=gmm8", "model=exact", "sampler.task=inpaint", "sampler.mask=top"), "images"),
         (("data=digits", "model=unet", "model.ch=8", "sampler.task=colorize"), "3-channel"),
-        (("data=digits", "model=unet", "model.ch=8", "sampler.task=inpaint", "sampler=heun"),
-         "replacement"),
+        (
+            ("data=digits", "model=unet", "model.ch=8", "sampler.task=inpaint", "sampler=heun"),
+            "replacement",
+        ),
     ]
     for extra, words in cases:
         if "data=digits" in extra and not (tmp_path / "train" / "td").exists():
@@ -245,9 +295,21 @@ def test_run_py_exit_2_on_a_class_out_of_range(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "run.py"), "mode=sample", "data=gmm8",
-                        "model=exact", "sampler.class_label=9", f"outputs_root={tmp_path}",
-                        "logger.mode=disabled"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(root / "run.py"),
+            "mode=sample",
+            "data=gmm8",
+            "model=exact",
+            "sampler.class_label=9",
+            f"outputs_root={tmp_path}",
+            "logger.mode=disabled",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "out of range" in r.stderr
 
@@ -256,13 +318,28 @@ def test_trained_noise_conditional_classifier_guides_an_unconditional_model(tmp_
     """training.objective=classifier trains p_t(y | x) on perturbed gmm8 points (checkpoint
     written atomically, loaded weights-only); sampler.classifier=PATH guides the exact
     unconditional score to the class; the classifier run is never taken as a score model."""
-    m, _ = run_mode(tmp_path, "clf", "data=gmm8", "training.objective=classifier",
-                    "training.steps=300", "training.log_every=100")  # fmt: skip
+    m, _ = run_mode(
+        tmp_path,
+        "clf",
+        "data=gmm8",
+        "training.objective=classifier",
+        "training.steps=300",
+        "training.log_every=100",
+    )
     path = m["checkpoint"]
-    base = ("mode=sample", "data=gmm8", "model=exact", "sampler=em", "sampler.steps=200",
-            "sampler.n_samples=400", "sampler.batch_size=400", "sampler.class_label=5")
-    got, _ = run_mode(tmp_path, "s", *base, f"sampler.classifier={path}",
-                      "sampler.classifier_scale=1")  # fmt: skip
+    base = (
+        "mode=sample",
+        "data=gmm8",
+        "model=exact",
+        "sampler=em",
+        "sampler.steps=200",
+        "sampler.n_samples=400",
+        "sampler.batch_size=400",
+        "sampler.class_label=5",
+    )
+    got, _ = run_mode(
+        tmp_path, "s", *base, f"sampler.classifier={path}", "sampler.classifier_scale=1"
+    )
     assert got["guidance_method"] == "classifier" and got["conditional_accuracy"]["5"] > 0.9, got
     with pytest.raises(UserError, match="no checkpoint"):  # only the classifier run is there
         dispatch(compose_cfg(tmp_path, "mode=sample", "data=gmm8"), tmp_path / "o")
@@ -290,7 +367,8 @@ def test_labels_from_npz_and_class_folders(tmp_path):
         (tmp_path / "f" / name).mkdir(parents=True)
         for i in range(6):
             Image.fromarray(np.full((4, 4), 40 * c + i, np.uint8)).save(
-                tmp_path / "f" / name / f"{i}.png")  # fmt: skip
+                tmp_path / "f" / name / f"{i}.png"
+            )
     ds = folder_dataset(str(tmp_path / "f"))
     assert ds.meta["classes"] == ["cat", "dog"] and ds.n_classes == 2
     both = torch.cat([ds.labels["train"], ds.labels["test"]])

@@ -55,8 +55,9 @@ def test_likelihoods_on_the_device_match_the_exact_density(device, gmm8):
     score = MixtureScore(sde, gmm8.mixture).to(device)
     x = gmm8.test_set(64).to(device)
     exact = gmm8.mixture.log_prob(x.double().cpu())
-    res = log_likelihood_stats(sde, score, x.double(), divergence="exact", rtol=1e-6, atol=1e-6,
-                               eps=1e-5)  # fmt: skip
+    res = log_likelihood_stats(
+        sde, score, x.double(), divergence="exact", rtol=1e-6, atol=1e-6, eps=1e-5
+    )
     assert res.logp.device.type == device.type
     assert float((res.logp.cpu() - exact).abs().mean()) < 0.02
     g = torch.Generator(device).manual_seed(0)
@@ -68,18 +69,30 @@ def test_likelihoods_on_the_device_match_the_exact_density(device, gmm8):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_on_the_device_keeps_fp32_weights_and_never_a_nan(tmp_path, device, precision):
-    cfg = {"sde": VP, "data": {"name": "gmm8"}, "model": {"name": "mlp", "hidden": 64, "depth": 2},
-           "seed": 0}  # fmt: skip
+    cfg = {
+        "sde": VP,
+        "data": {"name": "gmm8"},
+        "model": {"name": "mlp", "hidden": 64, "depth": 2},
+        "seed": 0,
+    }
     sde, ds = build_sde(VP), build_dataset(cfg["data"])
     model = build_score_model(cfg, sde, ds)
     before = [p.detach().clone() for p in model.parameters()]
     from training.distributed import DistInfo
 
-    s = TrainSettings(steps=40, batch_size=128, lr=2e-3, warmup=5, log_every=10, ckpt_every=1000,
-                      precision=precision)  # fmt: skip
+    s = TrainSettings(
+        steps=40,
+        batch_size=128,
+        lr=2e-3,
+        warmup=5,
+        log_every=10,
+        ckpt_every=1000,
+        precision=precision,
+    )
     info = DistInfo(device=device)
-    result = train(model, make_loss("dsm", sde), ds, s, tmp_path, config=cfg, dist_info=info,
-                   progress=False)  # fmt: skip
+    result = train(
+        model, make_loss("dsm", sde), ds, s, tmp_path, config=cfg, dist_info=info, progress=False
+    )
     assert result.step == 40 and result.skipped_steps == 0
     moved = 0.0
     for p, b in zip(model.parameters(), before):
@@ -93,8 +106,9 @@ def test_training_on_the_device_keeps_fp32_weights_and_never_a_nan(tmp_path, dev
 
 def test_sample_and_nll_modes_use_the_requested_device(tmp_path, device):
     dev = f"device={device.type}"
-    metrics, _ = run_mode(tmp_path, "s", "mode=sample", "model=exact", "sampler=fast",
-                          "sampler.n_samples=500", dev)  # fmt: skip
+    metrics, _ = run_mode(
+        tmp_path, "s", "mode=sample", "model=exact", "sampler=fast", "sampler.n_samples=500", dev
+    )
     assert metrics["device"] == device.type and metrics["non_finite_samples"] == 0
     nll, out = run_mode(tmp_path, "n", "mode=nll", "model=exact", "likelihood.n_points=20", dev)
     assert nll["device"] == device.type

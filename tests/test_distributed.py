@@ -24,12 +24,20 @@ QUIET = ("logger.mode=disabled", "progress=false")
 
 
 def torchrun(*args: str, cwd: Path, timeout: float = 300, popen: bool = False, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *args,
+    ]
     env = {**ENV, **(env or {})}
     if popen:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -37,8 +45,14 @@ def test_ranks_agree_after_every_step_and_match_one_process(tmp_path):
     """Global batch 24 as 2 ranks x 12 in micro-batches of 5 (accumulation) vs one process with
     the whole batch at once: same batches, same per-example noise, same parameters."""
     steps, batch = 6, 24
-    r = torchrun(str(ROOT / "tests" / "dist_train_check.py"), str(tmp_path), str(steps),
-                 str(batch), "5", cwd=tmp_path)  # fmt: skip
+    r = torchrun(
+        str(ROOT / "tests" / "dist_train_check.py"),
+        str(tmp_path),
+        str(steps),
+        str(batch),
+        "5",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     two = torch.load(tmp_path / "dist.pt", weights_only=True)
     assert two["worst"].numel() == steps and float(two["worst"].max()) == 0.0
@@ -53,9 +67,16 @@ def test_ranks_agree_after_every_step_and_match_one_process(tmp_path):
     sde, ds = build_sde(cfg["sde"]), build_dataset(cfg["data"])
     model = build_score_model(cfg, sde, ds)
     start = flat(model).clone()
-    s = TrainSettings(steps=steps, batch_size=batch, lr=1e-3, warmup=2, log_every=2,
-                      ckpt_every=1000, random_flip=True)  # fmt: skip
-    train(model, make_loss("dsm", sde), ds, s, tmp_path / "one", config=cfg, progress=False)  # fmt: skip
+    s = TrainSettings(
+        steps=steps,
+        batch_size=batch,
+        lr=1e-3,
+        warmup=2,
+        log_every=2,
+        ckpt_every=1000,
+        random_flip=True,
+    )
+    train(model, make_loss("dsm", sde), ds, s, tmp_path / "one", config=cfg, progress=False)
     one = flat(model)
     moved = float((one - start).abs().max())
     # float tolerance: the same sums in another order; far below how far the weights moved
@@ -63,8 +84,15 @@ def test_ranks_agree_after_every_step_and_match_one_process(tmp_path):
 
 
 def test_sample_with_two_processes_writes_one_folder_equal_to_one_process(tmp_path):
-    args = ("mode=sample", "model=exact", "sampler=em", "sampler.steps=200",
-            "sampler.n_samples=1200", "sampler.batch_size=250", *QUIET)  # fmt: skip
+    args = (
+        "mode=sample",
+        "model=exact",
+        "sampler=em",
+        "sampler.steps=200",
+        "sampler.n_samples=1200",
+        "sampler.batch_size=250",
+        *QUIET,
+    )
     r = torchrun(str(ROOT / "run.py"), *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     folders = list((tmp_path / "outputs" / "sample").iterdir())
@@ -80,8 +108,15 @@ def test_sample_with_two_processes_writes_one_folder_equal_to_one_process(tmp_pa
 
 
 def test_nll_with_two_processes_equals_one_process(tmp_path):
-    args = ("mode=nll", "model=exact", "likelihood.n_points=16", "likelihood.batch_size=2",
-            "likelihood.divergence=hutchinson", "likelihood.n_probes=2", *QUIET)  # fmt: skip
+    args = (
+        "mode=nll",
+        "model=exact",
+        "likelihood.n_points=16",
+        "likelihood.batch_size=2",
+        "likelihood.divergence=hutchinson",
+        "likelihood.n_probes=2",
+        *QUIET,
+    )
     r = torchrun(str(ROOT / "run.py"), *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (folder,) = list((tmp_path / "outputs" / "nll").iterdir())
@@ -136,8 +171,9 @@ def test_gather_and_share_move_every_value_in_bounded_pieces(tmp_path):
         else:
             assert v == item(i)
     for g in got:
-        torch.testing.assert_close(g["shared"]["weights"], torch.linspace(0, 1, 1000,
-                                   dtype=torch.float64), rtol=0, atol=0)  # fmt: skip
+        torch.testing.assert_close(
+            g["shared"]["weights"], torch.linspace(0, 1, 1000, dtype=torch.float64), rtol=0, atol=0
+        )
         assert g["shared"]["step"] == 7 and g["error"] == "no checkpoint here"
         assert len(g["sizes"]) > 50 and max(g["sizes"]) <= CHUNK  # 8 kB in pieces of 100 B
 
@@ -147,10 +183,18 @@ def test_sample_on_machines_sharing_no_files_equals_one_process(tiny_run, tmp_pa
     the schedule fitted by rank 0 (sampler.grid=fit) and sends its samples (2 of the 5 batches,
     fewer than rank 0) through the process group. The samples are bitwise those of one process
     on the same schedule file: each sample has its own noise and the same batches are drawn."""
-    args = ("mode=sample", *TINY, "sampler=fast", "sampler.steps=5", "sampler.n_samples=300",
-            "sampler.batch_size=70", *QUIET)  # fmt: skip
-    r = torchrun(str(ROOT / "run.py"), *args, "sampler.grid=fit", _machines(tmp_path, tiny_run),
-                 cwd=tmp_path)  # fmt: skip
+    args = (
+        "mode=sample",
+        *TINY,
+        "sampler=fast",
+        "sampler.steps=5",
+        "sampler.n_samples=300",
+        "sampler.batch_size=70",
+        *QUIET,
+    )
+    r = torchrun(
+        str(ROOT / "run.py"), *args, "sampler.grid=fit", _machines(tmp_path, tiny_run), cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert _files(tmp_path / "rank1") == []  # read nothing there, wrote nothing there
     (folder,) = list((tmp_path / "rank0" / "sample").iterdir())
@@ -159,8 +203,13 @@ def test_sample_on_machines_sharing_no_files_equals_one_process(tiny_run, tmp_pa
     assert metrics["options"]["grid"] == str(folder / "schedule.json")
     two = np.load(folder / "samples.npz")
     ck = next((tmp_path / "rank0" / "train").glob("*/checkpoints/ckpt_*.pt"))
-    m, out = run_mode(tmp_path / "one", "one", *args[:-2], f"ckpt={ck}",
-                      f"sampler.grid={folder / 'schedule.json'}")  # fmt: skip
+    m, out = run_mode(
+        tmp_path / "one",
+        "one",
+        *args[:-2],
+        f"ckpt={ck}",
+        f"sampler.grid={folder / 'schedule.json'}",
+    )
     one = np.load(out / "samples.npz")
     assert m["nfe"] == metrics["nfe"] and two["samples"].shape == (300, 2)
     for key in ("samples", "samples_model_space"):
@@ -172,9 +221,17 @@ def test_nll_on_machines_sharing_no_files_equals_one_process_and_resumes(tiny_ru
     per-batch results (in batch order) into the nll.json of one process, and caches the
     batches it received. A second two-process run and a one-process run on rank 0's machine
     reuse every batch."""
-    args = ("mode=nll", *TINY, "likelihood.n_points=16", "likelihood.batch_size=2",
-            "likelihood.divergence=hutchinson", "likelihood.n_probes=2", "likelihood.rtol=1e-3",
-            "likelihood.atol=1e-3", *QUIET)  # fmt: skip
+    args = (
+        "mode=nll",
+        *TINY,
+        "likelihood.n_points=16",
+        "likelihood.batch_size=2",
+        "likelihood.divergence=hutchinson",
+        "likelihood.n_probes=2",
+        "likelihood.rtol=1e-3",
+        "likelihood.atol=1e-3",
+        *QUIET,
+    )
     roots = _machines(tmp_path, tiny_run)
     r = torchrun(str(ROOT / "run.py"), *args, roots, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -185,12 +242,21 @@ def test_nll_on_machines_sharing_no_files_equals_one_process_and_resumes(tiny_ru
     rank1 = _files(tmp_path / "rank1")
     assert len(rank1) == 5 and all(f.startswith("nll_cache/") for f in rank1), rank1
     assert [Path(f).name[:11] for f in rank1 if "batch_" in f] == [
-        f"batch_{i:05d}" for i in (1, 3, 5, 7)]  # fmt: skip
+        f"batch_{i:05d}" for i in (1, 3, 5, 7)
+    ]
     assert len(list(Path(two["cache_dir"]).glob("batch_*.json"))) == 8  # rank 0: all of them
     ck = next((tmp_path / "rank0" / "train").glob("*/checkpoints/ckpt_*.pt"))
     one, _ = run_mode(tmp_path / "one", "one", *args[:-2], f"ckpt={ck}")
-    keys = ("nll_nats", "stderr", "hutchinson_stderr", "exact_nll_nats", "gap", "gap_stderr",
-            "nfe_mean", "n")  # fmt: skip
+    keys = (
+        "nll_nats",
+        "stderr",
+        "hutchinson_stderr",
+        "exact_nll_nats",
+        "gap",
+        "gap_stderr",
+        "nfe_mean",
+        "n",
+    )
     assert one["batches_reused"] == 0 and {k: one[k] for k in keys} == {k: two[k] for k in keys}
 
     r = torchrun(str(ROOT / "run.py"), *args, roots, cwd=tmp_path)
@@ -213,15 +279,19 @@ def test_a_killed_rank_ends_the_other_with_one_line_and_cleans_up(tmp_path):
     No assertion on how long it takes (measured 0.4-1.2 s); the 120 s waits are hang guards."""
     args = ("training.steps=1000000", "training.ckpt_every=50", "dist_timeout_s=60", *QUIET)
     (tmp_path / "tmp").mkdir()  # where rank 1 has its temporary Hydra folder
-    proc = torchrun(str(ROOT / "run.py"), *args, cwd=tmp_path, popen=True,
-                    env={"TMPDIR": str(tmp_path / "tmp")})  # fmt: skip
+    proc = torchrun(
+        str(ROOT / "run.py"), *args, cwd=tmp_path, popen=True, env={"TMPDIR": str(tmp_path / "tmp")}
+    )
     try:
         deadline = time.monotonic() + 120  # hang guard
         while not list(tmp_path.glob("outputs/train/*/checkpoints/ckpt_*.pt")):
             assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint"
             time.sleep(0.2)
-        ranks = subprocess.run(["pgrep", "-f", f"{ROOT / 'run.py'} training.steps=1000000"],
-                               capture_output=True, text=True).stdout.split()  # fmt: skip
+        ranks = subprocess.run(
+            ["pgrep", "-f", f"{ROOT / 'run.py'} training.steps=1000000"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         workers = {_rank_of(int(p)): int(p) for p in ranks if int(p) != proc.pid}
         assert sorted(workers) == [0, 1], ranks
         # rank 0: rank 1 survives, and it has a temporary Hydra folder to remove as it leaves
@@ -247,8 +317,14 @@ def test_sigterm_to_every_rank_saves_once_and_resume_continues_exactly(tmp_path)
     torchrun reaches the parameters of an uninterrupted two-process run."""
     from training import checkpoint as ckpt
 
-    args = ("training.steps=400", "training.ckpt_every=20", "model=mlp", "model.hidden=64",
-            "model.depth=2", *QUIET)  # fmt: skip
+    args = (
+        "training.steps=400",
+        "training.ckpt_every=20",
+        "model=mlp",
+        "model.hidden=64",
+        "model.depth=2",
+        *QUIET,
+    )
     (tmp_path / "cut").mkdir()
     proc = torchrun(str(ROOT / "run.py"), *args, cwd=tmp_path / "cut", popen=True)
     try:
@@ -265,8 +341,9 @@ def test_sigterm_to_every_rank_saves_once_and_resume_continues_exactly(tmp_path)
         proc.kill()
     assert proc.returncode == 0, out[-3000:]
     assert out.count("saving a checkpoint at step") == 1  # rank 0 speaks for the run
-    (status,) = [json.loads(p.read_text())
-                 for p in (tmp_path / "cut").glob("outputs/train/*/train.json")]  # fmt: skip
+    (status,) = [
+        json.loads(p.read_text()) for p in (tmp_path / "cut").glob("outputs/train/*/train.json")
+    ]
     assert status["status"] == "interrupted" and 20 <= status["step"] < 400
     r = torchrun(str(ROOT / "run.py"), *args, "resume=true", cwd=tmp_path / "cut")
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-3000:]
@@ -296,8 +373,9 @@ def test_teardown_leaves_a_group_whose_peer_failed_and_destroys_it_otherwise(tmp
     info = DistInfo(rank=0, world_size=2)  # what teardown sees; the group itself has one rank
     lost = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
     for n, (error, kept) in enumerate([(lost, True), (ValueError("a bad config value"), False)]):
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'store{n}'}", rank=0,
-                                world_size=1)  # fmt: skip
+        dist.init_process_group(
+            "gloo", init_method=f"file://{tmp_path / f'store{n}'}", rank=0, world_size=1
+        )
         with pytest.raises(type(error)):
             try:
                 raise error

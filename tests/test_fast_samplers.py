@@ -38,8 +38,9 @@ def flow_error(sde, sampler, steps, eps, grid, **options):
         x - a[0] * MU
     )
     ts = grid(sde, steps, eps) if callable(grid) else grid
-    y = samplers.SAMPLERS[sampler](sde, exact_score(sde, law), x.clone(), steps=steps, eps=eps,
-                                   grid=ts, **options)  # fmt: skip
+    y = samplers.SAMPLERS[sampler](
+        sde, exact_score(sde, law), x.clone(), steps=steps, eps=eps, grid=ts, **options
+    )
     return (y - exact).square().mean(0).sqrt().max().item()
 
 
@@ -68,8 +69,10 @@ ORDERS = [
 def test_exponential_solvers_converge_at_their_order(sde_name, sampler, options, order):
     """Measured slopes 2.9-4.3; tolerance -0.3 / +0.6 around the stated order."""
     sde = make_sde(sde_name)
-    errors = [flow_error(sde, sampler, n, EPS[sde_name], "logsnr", lower_order_final=False,
-                         **options) for n in NS]  # fmt: skip
+    errors = [
+        flow_error(sde, sampler, n, EPS[sde_name], "logsnr", lower_order_final=False, **options)
+        for n in NS
+    ]
     assert order - 0.3 <= slope(NS, errors) <= order + 0.6, errors
     assert errors[-1] < 1e-3 * 10 ** (2 - order)
 
@@ -88,8 +91,9 @@ def test_ipndm_converges_at_its_order_on_a_sigma_uniform_grid(order, lowest):
     def grid(sde, n, eps):
         return samplers.edm_grid(sde, n, eps, rho=1.0)
 
-    errors = [flow_error(sde, "ipndm", n, 0.5, grid, order=order, lower_order_final=False)
-              for n in ns]  # fmt: skip
+    errors = [
+        flow_error(sde, "ipndm", n, 0.5, grid, order=order, lower_order_final=False) for n in ns
+    ]
     assert lowest <= slope(ns, errors) <= order + 0.6, errors
 
 
@@ -104,8 +108,9 @@ def test_unipc2_bh2_predictor_is_dpm_solver_2m():
     sde, law = make_sde("vp"), gmm8()
     x = sde.prior_sampling((64, 2), generator=torch.Generator().manual_seed(0)).double()
     score = exact_score(sde, law)
-    a = samplers.sample_unipc(sde, score, x, steps=12, order=2, use_corrector=False,
-                              lower_order_final=False)  # fmt: skip
+    a = samplers.sample_unipc(
+        sde, score, x, steps=12, order=2, use_corrector=False, lower_order_final=False
+    )
     b = samplers.sample_dpm_solver(sde, score, x, steps=12)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
@@ -154,8 +159,9 @@ def test_fast_final_step_spends_the_denoising_evaluation_on_a_solver_step():
     _, nfe = samplers.sample(sde, score, x_T.shape, "fast", 9, x_T=x_T.clone(), denoise=False)
     assert nfe == 9
     x, nfe = samplers.sample(sde, score, x_T.shape, "fast", 9, x_T=x_T.clone(), grid="edm")
-    plain = samplers.sample(sde, score, x_T.shape, "fast", 9, x_T=x_T.clone(), grid="edm",
-                            denoise=False)[0]  # fmt: skip
+    plain = samplers.sample(
+        sde, score, x_T.shape, "fast", 9, x_T=x_T.clone(), grid="edm", denoise=False
+    )[0]
     assert nfe == 10
     torch.testing.assert_close(x, samplers.tweedie_denoise(sde, score, plain, 1e-3))
     assert final_step_entry(make_sde("vp"), 9) is None and final_step_entry(sde, 19) is None
@@ -164,8 +170,16 @@ def test_fast_final_step_spends_the_denoising_evaluation_on_a_solver_step():
 @pytest.mark.parametrize(
     ("sampler", "options", "match"),
     [
-        ("dpm_solver3", dict(order=4), r"order=4 is not allowed; allowed: an integer >= 1 and <= 3"),
-        ("dpm_solver3", dict(lower_order_final="yes"), r"lower_order_final='yes' is not allowed; allowed: True, False"),
+        (
+            "dpm_solver3",
+            dict(order=4),
+            r"order=4 is not allowed; allowed: an integer >= 1 and <= 3",
+        ),
+        (
+            "dpm_solver3",
+            dict(lower_order_final="yes"),
+            r"lower_order_final='yes' is not allowed; allowed: True, False",
+        ),
         ("unipc", dict(variant="bh3"), r"variant='bh3' is not allowed; allowed: bh1, bh2"),
         ("unipc", dict(order=0), r"order=0 is not allowed; allowed: an integer >= 1 and <= 3"),
         ("unipc", dict(use_corrector=1), r"use_corrector=1 is not allowed; allowed: True, False"),
@@ -184,8 +198,17 @@ def test_bad_options_raise_one_line(sampler, options, match):
 
 @pytest.mark.parametrize("name", ["dpm_solver3", "unipc", "ipndm", "fast"])
 def test_each_new_sampler_runs_from_run_py(tmp_path, name):
-    m, _ = run_mode(tmp_path, name, "mode=sample", "model=exact", "data=gmm8", f"sampler={name}",
-                    "sampler.steps=9", "sampler.n_samples=2000", "sampler.batch_size=2000")
+    m, _ = run_mode(
+        tmp_path,
+        name,
+        "mode=sample",
+        "model=exact",
+        "data=gmm8",
+        f"sampler={name}",
+        "sampler.steps=9",
+        "sampler.n_samples=2000",
+        "sampler.batch_size=2000",
+    )
     assert m["sampler"] == name and m["nfe"] == 10
     gap = abs(m["exact_loglik_mean"] - m["exact_loglik_mean_fresh_data"])
     assert gap < 0.5, gap
@@ -195,8 +218,15 @@ def test_bad_new_option_from_run_py_is_refused(tmp_path):
     from tasks import UserError
 
     with pytest.raises(UserError, match="sampler.variant='x' is not allowed; allowed: bh1, bh2"):
-        run_mode(tmp_path, "bad", "mode=sample", "model=exact", "sampler=unipc",
-                 "sampler.variant=x", "sampler.n_samples=10")  # fmt: skip
+        run_mode(
+            tmp_path,
+            "bad",
+            "mode=sample",
+            "model=exact",
+            "sampler=unipc",
+            "sampler.variant=x",
+            "sampler.n_samples=10",
+        )
 
 
 # ---------------------------------------------------------------- grids and schedule files
@@ -247,10 +277,26 @@ def test_schedule_file_is_used_by_every_grid_option(tmp_path):
     score = exact_score(sde, gmm8())
     x = sde.prior_sampling((32, 2), generator=torch.Generator().manual_seed(0))
     for name in ("dpm_solver", "dpm_solver3", "unipc", "ipndm", "ddim", "heun", "em"):
-        a, _ = samplers.sample(sde, score, (32, 2), name, 6, x_T=x, grid=str(path),
-                               generator=torch.Generator().manual_seed(1))  # fmt: skip
-        b, _ = samplers.sample(sde, score, (32, 2), name, 6, x_T=x, grid="edm",
-                               generator=torch.Generator().manual_seed(1))  # fmt: skip
+        a, _ = samplers.sample(
+            sde,
+            score,
+            (32, 2),
+            name,
+            6,
+            x_T=x,
+            grid=str(path),
+            generator=torch.Generator().manual_seed(1),
+        )
+        b, _ = samplers.sample(
+            sde,
+            score,
+            (32, 2),
+            name,
+            6,
+            x_T=x,
+            grid="edm",
+            generator=torch.Generator().manual_seed(1),
+        )
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
@@ -268,8 +314,9 @@ def fresh_loglik(law_name):
 def gap(sde_name, law_name, sampler, steps, seed=7, n=4000, **options):
     sde, law = make_sde(sde_name), LAWS[law_name]()
     g = torch.Generator().manual_seed(seed)
-    x, nfe = samplers.sample(sde, exact_score(sde, law), (n, law.dim), sampler, steps,
-                             generator=g, **options)  # fmt: skip
+    x, nfe = samplers.sample(
+        sde, exact_score(sde, law), (n, law.dim), sampler, steps, generator=g, **options
+    )
     return (law.log_prob(x.double()).mean() - fresh_loglik(law_name)).item(), nfe
 
 
@@ -280,8 +327,12 @@ def gap(sde_name, law_name, sampler, steps, seed=7, n=4000, **options):
 # (samplers.fast.refit): VP gmm8 0.017 / 0.002 (seeds 7 / 8; -0.005 / -0.005 at n = 4000), VP
 # mix5d -0.000 / 0.010 at n = 4000 (-0.011 / -0.009 at n = 20 000; iPNDM since 2026-12-03).
 FAST_20 = [
-    ("vp", "gmm8", 20_000), ("vp", "mix5d", 4000), ("ve", "gmm8", 4000), ("ve", "mix5d", 4000),
-    ("subvp", "mix5d", 20_000), ("subvp", "gmm8", 20_000),
+    ("vp", "gmm8", 20_000),
+    ("vp", "mix5d", 4000),
+    ("ve", "gmm8", 4000),
+    ("ve", "mix5d", 4000),
+    ("subvp", "mix5d", 20_000),
+    ("subvp", "gmm8", 20_000),
 ]
 
 
@@ -322,8 +373,9 @@ def test_ddim_default_grid_is_the_measured_best_and_not_the_worst():
     assert samplers.sampler_options("ddim")["grid"] == "quadratic"
     assert abs(gap("vp", "gmm8", "ddim", 50)[0]) <= 0.05
     for law in LAWS:
-        assert abs(gap("vp", law, "ddim", 50)[0]) < abs(gap("vp", law, "ddim", 50,
-                                                             grid="uniform")[0])  # fmt: skip
+        assert abs(gap("vp", law, "ddim", 50)[0]) < abs(
+            gap("vp", law, "ddim", 50, grid="uniform")[0]
+        )
 
 
 def test_fast_reads_the_sde_kind_from_its_coefficients():
@@ -388,12 +440,14 @@ def test_optimise_grid_weights_each_batch():
     cal = [sde.prior_sampling((300, law.dim), generator=g).double() for law in laws]
     fit = dict(sweeps=2, candidates=40)
     alone, _ = optimise_grid(sde, fns[0], cal[0], samplers.sample_unipc, 5, **fit)
-    dropped, info = optimise_grid(sde, fns, cal, samplers.sample_unipc, 5, weights=[1.0, 0.0],
-                                  **fit)  # fmt: skip
+    dropped, info = optimise_grid(
+        sde, fns, cal, samplers.sample_unipc, 5, weights=[1.0, 0.0], **fit
+    )
     torch.testing.assert_close(dropped, alone, rtol=0, atol=0)
     assert info["weights"] == [1.0, 0.0]
-    _, info = optimise_grid(sde, fns, cal, samplers.sample_unipc, 5, weights=[1.0, 0.5],
-                            normalise=True, **fit)  # fmt: skip
+    _, info = optimise_grid(
+        sde, fns, cal, samplers.sample_unipc, 5, weights=[1.0, 0.5], normalise=True, **fit
+    )
     from samplers.optimise_grid import reference
 
     for f, x, w, given in zip(fns, cal, info["weights"], (1.0, 0.5), strict=True):
@@ -404,8 +458,14 @@ def test_optimise_grid_weights_each_batch():
     assert info["mse_start"]["logsnr"] == pytest.approx(1.5, rel=1e-9)
     calls = []
     with pytest.raises(ValueError, match=r"weights must be one number per batch \(1\)"):
-        optimise_grid(sde, lambda x, t: calls.append(1) or x, cal[0], samplers.sample_unipc, 5,
-                      weights=[1.0, 2.0])  # fmt: skip
+        optimise_grid(
+            sde,
+            lambda x, t: calls.append(1) or x,
+            cal[0],
+            samplers.sample_unipc,
+            5,
+            weights=[1.0, 2.0],
+        )
     assert not calls
 
 
@@ -453,7 +513,8 @@ def test_gap_constrained_fit_brings_the_paired_gaps_within_tol():
         y, _ = samplers.sample(sde, f, x.shape, solver, 9, x_T=x.clone(), grid=times, **options)
         ref = samplers.tweedie_denoise(sde, f, reference(sde, f, x, 1e-3, 100, 4)[1][-1], 1e-3)
         assert (law.log_prob(y).mean() - law.log_prob(ref).mean()).item() == pytest.approx(
-            reported, abs=1e-9)  # fmt: skip
+            reported, abs=1e-9
+        )
     f, x = objective[0]
     y, _ = samplers.sample(sde, f, x.shape, solver, 9, x_T=x.clone(), grid=times, **options)
     ref = samplers.tweedie_denoise(sde, f, reference(sde, f, x, 1e-3, 100, 4)[1][-1], 1e-3)
@@ -472,8 +533,9 @@ def test_gap_constrained_fit_of_a_final_step_entry():
     g = torch.Generator().manual_seed(3)
     xs = [sde.prior_sampling((600, law.dim), generator=g).double() for law in laws]
     objective = [(exact_score(sde, laws[1]), xs[1][:200])]
-    u, info = gap_constrained_fit(sde, 9, None, laws, xs, objective, tol=0.02, evals=150,
-                                  starts=("uniform",), final_step=True)  # fmt: skip
+    u, info = gap_constrained_fit(
+        sde, 9, None, laws, xs, objective, tol=0.02, evals=150, starts=("uniform",), final_step=True
+    )
     assert len(u) == 11 and info["start"] == "uniform"
     assert max(abs(v) for v in info["start_gaps"]) > 0.05, info["start_gaps"]
     assert max(abs(v) for v in info["gaps"]) <= 0.021, info["gaps"]
@@ -486,7 +548,8 @@ def test_gap_constrained_fit_of_a_final_step_entry():
         y = samplers.SAMPLERS[solver](sde, f, x.clone(), steps=10, grid=times, **options)
         ref = samplers.tweedie_denoise(sde, f, reference(sde, f, x, 1e-3, 100, 4)[1][-1], 1e-3)
         assert (law.log_prob(y).mean() - law.log_prob(ref).mean()).item() == pytest.approx(
-            reported, abs=1e-9)  # fmt: skip
+            reported, abs=1e-9
+        )
 
 
 def test_optimise_grid_command_writes_a_usable_schedule(tmp_path, caplog):
@@ -494,14 +557,30 @@ def test_optimise_grid_command_writes_a_usable_schedule(tmp_path, caplog):
 
     caplog.set_level("INFO")
 
-    path = main(["fit", "--sde", "ve", "--data", "gmm8", "--solver", "ipndm", "--nfe", "6",
-                 "--batch", "300", "--out", str(tmp_path / "ve6.json")])  # fmt: skip
+    path = main(
+        [
+            "fit",
+            "--sde",
+            "ve",
+            "--data",
+            "gmm8",
+            "--solver",
+            "ipndm",
+            "--nfe",
+            "6",
+            "--batch",
+            "300",
+            "--out",
+            str(tmp_path / "ve6.json"),
+        ]
+    )
     record = json.loads(path.read_text())
     assert record["steps"] == 5 and len(record["times"]) == 6 and record["solver"] == "ipndm"
     assert "wrote" in caplog.text
     sde = make_sde("ve")
-    x, nfe = samplers.sample(sde, exact_score(sde, gmm8()), (8, 2), "dpm_solver3", 5,
-                             grid=str(path))  # fmt: skip
+    x, nfe = samplers.sample(
+        sde, exact_score(sde, gmm8()), (8, 2), "dpm_solver3", 5, grid=str(path)
+    )
     assert nfe == 6 and torch.isfinite(x).all()
     with pytest.raises(ValueError, match=r"has 5 steps \(6 times\) but steps=9; set steps=5"):
         samplers.sample(sde, exact_score(sde, gmm8()), (8, 2), "unipc", 9, grid=str(path))
@@ -510,18 +589,35 @@ def test_optimise_grid_command_writes_a_usable_schedule(tmp_path, caplog):
 def test_schedule_file_from_run_py(tmp_path):
     sde = make_sde("vp")
     path = samplers.save_schedule(tmp_path / "s.json", samplers.get_grid("edm", sde, 9, 1e-3))
-    m, _ = run_mode(tmp_path, "json", "mode=sample", "model=exact", "sampler=unipc",
-                    "sampler.steps=9", f"sampler.grid={path}", "sampler.n_samples=100")
+    m, _ = run_mode(
+        tmp_path,
+        "json",
+        "mode=sample",
+        "model=exact",
+        "sampler=unipc",
+        "sampler.steps=9",
+        f"sampler.grid={path}",
+        "sampler.n_samples=100",
+    )
     assert m["nfe"] == 10
     # a file fitted for other steps, a bad option value: one line (UserError), before sampling
     from tasks import UserError
 
-    for bad, needle in ((("sampler.steps=7",), "set steps=9"),
-                        (("sampler.steps=9", "sampler.order=5"), "sampler.order=5"),
-                        (("sampler.steps=9", "sampler.variant=bh3"), "sampler.variant='bh3'")):
+    for bad, needle in (
+        (("sampler.steps=7",), "set steps=9"),
+        (("sampler.steps=9", "sampler.order=5"), "sampler.order=5"),
+        (("sampler.steps=9", "sampler.variant=bh3"), "sampler.variant='bh3'"),
+    ):
         with pytest.raises(UserError, match=needle):
-            run_mode(tmp_path, "bad", "mode=sample", "model=exact", "sampler=unipc",
-                     f"sampler.grid={path}", *bad)
+            run_mode(
+                tmp_path,
+                "bad",
+                "mode=sample",
+                "model=exact",
+                "sampler=unipc",
+                f"sampler.grid={path}",
+                *bad,
+            )
 
 
 def test_shipped_schedules_have_no_near_empty_steps():
@@ -554,8 +650,7 @@ def test_shipped_schedules_have_no_near_empty_steps():
 @pytest.fixture(scope="module")
 def trained_gmm8(tmp_path_factory):
     """The training summary of a gmm8 MLP score model trained for 150 steps (VP)."""
-    summary, _ = run_mode(tmp_path_factory.mktemp("gmm8"), "t", "mode=train",
-                          "training.steps=150")  # fmt: skip
+    summary, _ = run_mode(tmp_path_factory.mktemp("gmm8"), "t", "mode=train", "training.steps=150")
     return summary
 
 
@@ -568,8 +663,21 @@ def test_optimise_grid_fits_a_trained_checkpoint(tmp_path, capsys, trained_gmm8)
     from training import checkpoint as ckpt
 
     summary = trained_gmm8
-    path = main(["fit", "--checkpoint", str(summary["checkpoint"]), "--solver", "unipc", "--nfe", "6",
-                 "--batch", "300", "--out", str(tmp_path / "fit.json")])  # fmt: skip
+    path = main(
+        [
+            "fit",
+            "--checkpoint",
+            str(summary["checkpoint"]),
+            "--solver",
+            "unipc",
+            "--nfe",
+            "6",
+            "--batch",
+            "300",
+            "--out",
+            str(tmp_path / "fit.json"),
+        ]
+    )
     record = json.loads(path.read_text())
     assert record["checkpoint"] == str(summary["checkpoint"]) and record["steps"] == 5
     saved = ckpt.config_of(ckpt.load(summary["checkpoint"]))
@@ -578,9 +686,16 @@ def test_optimise_grid_fits_a_trained_checkpoint(tmp_path, capsys, trained_gmm8)
     mse = held_out_mse(sde, model, held, 5)
     fixed = {g: mse(g) for g in samplers.GRIDS}
     assert mse(str(path)) < min(fixed.values()), (mse(str(path)), fixed)
-    m, _ = run_mode(tmp_path, "s", "mode=sample", f"ckpt={summary['checkpoint']}",
-                    "sampler=unipc", "sampler.steps=5", f"sampler.grid={path}",
-                    "sampler.n_samples=100")  # fmt: skip
+    m, _ = run_mode(
+        tmp_path,
+        "s",
+        "mode=sample",
+        f"ckpt={summary['checkpoint']}",
+        "sampler=unipc",
+        "sampler.steps=5",
+        f"sampler.grid={path}",
+        "sampler.n_samples=100",
+    )
     assert m["nfe"] == 6
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
@@ -615,11 +730,19 @@ def test_fast_with_a_fitted_grid_leads_on_a_trained_model(tmp_path, trained_gmm8
     err = held_out_mse(sde, model, held, 9)
     fitted = err(str(path), "fast")
     others = {"fast/shipped": err(None, "fast")}
-    others.update({f"{s}/{g}": err(g, s) for s in ("unipc", "dpm_solver", "ipndm")
-                   for g in samplers.GRIDS})  # fmt: skip
+    others.update(
+        {f"{s}/{g}": err(g, s) for s in ("unipc", "dpm_solver", "ipndm") for g in samplers.GRIDS}
+    )
     assert fitted < min(others.values()), (fitted, others)
     with pytest.raises(UserError, match=r"sampler.grid=fit is not allowed for sampler=pc"):
         run_mode(tmp_path, "bad", "mode=sample", f"ckpt={ck}", "sampler=pc", "sampler.grid=fit")
     with pytest.raises(UserError, match=r"sampler.grid=fit works with sampler.task=sample only"):
-        run_mode(tmp_path, "bad2", "mode=sample", "model=exact", "sampler=unipc",
-                 "sampler.grid=fit", "sampler.task=inpaint")  # fmt: skip
+        run_mode(
+            tmp_path,
+            "bad2",
+            "mode=sample",
+            "model=exact",
+            "sampler=unipc",
+            "sampler.grid=fit",
+            "sampler.task=inpaint",
+        )

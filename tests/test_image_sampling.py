@@ -7,8 +7,14 @@ import json
 
 from runs import run_mode
 
-TINY_UNET = ("data=digits", "model=unet", "model.ch=8", "training.batch_size=64",
-             "training.warmup=20", "training.log_every=20")  # fmt: skip
+TINY_UNET = (
+    "data=digits",
+    "model=unet",
+    "model.ch=8",
+    "training.batch_size=64",
+    "training.warmup=20",
+    "training.log_every=20",
+)
 
 
 def test_better_trained_digits_model_has_lower_fid(tmp_path):
@@ -16,11 +22,25 @@ def test_better_trained_digits_model_has_lower_fid(tmp_path):
     for steps in (15, 500):
         root = tmp_path / f"s{steps}"
         run_mode(root, "train", *TINY_UNET, f"training.steps={steps}")
-        metrics, out = run_mode(root, "sample", *TINY_UNET, "mode=sample", "sampler=fast",
-                                "sampler.steps=19", "sampler.n_samples=300")  # fmt: skip
+        metrics, out = run_mode(
+            root,
+            "sample",
+            *TINY_UNET,
+            "mode=sample",
+            "sampler=fast",
+            "sampler.steps=19",
+            "sampler.n_samples=300",
+        )
         saved = json.loads((out / "metrics.json").read_text())
-        for key in ("fid", "fid_floor_test_vs_train", "kid", "precision", "recall",
-                    "memorisation_share", "feature_accuracy"):  # fmt: skip
+        for key in (
+            "fid",
+            "fid_floor_test_vs_train",
+            "kid",
+            "precision",
+            "recall",
+            "memorisation_share",
+            "feature_accuracy",
+        ):
             assert saved[key] is not None, key
         assert saved["features"] == "classifier" and saved["feature_accuracy"] > 0.9
         assert (out / "nearest_train.png").is_file()

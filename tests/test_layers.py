@@ -17,9 +17,13 @@ LAYERS = ["sde_lib", "data", "models", "likelihood", "samplers", "metrics", "tra
 
 
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
-    code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    code = (
+        "import sys; from importlinter.cli import lint_imports_command; "
+        "sys.exit(lint_imports_command())"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def copy_tree(dest: Path) -> None:
@@ -52,9 +56,12 @@ def test_importing_a_package_loads_no_layer_above_it(package):
     above = LAYERS[LAYERS.index(package) + 1 :]
     if package == "samplers":
         above.remove("metrics")  # side by side: neither may import the other
-    code = (f"import sys, {package}; "
-            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({above!r})))")  # fmt: skip
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)  # fmt: skip
+    code = (
+        f"import sys, {package}; "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({above!r})))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]", f"import {package} loaded {r.stdout.strip()}"

@@ -134,9 +134,15 @@ def test_hutchinson_is_unbiased(probe):
     tol = {"rtol": 1e-6, "atol": 1e-6}
     exact, _ = log_likelihood(sde, score, x, **tol)
     res = log_likelihood_stats(
-        sde, score, x, divergence="hutchinson", probe=probe, n_probes=256,
-        generator=torch.Generator().manual_seed(5), **tol,
-    )  # fmt: skip
+        sde,
+        score,
+        x,
+        divergence="hutchinson",
+        probe=probe,
+        n_probes=256,
+        generator=torch.Generator().manual_seed(5),
+        **tol,
+    )
     mean_z, max_z = _z_scores(res.logp, exact, res.stderr)
     assert mean_z < 3 and max_z < 4
     assert (res.stderr > 1e-3).all()  # the check has teeth: the estimator is noisy
@@ -148,11 +154,16 @@ def test_gaussian_and_rademacher_probes_agree():
     x = _data(law, 16, seed=6)
     runs = [
         log_likelihood_stats(
-            sde, score, x, divergence="hutchinson", probe=p, n_probes=128,
+            sde,
+            score,
+            x,
+            divergence="hutchinson",
+            probe=p,
+            n_probes=128,
             generator=torch.Generator().manual_seed(7),
         )
         for p in ("gaussian", "rademacher")
-    ]  # fmt: skip
+    ]
     se = (runs[0].stderr.square() + runs[1].stderr.square()).sqrt()
     mean_z, max_z = _z_scores(runs[0].logp, runs[1].logp, se)
     assert mean_z < 3 and max_z < 4
@@ -284,10 +295,16 @@ def test_elbo_time_samplings_agree():
     law, sde = gmm8(), make_sde("ve")
     x = _data(law, 16, seed=14)
     (ref, ref_se), *others = [
-        elbo(sde, exact_score(sde, law), x, n_samples=2048, time_sampling=kind,
-             generator=torch.Generator().manual_seed(15))
+        elbo(
+            sde,
+            exact_score(sde, law),
+            x,
+            n_samples=2048,
+            time_sampling=kind,
+            generator=torch.Generator().manual_seed(15),
+        )
         for kind in ("mixed", "logistic", "log_snr", "uniform")
-    ]  # fmt: skip
+    ]
     for bound, se in others:
         mean_z, max_z = _z_scores(bound, ref, (se.square() + ref_se.square()).sqrt())
         assert mean_z < 3 and max_z < 4

@@ -131,8 +131,9 @@ def classifier(digits_u8, tmp_path_factory):
     d, train, test = digits_u8
     cache = tmp_path_factory.mktemp("features")
     with log_lines() as lines:
-        f = classifier_features(train, d.labels["train"].numpy(), test,
-                                d.labels["test"].numpy(), cache)  # fmt: skip
+        f = classifier_features(
+            train, d.labels["train"].numpy(), test, d.labels["test"].numpy(), cache
+        )
     return f, cache, lines
 
 
@@ -146,8 +147,9 @@ def test_classifier_is_accurate_and_cached(digits_u8, classifier):
     from metrics.features import classifier_features
 
     with log_lines() as again:
-        f2 = classifier_features(train, d.labels["train"].numpy(), test,
-                                 d.labels["test"].numpy(), cache)  # fmt: skip
+        f2 = classifier_features(
+            train, d.labels["train"].numpy(), test, d.labels["test"].numpy(), cache
+        )
     assert again == [] and f2.accuracy == feats.accuracy
     assert torch.equal(f2(test[:10]), feats(test[:10]))
     assert feats(test[:3]).shape == (3, 128)
@@ -158,7 +160,7 @@ def test_degraded_digits_have_a_higher_fid(digits_u8, classifier):
     feats = classifier[0]
     f_train, f_test = feats(train), feats(test)
     x = test.astype(np.float64)
-    blurred = (x + np.roll(x, 1, -1) + np.roll(x, -1, -1) + np.roll(x, 1, -2) + np.roll(x, -1, -2))
+    blurred = x + np.roll(x, 1, -1) + np.roll(x, -1, -1) + np.roll(x, 1, -2) + np.roll(x, -1, -2)
     blurred = np.round(blurred / 5).astype(np.uint8)
     rng = np.random.default_rng(0)
     noisy = np.clip(x + rng.normal(0, 60, x.shape), 0, 255).astype(np.uint8)
@@ -197,8 +199,12 @@ def test_inception_architecture_and_loading(tmp_path):
     torch.save({**state, "Conv2d_1a_3x3.conv.weight": torch.zeros(1)}, shape)
     pickled = tmp_path / "obj.pth"
     torch.save({"x": _NotWeights()}, pickled)
-    for p, what in ((bad, "not a readable"), (wrong, "tensors missing"), (shape, "has shape"),
-                    (pickled, "not a readable")):
+    for p, what in (
+        (bad, "not a readable"),
+        (wrong, "tensors missing"),
+        (shape, "has shape"),
+        (pickled, "not a readable"),
+    ):
         with pytest.raises(InceptionWeightsError, match=what) as e:
             load_fid_inception(p)
         assert "\n" not in str(e.value)
@@ -218,8 +224,9 @@ def test_mode_eval_on_test_digits_and_a_sample_run(tmp_path, digits_u8):
     # the test split itself as "samples" (raw range 0..16): FID 0, full precision and recall
     npz = tmp_path / "test_digits.npz"
     _write_samples(npz, d.inverse_scaler(d.test).numpy())
-    m, out = run_mode(tmp_path, "ev_test", "mode=eval", "data=digits", f"eval.path={npz}",
-                      "eval.export_png=true")
+    m, out = run_mode(
+        tmp_path, "ev_test", "mode=eval", "data=digits", f"eval.path={npz}", "eval.export_png=true"
+    )
     assert m["features"] == "classifier" and m["feature_accuracy"] >= 0.93
     assert m["fid"] < 1e-6 and m["precision"] == 1 and m["recall"] == 1
     assert m["fid_floor_test_vs_train"] > 1 and m["memorisation_share"] < 0.05
@@ -229,19 +236,26 @@ def test_mode_eval_on_test_digits_and_a_sample_run(tmp_path, digits_u8):
     pngs = sorted((out / "samples_png").glob("*.png"))
     assert len(pngs) == 180
     # the PNG folder scores exactly as the npz it came from
-    m2, _ = run_mode(tmp_path, "ev_png", "mode=eval", "data=digits",
-                     f"eval.path={out / 'samples_png'}")
+    m2, _ = run_mode(
+        tmp_path, "ev_png", "mode=eval", "data=digits", f"eval.path={out / 'samples_png'}"
+    )
     assert m2["fid"] == pytest.approx(m["fid"], abs=1e-9) and m2["kid"] == m["kid"]
     # two seeds on subsets: mean and min reported
-    m3, _ = run_mode(tmp_path, "ev_seeds", "mode=eval", "data=digits", f"eval.path={npz}",
-                     "eval.n_samples=100", "eval.seeds=[0,1]")
+    m3, _ = run_mode(
+        tmp_path,
+        "ev_seeds",
+        "mode=eval",
+        "data=digits",
+        f"eval.path={npz}",
+        "eval.n_samples=100",
+        "eval.seeds=[0,1]",
+    )
     assert m3["n_samples"] == 100 and len(m3["per_seed"]) == 2
     assert m3["fid_min"] <= m3["fid_mean"] and m3["fid"] == m3["fid_mean"]
     # a sample run's samples.npz, found as the newest sample run when eval.path is unset
     unet = ("data=digits", "model=unet", "model.ch=8")
     run_mode(tmp_path, "tiny", *unet, "training.steps=3", "training.batch_size=8")
-    _, s_out = run_mode(tmp_path, "s", "mode=sample", *unet, "sampler=fast",
-                        "sampler.n_samples=40")
+    _, s_out = run_mode(tmp_path, "s", "mode=sample", *unet, "sampler=fast", "sampler.n_samples=40")
     m4, _ = run_mode(tmp_path, "ev_s", "mode=eval", *unet)
     assert m4["source"] == str(s_out / "samples.npz") and m4["n_samples"] == 40
     assert m4["fid"] > 10 * m["fid_floor_test_vs_train"]  # an untrained model is far off
@@ -254,7 +268,8 @@ def _rgb_folder(root, n=60, size=8):
     rng = np.random.default_rng(0)
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
-            root / f"{i:03d}.png")
+            root / f"{i:03d}.png"
+        )
     return root
 
 
@@ -265,8 +280,13 @@ def test_mode_eval_rgb_without_and_with_bad_inception_weights(tmp_path):
     from tasks.common import UserError
 
     folder = _rgb_folder(tmp_path / "rgb")
-    base = ("mode=eval", "data=folder", f"data.path={folder}", "data.channels=3",
-            f"eval.path={folder}")
+    base = (
+        "mode=eval",
+        "data=folder",
+        f"data.path={folder}",
+        "data.channels=3",
+        f"eval.path={folder}",
+    )
     out = tmp_path / "o1"
     out.mkdir()
     with log_lines() as lines:

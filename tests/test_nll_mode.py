@@ -19,9 +19,22 @@ from tasks.validate import validate_likelihood
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 REQUIRED = (
-    "nll_nats", "bpd", "stderr", "hutchinson_stderr", "n", "nfe_mean", "seconds", "method",
-    "solver", "rtol", "atol", "eps", "divergence", "backend", "checkpoint",
-)  # fmt: skip
+    "nll_nats",
+    "bpd",
+    "stderr",
+    "hutchinson_stderr",
+    "n",
+    "nfe_mean",
+    "seconds",
+    "method",
+    "solver",
+    "rtol",
+    "atol",
+    "eps",
+    "divergence",
+    "backend",
+    "checkpoint",
+)
 DIGITS = ("data=digits", "model=unet", "model.ch=8")
 
 
@@ -93,9 +106,15 @@ def digits_run(tmp_path_factory) -> Path:
 )
 def test_digits_bits_per_dim(digits_run, method, overrides):
     _, s, _ = run(
-        digits_run, f"nll/{method}", "mode=nll", *DIGITS, f"likelihood.method={method}",
-        "likelihood.n_points=8", "likelihood.batch_size=4", *overrides,
-    )  # fmt: skip
+        digits_run,
+        f"nll/{method}",
+        "mode=nll",
+        *DIGITS,
+        f"likelihood.method={method}",
+        "likelihood.n_points=8",
+        "likelihood.batch_size=4",
+        *overrides,
+    )
     assert s["dim"] == 64 and s["levels"] == 17 and math.isfinite(s["bpd"]) and s["bpd"] > 0
     if method == "elbo":
         assert s["n"] == 8 and s["dequant_draws"] == 2 and math.isfinite(s["elbo_stderr"])
@@ -120,9 +139,13 @@ def test_interrupted_evaluation_resumes_from_cached_batches(tmp_path, monkeypatc
     monkeypatch.setattr(tasks.nll, "log_likelihood_stats", counted)
     # Hutchinson probes make the numbers depend on the per-batch seeds
     overrides = (
-        "mode=nll", "model=exact", "likelihood.n_points=12", "likelihood.batch_size=4",
-        "likelihood.divergence=hutchinson", "likelihood.n_probes=2",
-    )  # fmt: skip
+        "mode=nll",
+        "model=exact",
+        "likelihood.n_points=12",
+        "likelihood.batch_size=4",
+        "likelihood.divergence=hutchinson",
+        "likelihood.n_probes=2",
+    )
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "first", *overrides)
     assert not (tmp_path / "first/nll.json").exists()

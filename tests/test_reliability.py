@@ -601,10 +601,16 @@ def test_runs_saved_before_a_config_key_existed_still_match():
     its default are the same run; another value is not; data loading options never count."""
     from tasks.common import run_identity
 
-    old = {"sde": {"name": "vp", "beta_min": 0.1, "beta_max": 20.0},
-           "data": {"name": "digits", "levels": 17}, "model": {"name": "unet"}}  # fmt: skip
-    new = {**old, "sde": {**old["sde"], "schedule": "linear"},
-           "data": {**old["data"], "workers": 2, "random_flip": True}}  # fmt: skip
+    old = {
+        "sde": {"name": "vp", "beta_min": 0.1, "beta_max": 20.0},
+        "data": {"name": "digits", "levels": 17},
+        "model": {"name": "unet"},
+    }
+    new = {
+        **old,
+        "sde": {**old["sde"], "schedule": "linear"},
+        "data": {**old["data"], "workers": 2, "random_flip": True},
+    }
     assert run_identity(old) == run_identity(new)
     cosine = {**old, "sde": {**old["sde"], "schedule": "cosine"}}
     assert run_identity(old) != run_identity(cosine)

@@ -10,9 +10,17 @@ from runs import run_mode
 
 from tasks.common import UserError
 
-FAST = {"pc": ["sampler.steps=50"], "em": ["sampler.steps=50"], "ode": ["sampler.rtol=1e-3",
-        "sampler.atol=1e-3"], "ddim": ["sampler.steps=20"], "fast": [], "dpm_solver": [],
-        "heun": [], "reverse_diffusion": ["sampler.steps=50"], "ancestral": ["sampler.steps=50"]}
+FAST = {
+    "pc": ["sampler.steps=50"],
+    "em": ["sampler.steps=50"],
+    "ode": ["sampler.rtol=1e-3", "sampler.atol=1e-3"],
+    "ddim": ["sampler.steps=20"],
+    "fast": [],
+    "dpm_solver": [],
+    "heun": [],
+    "reverse_diffusion": ["sampler.steps=50"],
+    "ancestral": ["sampler.steps=50"],
+}
 
 
 def _check_outputs(out, n):
@@ -34,8 +42,15 @@ def trained_root(tmp_path_factory):
 
 @pytest.mark.parametrize("sampler", list(FAST))
 def test_each_sampler_on_a_checkpoint(trained_root, sampler):
-    metrics, out = run_mode(trained_root, f"s_{sampler}", "mode=sample", f"sampler={sampler}",
-                            "sampler.n_samples=200", "sampler.batch_size=100", *FAST[sampler])
+    metrics, out = run_mode(
+        trained_root,
+        f"s_{sampler}",
+        "mode=sample",
+        f"sampler={sampler}",
+        "sampler.n_samples=200",
+        "sampler.batch_size=100",
+        *FAST[sampler],
+    )
     metrics = _check_outputs(out, 200)
     assert metrics["sampler"] == sampler and metrics["nfe"] >= 1
     # a mixture law: quality against fresh data and the exact density are reported
@@ -43,8 +58,9 @@ def test_each_sampler_on_a_checkpoint(trained_root, sampler):
 
 
 def test_exact_score_sampling_matches_the_law(tmp_path):
-    metrics, out = run_mode(tmp_path, "exact", "mode=sample", "model=exact", "sampler=fast",
-                            "sampler.n_samples=2000")
+    metrics, out = run_mode(
+        tmp_path, "exact", "mode=sample", "model=exact", "sampler=fast", "sampler.n_samples=2000"
+    )
     _check_outputs(out, 2000)
     # with the exact score the samples are as close to fresh data as fresh data is (bound 1.5x)
     assert metrics["mmd_to_fresh_data"] < 1.5 * metrics["mmd_fresh_vs_fresh"]
@@ -53,10 +69,25 @@ def test_exact_score_sampling_matches_the_law(tmp_path):
 
 
 def test_images_write_a_grid(tmp_path):
-    run_mode(tmp_path, "digits", "data=digits", "model=unet", "model.ch=8", "training.steps=3",
-             "training.batch_size=8")
-    metrics, out = run_mode(tmp_path, "digits_s", "mode=sample", "data=digits", "model=unet",
-                            "model.ch=8", "sampler=fast", "sampler.n_samples=16")
+    run_mode(
+        tmp_path,
+        "digits",
+        "data=digits",
+        "model=unet",
+        "model.ch=8",
+        "training.steps=3",
+        "training.batch_size=8",
+    )
+    metrics, out = run_mode(
+        tmp_path,
+        "digits_s",
+        "mode=sample",
+        "data=digits",
+        "model=unet",
+        "model.ch=8",
+        "sampler=fast",
+        "sampler.n_samples=16",
+    )
     with np.load(out / "samples.npz") as f:
         assert f["samples"].shape == (16, 1, 8, 8)
     from PIL import Image

@@ -86,7 +86,11 @@ def test_ddim_on_ve_raises_a_clear_error():
         ("pc", dict(predictor="rk4"), r"predictor='rk4' is not allowed; allowed: euler_maruyama, "),
         ("pc", dict(corrector="hmc"), r"corrector='hmc' is not allowed; allowed: langevin, "),
         ("pc", dict(snr=-1.0), r"snr=-1.0 is not allowed; allowed: a finite number > 0"),
-        ("pc", dict(n_corrector_steps=1.5), r"n_corrector_steps=1.5 is not allowed; allowed: an integer >= 0"),
+        (
+            "pc",
+            dict(n_corrector_steps=1.5),
+            r"n_corrector_steps=1.5 is not allowed; allowed: an integer >= 0",
+        ),
         ("ddim", dict(eta=-0.5), r"eta=-0.5 is not allowed; allowed: a finite number >= 0"),
         ("ode", dict(method="rk45"), r"method='rk45' is not allowed; allowed: dopri5, "),
         ("ode", dict(rtol=0.0), r"rtol=0.0 is not allowed; allowed: a finite number > 0"),

@@ -27,13 +27,24 @@ def relative_score_error(model, sde, mixture, t_val: float, n: int = 4000) -> fl
 
 
 def _train_gmm8(tmp_path, loss_name: str, steps: int, **loss_opts):
-    cfg = {"sde": {"name": "vp"}, "data": {"name": "gmm8"},
-           "model": {"name": "mlp", "parameterisation": "eps"}, "seed": 0}
+    cfg = {
+        "sde": {"name": "vp"},
+        "data": {"name": "gmm8"},
+        "model": {"name": "mlp", "parameterisation": "eps"},
+        "seed": 0,
+    }
     sde, ds = build_sde(cfg["sde"]), build_dataset(cfg["data"])
     model = build_score_model(cfg, sde, ds)
     settings = TrainSettings(steps=steps, batch_size=256, lr=2e-3, ckpt_every=10**9)
-    train(model, make_loss(loss_name, sde, **loss_opts), ds, settings, tmp_path, config=cfg,
-          progress=False)
+    train(
+        model,
+        make_loss(loss_name, sde, **loss_opts),
+        ds,
+        settings,
+        tmp_path,
+        config=cfg,
+        progress=False,
+    )
     state = ckpt.load(ckpt.list_checkpoints(tmp_path / "checkpoints")[-1])
     model.load_state_dict(state["ema"])
     return model.eval(), sde, ds.mixture
@@ -62,8 +73,12 @@ def test_trained_ssm_score_is_close_to_exact(tmp_path):
 
 def test_untrained_score_fails_the_bound(tmp_path):
     """The bounds above are not vacuous: an untrained network is far outside them."""
-    cfg = {"sde": {"name": "vp"}, "data": {"name": "gmm8"},
-           "model": {"name": "mlp", "parameterisation": "eps"}, "seed": 0}
+    cfg = {
+        "sde": {"name": "vp"},
+        "data": {"name": "gmm8"},
+        "model": {"name": "mlp", "parameterisation": "eps"},
+        "seed": 0,
+    }
     sde, ds = build_sde(cfg["sde"]), build_dataset(cfg["data"])
     model = build_score_model(cfg, sde, ds).eval()
     assert relative_score_error(model, sde, ds.mixture, 0.5) > 5 * DSM_BOUNDS[0.5]
@@ -77,8 +92,12 @@ def _params(outputs_root, run):
 
 @pytest.mark.parametrize("loss", ["dsm", "ssm"])
 def test_resume_reaches_the_same_parameters(tmp_path, loss):
-    common = ["training.steps=60", f"training.loss={loss}", "training.log_every=10",
-              "training.warmup=20"]
+    common = [
+        "training.steps=60",
+        f"training.loss={loss}",
+        "training.log_every=10",
+        "training.warmup=20",
+    ]
     run_mode(tmp_path / "a", "full", *common)
     run_mode(tmp_path / "b", "first", *common[1:], "training.steps=25")
     run_mode(tmp_path / "b", "second", *common, "resume=true")
@@ -106,8 +125,9 @@ def test_resume_reaches_the_same_parameters(tmp_path, loss):
     ids=lambda o: "+".join(o),
 )
 def test_train_variants_write_a_loadable_checkpoint(tmp_path, overrides):
-    summary, out = run_mode(tmp_path, "run", "training.steps=20", "training.log_every=5",
-                            *overrides)
+    summary, out = run_mode(
+        tmp_path, "run", "training.steps=20", "training.log_every=5", *overrides
+    )
     assert summary["status"] == "finished" and summary["step"] == 20
     assert math.isfinite(summary["final_loss"])
     state = ckpt.load(ckpt.list_checkpoints(out / "checkpoints")[-1])

@@ -58,8 +58,9 @@ def _curved_vdm() -> VDMSDE:
 
 def test_gaussian_closed_form_invariance_and_discrete_bounds():
     t0 = 1e-5
-    x = MU + S * torch.randn(1500, D, generator=torch.Generator().manual_seed(0),
-                             dtype=torch.float64)  # fmt: skip
+    x = MU + S * torch.randn(
+        1500, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
     linear, curved = VDMSDE(schedule="linear", learn_endpoints=False), _curved_vdm()
     grid = torch.linspace(0, 1, 101)
     with torch.no_grad():
@@ -71,8 +72,14 @@ def test_gaussian_closed_form_invariance_and_discrete_bounds():
     assert entropy <= closed < entropy + 0.01  # the bound is tight for the exact model
     means = []
     for sde in (linear, curved):
-        r = vlb(sde, _gaussian_score(sde), x, n_samples=16, eps=t0,
-                generator=torch.Generator().manual_seed(1))  # fmt: skip
+        r = vlb(
+            sde,
+            _gaussian_score(sde),
+            x,
+            n_samples=16,
+            eps=t0,
+            generator=torch.Generator().manual_seed(1),
+        )
         se = float(r.bound.std() / math.sqrt(len(x)))
         assert abs(float(r.bound.mean()) - closed) < 4 * se, (float(r.bound.mean()), closed, se)
         means.append((r.bound, r.stderr))
@@ -84,8 +91,15 @@ def test_gaussian_closed_form_invariance_and_discrete_bounds():
     previous = math.inf
     for steps in (10, 100, 1000):
         exact = _gaussian_bound(linear, t0, steps)
-        r = vlb(linear, _gaussian_score(linear), x[:200], n_samples=steps, steps=steps, eps=t0,
-                generator=torch.Generator().manual_seed(2))  # fmt: skip
+        r = vlb(
+            linear,
+            _gaussian_score(linear),
+            x[:200],
+            n_samples=steps,
+            steps=steps,
+            eps=t0,
+            generator=torch.Generator().manual_seed(2),
+        )
         est, se = float(r.bound.mean()), float(r.bound.std() / math.sqrt(200))
         assert abs(est - exact) < 4 * se, (steps, est, exact, se)
         assert closed < exact < previous
@@ -110,15 +124,23 @@ def test_vlb_with_exact_score_never_below_true_discrete_nll(gamma_min):
     mix = GaussianMixture(full.weights, full.means[:, :2], full.variances[:, :2])
     levels, lo, hi = 16, -3.0, 3.0
     centres = torch.linspace(lo, hi, levels, dtype=torch.float64)
-    edges = torch.cat([torch.tensor([-math.inf]), (centres[1:] + centres[:-1]) / 2,
-                       torch.tensor([math.inf])]).double()  # fmt: skip
+    edges = torch.cat(
+        [torch.tensor([-math.inf]), (centres[1:] + centres[:-1]) / 2, torch.tensor([math.inf])]
+    ).double()
     raw = mix.sample(600, torch.Generator().manual_seed(3)).double()
     k = torch.round((raw - lo) / (hi - lo) * (levels - 1)).long().clamp(0, levels - 1)
     x = centres[k]
     true_nll = -_binned_log_pmf(mix, k, edges)
     sde = VDMSDE(gamma_min=gamma_min, schedule="linear", learn_endpoints=False)
-    r = vlb(sde, MixtureScore(sde, mix), x, levels=levels, data_range=(lo, hi), n_samples=32,
-            generator=torch.Generator().manual_seed(4))  # fmt: skip
+    r = vlb(
+        sde,
+        MixtureScore(sde, mix),
+        x,
+        levels=levels,
+        data_range=(lo, hi),
+        n_samples=32,
+        generator=torch.Generator().manual_seed(4),
+    )
     gap = r.bound - true_nll
     se = float(gap.std() / math.sqrt(len(gap)))
     assert float(gap.mean()) > -3 * se, (float(gap.mean()), se)
@@ -197,17 +219,39 @@ def test_vdm_train_nll_sample_and_learned_schedule(tmp_path):
     assert train["status"] == "finished" and math.isfinite(train["final_loss"])
     state = ckpt.load(train["checkpoint"])
     assert state["config"] and "schedule.ends" in state["ema"]
-    nll, _ = run_mode(tmp_path, "n", "mode=nll", *net, "likelihood.method=vlb",
-                      "likelihood.n_points=40", "likelihood.vlb_samples=16")  # fmt: skip
+    nll, _ = run_mode(
+        tmp_path,
+        "n",
+        "mode=nll",
+        *net,
+        "likelihood.method=vlb",
+        "likelihood.n_points=40",
+        "likelihood.vlb_samples=16",
+    )
     assert nll["method"] == "vlb" and "continuous-time VLB" in nll["bound"]
     assert math.isfinite(nll["bpd"]) and nll["vlb_stderr"] > 0
-    nll_d, _ = run_mode(tmp_path, "n2", "mode=nll", *net, "likelihood.method=vlb",
-                        "likelihood.steps=100", "likelihood.n_points=40",
-                        "likelihood.vlb_samples=16")  # fmt: skip
+    nll_d, _ = run_mode(
+        tmp_path,
+        "n2",
+        "mode=nll",
+        *net,
+        "likelihood.method=vlb",
+        "likelihood.steps=100",
+        "likelihood.n_points=40",
+        "likelihood.vlb_samples=16",
+    )
     assert "100-step" in nll_d["bound"] and nll_d["bpd"] > nll["bpd"] - 0.2
-    smp, _ = run_mode(tmp_path, "s", "mode=sample", *net, "sampler=ancestral",
-                      "sampler.steps=100", "sampler.n_samples=16", "sampler.batch_size=16",
-                      "eval.n_samples=16")  # fmt: skip
+    smp, _ = run_mode(
+        tmp_path,
+        "s",
+        "mode=sample",
+        *net,
+        "sampler=ancestral",
+        "sampler.steps=100",
+        "sampler.n_samples=16",
+        "sampler.batch_size=16",
+        "eval.n_samples=16",
+    )
     assert smp["non_finite_samples"] == 0
 
     cfg = compose_cfg(tmp_path, "mode=nll", *net)
@@ -236,12 +280,21 @@ def test_vdm_train_nll_sample_and_learned_schedule(tmp_path):
     assert var["learned"] < var["initial"], var
 
 
-@pytest.mark.parametrize("extra", [["sampler.variance=beta"], ["sampler.variance=posterior"],
-                                   ["sde.schedule=cosine"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra", [["sampler.variance=beta"], ["sampler.variance=posterior"], ["sde.schedule=cosine"]]
+)
 def test_ancestral_reproduces_mix5d(tmp_path, extra):
-    res, _ = run_mode(tmp_path, "s", "mode=sample", "model=exact", "data=mix5d",
-                      "sampler=ancestral", "sampler.n_samples=5000", "sampler.batch_size=5000",
-                      *extra)  # fmt: skip
+    res, _ = run_mode(
+        tmp_path,
+        "s",
+        "mode=sample",
+        "model=exact",
+        "data=mix5d",
+        "sampler=ancestral",
+        "sampler.n_samples=5000",
+        "sampler.batch_size=5000",
+        *extra,
+    )
     true = -2.5790  # E log p of mix5d, 10^6 draws (sd of the mean 0.0016)
     assert abs(res["exact_loglik_mean"] - true) < 0.05, res["exact_loglik_mean"]
 
@@ -250,8 +303,11 @@ def test_vdm_config_errors(tmp_path):
     from tasks.common import UserError
     from tasks.validate import validate
 
-    for bad in (["sde.gamma_min=6"], ["sde.schedule=cubic"], ["sampler=ancestral",
-                                                              "sampler.variance=tilde"]):
+    for bad in (
+        ["sde.gamma_min=6"],
+        ["sde.schedule=cubic"],
+        ["sampler=ancestral", "sampler.variance=tilde"],
+    ):
         cfg = compose_cfg(tmp_path, "sde=vdm" if "sde" not in bad[0] else "sde=vdm", *bad)
         with pytest.raises(UserError):
             validate(cfg)
