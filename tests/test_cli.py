@@ -1,4 +1,5 @@
-"""run.py end to end in a subprocess: a real run, and bad input ending in one line with exit 2."""
+"""run.py end to end in a subprocess: a real run, and bad input ending in one line with exit 2.
+(run.py under torchrun: test_distributed.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from runs import CONF, compose_cfg, free_port
+from runs import CONF, compose_cfg
 
 from tasks import validate
 
@@ -80,23 +81,6 @@ def test_every_option_of_every_group_composes_and_validates(tmp_path, group):
         validate(cfg)  # raises UserError on a bad value
         if "name" in cfg[group]:  # the option was the one composed
             assert cfg[group]["name"] == option, (group, option, cfg[group]["name"])
-
-
-def test_torchrun_two_processes(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(ROOT / "run.py"),
-         "training.steps=20", "logger.mode=disabled", "progress=false"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "world size 2" in r.stdout
-    from training import checkpoint as ckpt
-
-    runs = [p for p in (tmp_path / "outputs" / "train").iterdir() if (p / "checkpoints").is_dir()]
-    assert len(runs) == 1, "all ranks must share rank 0's run folder"
-    state = ckpt.load(ckpt.list_checkpoints(runs[0] / "checkpoints")[-1])
-    assert state["step"] == 20 and len(state["rng"]) == 2
 
 
 def test_the_three_usage_commands_chain_without_paths(tmp_path):

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from runs import run_mode
 
 TINY_UNET = ("data=digits", "model=unet", "model.ch=8", "training.batch_size=64",
              "training.warmup=20", "training.log_every=20")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_better_trained_digits_model_has_lower_fid(tmp_path):
+    """Slow (two U-Net trainings, 15 and 500 steps, and two sample runs; ~35 s of CPU). In the
+    default run the image metrics of mode=sample and mode=eval are checked by
+    test_metrics.py::test_mode_eval_on_test_digits_and_a_sample_run, and that FID orders good
+    and bad digits by test_metrics.py::test_degraded_digits_have_a_higher_fid."""
     fids = {}
     for steps in (15, 500):
         root = tmp_path / f"s{steps}"

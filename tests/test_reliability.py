@@ -428,11 +428,19 @@ def step_of(path: Path) -> int:
     return int(path.stem[-8:])
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_reaches_the_uninterrupted_parameters(tmp_path):
     """5 SIGKILLs at seeded random moments while checkpoints are written every 5 steps.
 
     Four kills land a random 0-50 ms after the run passes a seeded random step (so they are spread
     over the run whatever the machine's speed); one lands 0.2-1.5 s after start-up began.
+
+    Slow (six run.py processes; ~25 s of CPU). In the default run a kill in the middle of a save
+    (test_sigkill_in_the_middle_of_a_save_leaves_the_old_checkpoint), truncated and garbage
+    checkpoints with resume falling back (test_truncated_and_garbage_checkpoints_are_named_and_
+    resume_falls_back), SIGTERM / SIGINT saves (test_sigterm_and_sigint_save_a_checkpoint_and_
+    exit_0) and exact resume (test_training.py::test_resume_reaches_the_same_parameters) are
+    checked one at a time.
     """
     total = 400
     args = [*TINY, f"training.steps={total}", "training.ckpt_every=5", "training.keep=2"]
