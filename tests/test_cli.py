@@ -29,17 +29,6 @@ def run_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_train_then_find_checkpoint_end_to_end(tmp_path):
-    r = run_py("training.steps=30", "logger.mode=offline", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "outputs in" in r.stdout
-    ckpts = list((tmp_path / "outputs" / "train").glob("*_vp_gmm8/checkpoints/ckpt_00000030.pt"))
-    assert len(ckpts) == 1
-    run_dir = ckpts[0].parents[1]
-    assert (run_dir / "loss.png").is_file() and (run_dir / "train.json").is_file()
-    assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run not written"
-
-
 @pytest.mark.parametrize(
     "args,needle",
     [
@@ -84,9 +73,16 @@ def test_every_option_of_every_group_composes_and_validates(tmp_path, group):
 
 
 def test_the_three_usage_commands_chain_without_paths(tmp_path):
-    """README: train, then sample and nll find the newest matching checkpoint on their own."""
-    r = run_py("sde=vp", "mode=train", "training.steps=40", "logger.mode=disabled", cwd=tmp_path)
+    """README: train (with the wandb logger offline), then sample and nll find the newest
+    matching checkpoint on their own."""
+    r = run_py("sde=vp", "mode=train", "training.steps=40", "logger.mode=offline", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "outputs in" in r.stdout
+    ckpts = list((tmp_path / "outputs" / "train").glob("*_vp_gmm8/checkpoints/ckpt_00000040.pt"))
+    assert len(ckpts) == 1
+    run_dir = ckpts[0].parents[1]
+    assert (run_dir / "loss.png").is_file() and (run_dir / "train.json").is_file()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run not written"
     r = run_py("mode=sample", "sampler=pc", "sampler.steps=20", "sampler.n_samples=100",
                "logger.mode=disabled", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
