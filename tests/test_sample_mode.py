@@ -13,6 +13,9 @@ from tasks.common import UserError
 FAST = {"pc": ["sampler.steps=50"], "em": ["sampler.steps=50"], "ode": ["sampler.rtol=1e-3",
         "sampler.atol=1e-3"], "ddim": ["sampler.steps=20"], "fast": [], "dpm_solver": [],
         "heun": [], "reverse_diffusion": ["sampler.steps=50"], "ancestral": ["sampler.steps=50"]}
+# score evaluations per batch: steps (+ corrector steps) + the final denoising; None: adaptive
+NFE = {"pc": 101, "em": 51, "ode": None, "ddim": 21, "fast": 20, "dpm_solver": 20, "heun": 36,
+       "reverse_diffusion": 51, "ancestral": 51}
 
 
 def _check_outputs(out, n):
@@ -37,7 +40,8 @@ def test_each_sampler_on_a_checkpoint(trained_root, sampler):
     metrics, out = run_mode(trained_root, f"s_{sampler}", "mode=sample", f"sampler={sampler}",
                             "sampler.n_samples=200", "sampler.batch_size=100", *FAST[sampler])
     metrics = _check_outputs(out, 200)
-    assert metrics["sampler"] == sampler and metrics["nfe"] >= 1
+    assert metrics["sampler"] == sampler
+    assert metrics["nfe"] == NFE[sampler] if NFE[sampler] else 10 < metrics["nfe"] < 500, metrics
     # a mixture law: quality against fresh data and the exact density are reported
     assert metrics["mmd_to_fresh_data"] > 0 and np.isfinite(metrics["exact_loglik_mean"])
 
