@@ -239,8 +239,13 @@ def test_vdm_train_nll_sample_and_learned_schedule(tmp_path):
     assert var["learned"] < var["initial"], var
 
 
-@pytest.mark.parametrize("extra", [["sampler.variance=beta"], ["sampler.variance=posterior"],
-                                   ["sde.schedule=cosine"]])  # fmt: skip
+# slow: the "beta" variance and the cosine schedule (~7 s of CPU each); the default run keeps the
+# default posterior variance on the default schedule
+@pytest.mark.parametrize(
+    "extra", [pytest.param(["sampler.variance=beta"], marks=pytest.mark.slow),
+              ["sampler.variance=posterior"],
+              pytest.param(["sde.schedule=cosine"], marks=pytest.mark.slow)],
+)  # fmt: skip
 def test_ancestral_reproduces_mix5d(tmp_path, extra):
     res, _ = run_mode(tmp_path, "s", "mode=sample", "model=exact", "data=mix5d",
                       "sampler=ancestral", "sampler.n_samples=5000", "sampler.batch_size=5000",
