@@ -161,11 +161,22 @@ def test_lookup_prefers_finished_runs_and_non_finite_samples_never_crash(tmp_pat
     assert "newest failed one: step" in r.stdout and "of 50 planned" in r.stdout
     (metrics,) = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/sample/*/metrics.json")]
     assert metrics["n_samples"] == 64 and metrics["non_finite_samples"] > 0  # lr=1e9 diverged
-    # a finished run made before a later failed one is preferred to it
-    r = run_py("training.steps=20", "logger.mode=disabled", "progress=false", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = run_py("training.lr=1e9", "training.max_bad_steps=3", "training.steps=50",
-               "logger.mode=disabled", "progress=false", cwd=tmp_path)  # fmt: skip
+    # a finished run made before a later failed one is preferred to it (the two training runs
+    # in-process, as run.py would run them, into the same outputs folder: a run.py process costs
+    # ~3 s of CPU for its imports)
+    from runs import run_mode
+
+    from tasks import UserError
+
+    summary, _ = run_mode(tmp_path / "outputs", "finished", "training.steps=20")
+    assert summary["status"] == "finished"
+    with pytest.raises(UserError, match="non-finite"):
+        run_mode(tmp_path / "outputs", "failed", "training.lr=1e9", "training.max_bad_steps=3",
+                 "training.steps=50")  # fmt: skip
+    assert json.loads((tmp_path / "outputs/train/failed/train.json").read_text())["status"] == (
+        "failed"
+    )
     r = run_py("mode=sample", "sampler=fast", "sampler.n_samples=64", "logger.mode=disabled",
                cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0 and "newest finished" in r.stdout, r.stdout[-2000:]
+    assert "train/finished/" in r.stdout, r.stdout[-2000:]
