@@ -7,7 +7,8 @@ For each shape (B, *D), a float32 standard normal draw of that shape:
   keyed draw      KeyedNoise.randn(shape) on a source built beforehand (what a sampler pays per
                   step: the rows' keys are hashed once per batch)
   keyed + keys    KeyedNoise.for_indices(seed, arange(B)) and one draw (what a batch pays once)
-Times are the median of --repeats calls (after one warm-up call), in microseconds; `ratio` is
+Times are the fastest of --repeats calls (after one warm-up call; the fastest, as in
+bench/scaling.py, since a loaded machine only adds time), in microseconds; `ratio` is
 keyed draw / torch.randn and `ns/value` the keyed draw's cost per drawn value. On CUDA every
 call is synchronised. Not a test: timings depend on the machine and its load.
 """
@@ -15,7 +16,6 @@ call is synchronised. Not a test: timings depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,7 +30,7 @@ from sde_lib import KeyedNoise  # noqa: E402
 SHAPES = [(256, 2), (4096, 2), (65536, 2), (16, 3, 32, 32), (128, 3, 32, 32), (64, 3, 64, 64)]
 
 
-def median_us(fn, device: torch.device, repeats: int) -> float:
+def fastest_us(fn, device: torch.device, repeats: int) -> float:
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -43,7 +43,7 @@ def median_us(fn, device: torch.device, repeats: int) -> float:
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return min(times) * 1e6
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
     device = torch.device(args.device)
     print(
         f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"median of {args.repeats}"
+        f"fastest of {args.repeats}"
     )
     head = (
         f"{'shape':>16} {'values':>9} {'torch.randn us':>15} {'keyed draw us':>14} "
@@ -77,9 +77,9 @@ def row(shape: tuple[int, ...], device: torch.device, repeats: int) -> str:
     g = torch.Generator(device).manual_seed(0)
     idx = torch.arange(shape[0], device=device)
     src = KeyedNoise.for_indices(0, idx)
-    t_torch = median_us(lambda: torch.randn(shape, generator=g, device=device), device, repeats)
-    t_keyed = median_us(lambda: src.randn(shape, device=device), device, repeats)
-    t_keys = median_us(
+    t_torch = fastest_us(lambda: torch.randn(shape, generator=g, device=device), device, repeats)
+    t_keyed = fastest_us(lambda: src.randn(shape, device=device), device, repeats)
+    t_keys = fastest_us(
         lambda: KeyedNoise.for_indices(0, idx).randn(shape, device=device), device, repeats
     )
     return (

@@ -1,4 +1,5 @@
-"""run.py end to end in a subprocess: a real run, and bad input ending in one line with exit 2."""
+"""run.py end to end in a subprocess: a real run, and bad input ending in one line with exit 2.
+(run.py under torchrun: test_distributed.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from runs import CONF, compose_cfg, free_port
+from runs import CONF, compose_cfg
 
 from tasks import validate
 
@@ -34,37 +35,43 @@ def run_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_train_then_find_checkpoint_end_to_end(tmp_path):
-    r = run_py("training.steps=30", "logger.mode=offline", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "outputs in" in r.stdout
-    ckpts = list((tmp_path / "outputs" / "train").glob("*_vp_gmm8/checkpoints/ckpt_00000030.pt"))
-    assert len(ckpts) == 1
-    run_dir = ckpts[0].parents[1]
-    assert (run_dir / "loss.png").is_file() and (run_dir / "train.json").is_file()
-    assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run not written"
+# Bad input: (overrides, what the one line must name, how it is run). Every kind of failure goes
+# through run.py in a subprocess once ("cli": the overrides checked before Hydra's entry, a
+# config-value check, a run-time lookup, a data file); the other config-value and run-time cases
+# raise the same UserError through the same `tasks.dispatch` that run.py calls, so they are run
+# in-process ("dispatch": the message is one line naming the value; run.py prints a UserError as
+# that one line with exit 2, as the "cli" cases check). A subprocess costs ~3 s of CPU (it
+# imports torch); the in-process cases cost milliseconds.
+BAD_INPUT = [
+    (["sde=foo"], "sde=foo", "cli"),
+    (["sde.beta_min=30"], "sde.beta_min=30", "dispatch"),
+    (["training.lr=-1"], "training.lr=-1", "cli"),
+    (["training.batch_size=0"], "training.batch_size=0", "dispatch"),
+    (["training.loss=nope"], "training.loss='nope'", "dispatch"),
+    (["mode=sample", "ckpt=/nonexistent"], "ckpt=/nonexistent", "dispatch"),
+    (["mode=sample"], "train first", "cli"),
+    (["data=npz", "data.path=/nonexistent.npz"], "/nonexistent.npz", "cli"),
+    (["mode=fly"], "mode='fly'", "dispatch"),
+    (["training.nosuchkey=1"], "training.nosuchkey", "cli"),
+    (["model=exact"], "nothing to train", "dispatch"),
+    (["sampler=ddim", "sde=ve"], "ddim", "dispatch"),
+    (["sampler=pc", "sampler.snr=0"], "sampler.snr=0", "dispatch"),
+    (["sampler=pc", "sampler.predictor=magic"], "sampler.predictor='magic'", "dispatch"),
+]
 
 
-@pytest.mark.parametrize(
-    "args,needle",
-    [
-        (["sde=foo"], "sde=foo"),
-        (["sde.beta_min=30"], "sde.beta_min=30"),
-        (["training.lr=-1"], "training.lr=-1"),
-        (["training.batch_size=0"], "training.batch_size=0"),
-        (["training.loss=nope"], "training.loss='nope'"),
-        (["mode=sample", "ckpt=/nonexistent"], "ckpt=/nonexistent"),
-        (["mode=sample"], "train first"),
-        (["data=npz", "data.path=/nonexistent.npz"], "/nonexistent.npz"),
-        (["mode=fly"], "mode='fly'"),
-        (["training.nosuchkey=1"], "training.nosuchkey"),
-        (["model=exact"], "nothing to train"),
-        (["sampler=ddim", "sde=ve"], "ddim"),
-        (["sampler=pc", "sampler.snr=0"], "sampler.snr=0"),
-        (["sampler=pc", "sampler.predictor=magic"], "sampler.predictor='magic'"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
+@pytest.mark.parametrize("args,needle,via", BAD_INPUT)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle, via):
+    if via == "dispatch":
+        from runs import run_mode
+
+        from tasks import UserError
+
+        with pytest.raises(UserError) as e:
+            run_mode(tmp_path, "bad", *args)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+        assert not list(tmp_path.glob("*/bad/*")), "nothing written for refused input"
+        return
     r = run_py(*args, "logger.mode=disabled", cwd=tmp_path)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -86,41 +93,17 @@ def test_every_option_of_every_group_composes_and_validates(tmp_path, group):
             assert cfg[group]["name"] == option, (group, option, cfg[group]["name"])
 
 
-def test_torchrun_two_processes(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            str(ROOT / "run.py"),
-            "training.steps=20",
-            "logger.mode=disabled",
-            "progress=false",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "world size 2" in r.stdout
-    from training import checkpoint as ckpt
-
-    runs = [p for p in (tmp_path / "outputs" / "train").iterdir() if (p / "checkpoints").is_dir()]
-    assert len(runs) == 1, "all ranks must share rank 0's run folder"
-    state = ckpt.load(ckpt.list_checkpoints(runs[0] / "checkpoints")[-1])
-    assert state["step"] == 20 and len(state["rng"]) == 2
-
-
 def test_the_three_usage_commands_chain_without_paths(tmp_path):
-    """README: train, then sample and nll find the newest matching checkpoint on their own."""
-    r = run_py("sde=vp", "mode=train", "training.steps=40", "logger.mode=disabled", cwd=tmp_path)
+    """README: train (with the wandb logger offline), then sample and nll find the newest
+    matching checkpoint on their own."""
+    r = run_py("sde=vp", "mode=train", "training.steps=40", "logger.mode=offline", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "outputs in" in r.stdout
+    ckpts = list((tmp_path / "outputs" / "train").glob("*_vp_gmm8/checkpoints/ckpt_00000040.pt"))
+    assert len(ckpts) == 1
+    run_dir = ckpts[0].parents[1]
+    assert (run_dir / "loss.png").is_file() and (run_dir / "train.json").is_file()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run not written"
     r = run_py(
         "mode=sample",
         "sampler=pc",
@@ -207,18 +190,28 @@ def test_lookup_prefers_finished_runs_and_all_non_finite_samples_exit_2(tmp_path
     assert len(errors) == 1 and "all 64 samples hold NaN or inf" in errors[0], r.stderr
     assert "ckpt_" in errors[0] and "of 50 planned, training run failed" in errors[0]
     assert not list(tmp_path.glob("outputs/sample/*/samples.npz"))
-    # a finished run made before a later failed one is preferred to it
-    r = run_py("training.steps=20", "logger.mode=disabled", "progress=false", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = run_py(
-        "training.lr=1e9",
-        "training.max_bad_steps=3",
-        "training.steps=50",
-        "logger.mode=disabled",
-        "progress=false",
-        cwd=tmp_path,
+    # a finished run made before a later failed one is preferred to it (the two training runs
+    # in-process, as run.py would run them, into the same outputs folder: a run.py process costs
+    # ~3 s of CPU for its imports)
+    from runs import run_mode
+
+    from tasks import UserError
+
+    summary, _ = run_mode(tmp_path / "outputs", "finished", "training.steps=20")
+    assert summary["status"] == "finished"
+    with pytest.raises(UserError, match="non-finite"):
+        run_mode(
+            tmp_path / "outputs",
+            "failed",
+            "training.lr=1e9",
+            "training.max_bad_steps=3",
+            "training.steps=50",
+        )
+    assert json.loads((tmp_path / "outputs/train/failed/train.json").read_text())["status"] == (
+        "failed"
     )
     r = run_py(
         "mode=sample", "sampler=fast", "sampler.n_samples=64", "logger.mode=disabled", cwd=tmp_path
     )
     assert r.returncode == 0 and "newest finished" in r.stdout, r.stdout[-2000:]
+    assert "train/finished/" in r.stdout, r.stdout[-2000:]

@@ -33,7 +33,17 @@ def _check_component_law(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor)
     assert corr.abs().max() < 4.5 / math.sqrt(n), corr
 
 
-@pytest.mark.parametrize("sde", ["vp", "subvp", "ve"])
+# slow: subvp and ve (~9 s of CPU each). The default run keeps vp: the conditional and guided
+# scores depend on the SDE only through alpha(t) and sigma(t) (models/exact.py), which the
+# sampler law tests of test_samplers.py exercise on every SDE.
+@pytest.mark.parametrize(
+    "sde",
+    [
+        "vp",
+        pytest.param("subvp", marks=pytest.mark.slow),
+        pytest.param("ve", marks=pytest.mark.slow),
+    ],
+)
 def test_exact_conditional_and_exact_classifier_reproduce_the_component(tmp_path, sde):
     """model=exact with sampler.class_label=k (guidance 0) samples component k; classifier
     guidance at scale 1 with the exact p_t(y | x) on the exact unconditional score does too."""
@@ -186,10 +196,19 @@ TINY = (
 )
 
 
+@pytest.mark.slow
 def test_conditional_digits_guidance_raises_the_share_of_the_class(tmp_path):
     """A conditional digits U-Net trained from run.py's config: the toolkit's classifier labels
     far more samples 3 with class_label=3 than without, and more with guidance 2 than 0; the
-    same checkpoint inpaints with the known pixels kept exactly."""
+    same checkpoint inpaints with the known pixels kept exactly.
+
+    Slow (a 400-step U-Net training and four sample runs; ~33 s of CPU). In the default run
+    guidance is checked with exact scores (test_exact_conditional_and_exact_classifier_
+    reproduce_the_component, test_exact_references_are_closed_form), classifier-free guidance as
+    one batched call (test_classifier_free_guidance_is_one_batched_call), a trained classifier
+    guiding a model (test_trained_noise_conditional_classifier_guides_an_unconditional_model),
+    and inpainting keeps known values exactly (test_samplers_api.py::
+    test_inpaint_keeps_known_values_exactly)."""
     run_mode(tmp_path, "train", *TINY, "training.steps=400", "training.label_dropout=0.1")
     share = {}
     for name, extra in (

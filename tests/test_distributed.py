@@ -314,7 +314,9 @@ def _workers(proc: subprocess.Popen, needle: str) -> list[int]:
 
 def test_sigterm_to_every_rank_saves_once_and_resume_continues_exactly(tmp_path):
     """What Slurm does at the end of a job: SIGTERM to every process; then resume=true under
-    torchrun reaches the parameters of an uninterrupted two-process run."""
+    torchrun reaches the parameters of an uninterrupted two-process run. The uninterrupted run
+    also checks plain torchrun training: world size 2, one run folder (rank 0's) shared by the
+    ranks, both ranks' RNG states in the checkpoint."""
     from training import checkpoint as ckpt
 
     args = (
@@ -350,13 +352,20 @@ def test_sigterm_to_every_rank_saves_once_and_resume_continues_exactly(tmp_path)
     (tmp_path / "whole").mkdir()
     r = torchrun(str(ROOT / "run.py"), *args, cwd=tmp_path / "whole")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "world size 2" in r.stdout
+    runs = [
+        p
+        for p in (tmp_path / "whole" / "outputs" / "train").iterdir()
+        if (p / "checkpoints").is_dir()
+    ]
+    assert len(runs) == 1, "all ranks must share rank 0's run folder"
 
     def final(root: Path) -> dict:
         runs = sorted(root.glob("outputs/train/*/checkpoints"), key=lambda p: p.stat().st_mtime)
         return ckpt.load(ckpt.list_checkpoints(runs[-1])[-1])
 
     resumed, whole = final(tmp_path / "cut"), final(tmp_path / "whole")
-    assert resumed["step"] == whole["step"] == 400
+    assert resumed["step"] == whole["step"] == 400 and len(whole["rng"]) == 2
     for k, v in whole["model"].items():
         torch.testing.assert_close(resumed["model"][k], v, rtol=0, atol=0)
 

@@ -704,12 +704,56 @@ def test_optimise_grid_fits_a_trained_checkpoint(tmp_path, capsys, trained_gmm8)
     assert e.value.code == 2 and err.count("\n") == 1 and "none.pt" in err, err
 
 
+def test_grid_fit_from_run_py_reproduces_through_its_file(tmp_path):
+    """sampler.grid=fit from run.py (exact gmm8 score, UniPC at 5 steps): the fitted steps are
+    written to the run folder, the NFE excludes the fit, the file reproduces the run's samples
+    bit for bit through sampler.grid=<path>, and a stochastic sampler or another task is
+    refused with one line. (Whether the fit leads on a trained model: the slow
+    test_fast_with_a_fitted_grid_leads_on_a_trained_model.)"""
+    from tasks import UserError
+
+    run = (
+        "mode=sample",
+        "model=exact",
+        "sampler=unipc",
+        "sampler.steps=5",
+        "sampler.n_samples=300",
+    )
+    m, out = run_mode(tmp_path, "fit", *run, "sampler.grid=fit")
+    path = out / "schedule.json"
+    record = json.loads(path.read_text())
+    assert m["nfe"] == 6 and record["solver"] == "unipc" and record["steps"] == 5
+    times = record["times"]
+    assert len(times) == 6 and all(a > b for a, b in zip(times, times[1:])), times
+    _, out2 = run_mode(tmp_path, "reuse", *run, f"sampler.grid={path}")
+    a, b = (np.load(o / "samples.npz")["samples"] for o in (out, out2))
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(UserError, match=r"sampler.grid=fit is not allowed for sampler=pc"):
+        run_mode(tmp_path, "bad", "mode=sample", "model=exact", "sampler=pc", "sampler.grid=fit")
+    with pytest.raises(UserError, match=r"sampler.grid=fit works with sampler.task=sample only"):
+        run_mode(
+            tmp_path,
+            "bad2",
+            "mode=sample",
+            "model=exact",
+            "sampler=unipc",
+            "sampler.grid=fit",
+            "sampler.task=inpaint",
+        )
+
+
+@pytest.mark.slow
 def test_fast_with_a_fitted_grid_leads_on_a_trained_model(tmp_path, trained_gmm8):
     """sampler.grid=fit from run.py: the steps are fitted once to the trained model's own flow and
     written to the run folder. On a held-out batch that schedule puts fast ahead of fast's shipped
     one and of every fixed grid with UniPC, DPM-Solver++(2M) and iPNDM at the same 10 NFE (the
     trained-model ordering of issue 10); the file reproduces the run's samples through
-    sampler.grid=<path>; a stochastic sampler or another task is refused with one line."""
+    sampler.grid=<path>; a stochastic sampler or another task is refused with one line.
+
+    Slow (~35 s of CPU: the fit and 13 held-out comparisons). In the default run
+    test_grid_fit_from_run_py_reproduces_through_its_file checks sampler.grid=fit from run.py
+    (with the exact score), and test_optimise_grid_fits_a_trained_checkpoint fits a schedule to
+    the same trained checkpoint and checks that it beats every fixed grid."""
     from tasks import UserError
     from tasks.common import load_score_model
     from training import checkpoint as ckpt

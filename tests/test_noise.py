@@ -214,7 +214,6 @@ BROKEN = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("flaw", list(BROKEN))
 def test_the_battery_catches_broken_generators(flaw):
     """Each broken generator fails the checks aimed at its flaw (and the sound checks are not

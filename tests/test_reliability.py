@@ -193,6 +193,9 @@ def test_malicious_pickle_is_refused_and_its_code_never_runs(tmp_path, trained):
 
 
 def test_bad_checkpoints_through_run_py_exit_2_with_one_line(tmp_path, trained):
+    """Malicious, truncated, garbage and mismatched checkpoints given to nll, resume and sample:
+    one line naming the file and the problem, and the malicious code never runs. run.py runs the
+    three modes' loading paths in subprocesses; the other cases go through tasks.dispatch."""
     good = ckpt.list_checkpoints(trained[1] / "checkpoints")[-1]
     marker = tmp_path / "PWNED"
     evil = malicious_checkpoint(good, tmp_path / "evil.pt", marker)
@@ -216,19 +219,28 @@ def test_bad_checkpoints_through_run_py_exit_2_with_one_line(tmp_path, trained):
     }
     if SAMPLE_BUILT:
         cases["sample evil"] = ["mode=sample", f"ckpt={evil}"]
-    results = run_py_all(cases, tmp_path)
-    for name, result in results.items():
-        line = one_error_line(result)
+    # each mode's loading path through run.py once (a subprocess costs ~3 s of CPU); the other
+    # cases raise the same UserError through tasks.dispatch, which run.py prints as one line
+    cli = {"nll evil", "resume garbage", "sample evil"}
+    results = run_py_all({k: v for k, v in cases.items() if k in cli}, tmp_path)
+    lines = {name: one_error_line(result) for name, result in results.items()}
+    for name, args in cases.items():
+        if name not in cli:
+            with pytest.raises(UserError) as e:
+                run_mode(tmp_path / "in_process", name.replace(" ", "_"), *args)
+            lines[name] = str(e.value)
+            assert "\n" not in lines[name], lines[name]
+    for name, line in lines.items():
         path = {"evil": evil, "truncated": truncated, "garbage": garbage}.get(
             name.split()[-1], good
         )
         assert str(path) in line, (name, line)
         if "evil" in name:
             assert "Python objects" in line, line
-    assert "truncated" in one_error_line(results["nll truncated"])
-    assert "not a PyTorch checkpoint" in one_error_line(results["resume garbage"])
-    assert "sde.beta_max: run=10" in one_error_line(results["nll other sde"])
-    assert "model.hidden: run=64 checkpoint=32" in one_error_line(results["resume other model"])
+    assert "truncated" in lines["nll truncated"]
+    assert "not a PyTorch checkpoint" in lines["resume garbage"]
+    assert "sde.beta_max: run=10" in lines["nll other sde"]
+    assert "model.hidden: run=64 checkpoint=32" in lines["resume other model"]
     assert not marker.exists()
 
 
@@ -422,11 +434,19 @@ def step_of(path: Path) -> int:
     return int(path.stem[-8:])
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_reaches_the_uninterrupted_parameters(tmp_path):
     """5 SIGKILLs at seeded random moments while checkpoints are written every 5 steps.
 
     Four kills land a random 0-50 ms after the run passes a seeded random step (so they are spread
     over the run whatever the machine's speed); one lands 0.2-1.5 s after start-up began.
+
+    Slow (six run.py processes; ~25 s of CPU). In the default run a kill in the middle of a save
+    (test_sigkill_in_the_middle_of_a_save_leaves_the_old_checkpoint), truncated and garbage
+    checkpoints with resume falling back (test_truncated_and_garbage_checkpoints_are_named_and_
+    resume_falls_back), SIGTERM / SIGINT saves (test_sigterm_and_sigint_save_a_checkpoint_and_
+    exit_0) and exact resume (test_training.py::test_resume_reaches_the_same_parameters) are
+    checked one at a time.
     """
     total = 400
     args = [*TINY, f"training.steps={total}", "training.ckpt_every=5", "training.keep=2"]

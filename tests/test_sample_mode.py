@@ -21,6 +21,18 @@ FAST = {
     "reverse_diffusion": ["sampler.steps=50"],
     "ancestral": ["sampler.steps=50"],
 }
+# score evaluations per batch: steps (+ corrector steps) + the final denoising; None: adaptive
+NFE = {
+    "pc": 101,
+    "em": 51,
+    "ode": None,
+    "ddim": 21,
+    "fast": 20,
+    "dpm_solver": 20,
+    "heun": 36,
+    "reverse_diffusion": 51,
+    "ancestral": 51,
+}
 
 
 def _check_outputs(out, n):
@@ -52,7 +64,8 @@ def test_each_sampler_on_a_checkpoint(trained_root, sampler):
         *FAST[sampler],
     )
     metrics = _check_outputs(out, 200)
-    assert metrics["sampler"] == sampler and metrics["nfe"] >= 1
+    assert metrics["sampler"] == sampler
+    assert metrics["nfe"] == NFE[sampler] if NFE[sampler] else 10 < metrics["nfe"] < 500, metrics
     # a mixture law: quality against fresh data and the exact density are reported
     assert metrics["mmd_to_fresh_data"] > 0 and np.isfinite(metrics["exact_loglik_mean"])
 

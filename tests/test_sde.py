@@ -12,10 +12,20 @@ from scipy import stats
 from sde_lib import VESDE, VPSDE, append_dims, subVPSDE
 
 
-def simulate_forward(sde, x0: torch.Tensor, t_end: float, n_steps: int, g: torch.Generator):
-    """Euler-Maruyama simulation of the forward SDE from x0 to t_end, float64."""
+def simulate_forward(
+    sde,
+    x0: torch.Tensor,
+    t_end: float,
+    n_steps: int,
+    g: torch.Generator,
+    record: tuple[float, ...] = (),
+) -> dict[float, torch.Tensor]:
+    """Euler-Maruyama simulation of the forward SDE from x0 to t_end, float64: {t: x_t} at t_end
+    and at the grid times nearest to each time of `record` (one path serves every time)."""
     x = x0.double().clone()
     dt = t_end / n_steps
+    at = {round(t / dt): t for t in record}
+    out = {}
     for i in range(n_steps):
         t = torch.full((x.shape[0],), i * dt, dtype=torch.float64)
         f, gdiff = sde.sde(x, t)
@@ -26,24 +36,29 @@ def simulate_forward(sde, x0: torch.Tensor, t_end: float, n_steps: int, g: torch
             * math.sqrt(dt)
             * torch.randn(x.shape, generator=g, dtype=torch.float64)
         )
-    return x
+        if i + 1 in at:
+            out[at[i + 1]] = x
+    out[t_end] = x
+    return out
 
 
 @pytest.mark.parametrize("name", list(SDES))
-@pytest.mark.parametrize("t_end", [0.3, 1.0])
-def test_marginal_matches_euler_maruyama_moments(name, t_end):
+def test_marginal_matches_euler_maruyama_moments(name):
+    """One Euler-Maruyama path set (n = 20 000, 2000 steps to t = 1) checked at t = 0.3 and 1:
+    the same paths serve both times (0.3 is step 600), at half the cost of two simulations."""
     sde = make_sde(name)
     g = torch.Generator().manual_seed(0)
     n = 20000
     x0 = torch.tensor([[1.5, -0.5]]).expand(n, 2)
-    xt = simulate_forward(sde, x0, t_end, 2000, g)
-    mean, std = sde.marginal_prob(x0[:1].double(), torch.tensor([t_end], dtype=torch.float64))
-    emp_mean, emp_std = xt.mean(0), xt.std(0)
-    # mean: within 4 Monte-Carlo standard errors (+1e-3 for the EM bias of 2000 steps)
-    se = std / math.sqrt(n)
-    assert torch.all((emp_mean - mean[0]).abs() <= 4 * se + 1e-3), (emp_mean, mean)
-    # std: MC relative SE of a std is 1/sqrt(2n) = 0.5 %; allow 2.5 % (EM bias included)
-    assert torch.allclose(emp_std, std.expand(2), rtol=0.025), (emp_std, std)
+    paths = simulate_forward(sde, x0, 1.0, 2000, g, record=(0.3,))
+    for t_end, xt in paths.items():
+        mean, std = sde.marginal_prob(x0[:1].double(), torch.tensor([t_end], dtype=torch.float64))
+        emp_mean, emp_std = xt.mean(0), xt.std(0)
+        # mean: within 4 Monte-Carlo standard errors (+1e-3 for the EM bias of 2000 steps)
+        se = std / math.sqrt(n)
+        assert torch.all((emp_mean - mean[0]).abs() <= 4 * se + 1e-3), (t_end, emp_mean, mean)
+        # std: MC relative SE of a std is 1/sqrt(2n) = 0.5 %; allow 2.5 % (EM bias included)
+        assert torch.allclose(emp_std, std.expand(2), rtol=0.025), (t_end, emp_std, std)
 
 
 @pytest.mark.parametrize("name", list(SDES))

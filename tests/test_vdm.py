@@ -215,7 +215,11 @@ def test_vdm_train_nll_sample_and_learned_schedule(tmp_path):
     from training import checkpoint as ckpt
 
     net = ["sde=vdm", "data=digits", "model=unet", "model.ch=8"]
-    train, out = run_mode(tmp_path, "t", "mode=train", *net, "training.steps=200")
+    # batch 32 (not the image default 128): 13 s of CPU instead of 23; measured ends -13.206 /
+    # 4.942 (bounds: moved > 0.03 / 0.01) and variance 48395 learned < 48886 initial
+    train, out = run_mode(
+        tmp_path, "t", "mode=train", *net, "training.steps=200", "training.batch_size=32"
+    )
     assert train["status"] == "finished" and math.isfinite(train["final_loss"])
     state = ckpt.load(train["checkpoint"])
     assert state["config"] and "schedule.ends" in state["ema"]
@@ -280,8 +284,15 @@ def test_vdm_train_nll_sample_and_learned_schedule(tmp_path):
     assert var["learned"] < var["initial"], var
 
 
+# slow: the "beta" variance and the cosine schedule (~7 s of CPU each); the default run keeps the
+# default posterior variance on the default schedule
 @pytest.mark.parametrize(
-    "extra", [["sampler.variance=beta"], ["sampler.variance=posterior"], ["sde.schedule=cosine"]]
+    "extra",
+    [
+        pytest.param(["sampler.variance=beta"], marks=pytest.mark.slow),
+        ["sampler.variance=posterior"],
+        pytest.param(["sde.schedule=cosine"], marks=pytest.mark.slow),
+    ],
 )
 def test_ancestral_reproduces_mix5d(tmp_path, extra):
     res, _ = run_mode(
