@@ -312,11 +312,27 @@ def _workers(proc: subprocess.Popen, needle: str) -> list[int]:
     return sorted(int(p) for p in found if int(p) != proc.pid)
 
 
+def test_torchrun_training_shares_rank_0s_run_folder(tmp_path):
+    """Plain torchrun training through run.py: world size 2, one run folder (rank 0's) shared by
+    the ranks, both ranks' RNG states in the checkpoint. (The slow test below also interrupts
+    such a run with SIGTERM and resumes it.)"""
+    from training import checkpoint as ckpt
+
+    args = ("training.steps=40", "model=mlp", "model.hidden=64", "model.depth=2", *QUIET)
+    r = torchrun(str(ROOT / "run.py"), *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world size 2" in r.stdout
+    runs = [p for p in (tmp_path / "outputs" / "train").iterdir() if (p / "checkpoints").is_dir()]
+    assert len(runs) == 1, "all ranks must share rank 0's run folder"
+    state = ckpt.load(ckpt.list_checkpoints(runs[0] / "checkpoints")[-1])
+    assert state["step"] == 40 and len(state["rng"]) == 2
+
+
+@pytest.mark.slow
 def test_sigterm_to_every_rank_saves_once_and_resume_continues_exactly(tmp_path):
     """What Slurm does at the end of a job: SIGTERM to every process; then resume=true under
-    torchrun reaches the parameters of an uninterrupted two-process run. The uninterrupted run
-    also checks plain torchrun training: world size 2, one run folder (rank 0's) shared by the
-    ranks, both ranks' RNG states in the checkpoint."""
+    torchrun reaches the parameters of an uninterrupted two-process run. Single-process SIGTERM
+    and resume are in the default run (test_reliability); this one costs three torchrun runs."""
     from training import checkpoint as ckpt
 
     args = (

@@ -521,10 +521,12 @@ def test_gap_constrained_fit_brings_the_paired_gaps_within_tol():
     assert (y - ref).square().sum(1).mean().item() == pytest.approx(info["errors"][0], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_gap_constrained_fit_of_a_final_step_entry():
     """final_step=True fits FINAL_STEP's solver with steps + 1 steps and no denoising, within
     FINAL_STEP_RATIO: from the uniform-t grid (sub-VP mix5d paired gap -0.07) to within tol
-    (plus slack), with gaps that 10 plain iPNDM steps on the result reproduce."""
+    (plus slack), with gaps that 10 plain iPNDM steps on the result reproduce. Slow: the default
+    run fits the plain entries (test_gap_constrained_fit_brings_the_paired_gaps_within_tol)."""
     from samplers.fast import FINAL_STEP, FINAL_STEP_RATIO, gap_constrained_fit
     from samplers.grids import schedule_times
     from samplers.optimise_grid import reference
