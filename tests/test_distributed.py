@@ -83,7 +83,10 @@ def test_ranks_agree_after_every_step_and_match_one_process(tmp_path):
     assert float((one - two["params"]).abs().max()) < 1e-5 < moved / 100
 
 
+@pytest.mark.slow
 def test_sample_with_two_processes_writes_one_folder_equal_to_one_process(tmp_path):
+    """Two ranks sharing one outputs_root (one machine). Slow: the ranks exchange their results
+    through the same collectives as in test_sample_on_machines_sharing_no_files_equals_one_process, which the default run keeps."""
     args = (
         "mode=sample",
         "model=exact",
@@ -107,7 +110,10 @@ def test_sample_with_two_processes_writes_one_folder_equal_to_one_process(tmp_pa
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_nll_with_two_processes_equals_one_process(tmp_path):
+    """Two ranks sharing one outputs_root (one machine). Slow: the ranks exchange their results
+    through the same collectives as in test_nll_on_machines_sharing_no_files_equals_one_process_and_resumes, which the default run keeps."""
     args = (
         "mode=nll",
         "model=exact",
