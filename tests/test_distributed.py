@@ -86,7 +86,8 @@ def test_ranks_agree_after_every_step_and_match_one_process(tmp_path):
 @pytest.mark.slow
 def test_sample_with_two_processes_writes_one_folder_equal_to_one_process(tmp_path):
     """Two ranks sharing one outputs_root (one machine). Slow: the ranks exchange their results
-    through the same collectives as in test_sample_on_machines_sharing_no_files_equals_one_process, which the default run keeps."""
+    through the same collectives as in the default run's
+    test_sample_on_machines_sharing_no_files_equals_one_process."""
     args = (
         "mode=sample",
         "model=exact",
@@ -113,7 +114,8 @@ def test_sample_with_two_processes_writes_one_folder_equal_to_one_process(tmp_pa
 @pytest.mark.slow
 def test_nll_with_two_processes_equals_one_process(tmp_path):
     """Two ranks sharing one outputs_root (one machine). Slow: the ranks exchange their results
-    through the same collectives as in test_nll_on_machines_sharing_no_files_equals_one_process_and_resumes, which the default run keeps."""
+    through the same collectives as in the default run's
+    test_nll_on_machines_sharing_no_files_equals_one_process_and_resumes."""
     args = (
         "mode=nll",
         "model=exact",
