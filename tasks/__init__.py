@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from sde_lib.errors import UserError
@@ -21,8 +20,7 @@ log = logging.getLogger(__name__)
 def dispatch(cfg: dict, out_dir: Path) -> dict:
     """Validate `cfg` and run its mode, writing outputs under `out_dir`."""
     validate(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
-        log.info(f"{cfg['mode']} run: outputs in {out_dir}")
+    log.info(f"{cfg['mode']} run: outputs in {out_dir}")  # run.py quiets ranks other than 0
     mode = cfg["mode"]
     if mode == "train":
         return run_train(cfg, out_dir)

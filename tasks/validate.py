@@ -128,8 +128,9 @@ def validate_sampler(cfg: dict) -> None:
     """The sampler group: a known name that applies to the SDE, then each option by the rule its
     sampler module states (samplers.RULES), then the run's own keys (RUN_KEYS) and the grid."""
     name = _choice(cfg, "sampler.name", tuple(samplers.SAMPLERS))
+    sde = build_sde(cfg["sde"])
     try:
-        samplers.check_applicable(name, build_sde(cfg["sde"]))
+        samplers.check_applicable(name, sde)
     except ValueError as e:
         raise UserError(f"sampler={name} with sde={cfg['sde']['name']}: {e}") from None
     samplers.check_options(name, sampler_call_options(cfg["sampler"]), prefix="sampler.")
@@ -162,7 +163,7 @@ def validate_sampler(cfg: dict) -> None:
                 )
         else:
             try:
-                samplers.get_grid(c["grid"], build_sde(cfg["sde"]), int(steps), float(c["eps"]))
+                samplers.get_grid(c["grid"], sde, int(steps), float(c["eps"]))
             except (ValueError, OSError) as e:
                 raise UserError(f"sampler.grid={c['grid']!r}: {e}") from None
     validate_conditional_sampling(cfg)
