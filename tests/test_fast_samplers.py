@@ -486,11 +486,13 @@ def test_refit_starts_name_grids_within_the_step_ratio_bound():
             assert (h[:-1] / h[1:]).max() <= max_step_ratio(steps) * (1 + 1e-9)
 
 
+@pytest.mark.slow
 def test_gap_constrained_fit_brings_the_paired_gaps_within_tol():
     """From the logSNR grid (paired gaps about 0.4 on VP gmm8 and mix5d at 10 NFE), the fit
     brings both laws' paired log-density gaps within tol (plus the solver's slack), reports
     gaps that an independent run reproduces, keeps the step-ratio bound, and the objective's
-    error is the one it reports."""
+    error is the one it reports. Slow: it tests the tool that refits the shipped schedules; the
+    default run checks the shipped schedules' gaps (test_fast_at_10_nfe, _15_, _20_)."""
     from samplers.fast import choose, gap_constrained_fit
     from samplers.grids import lambda_positions, schedule_times
     from samplers.optimise_grid import reference
@@ -525,8 +527,8 @@ def test_gap_constrained_fit_brings_the_paired_gaps_within_tol():
 def test_gap_constrained_fit_of_a_final_step_entry():
     """final_step=True fits FINAL_STEP's solver with steps + 1 steps and no denoising, within
     FINAL_STEP_RATIO: from the uniform-t grid (sub-VP mix5d paired gap -0.07) to within tol
-    (plus slack), with gaps that 10 plain iPNDM steps on the result reproduce. Slow: the default
-    run fits the plain entries (test_gap_constrained_fit_brings_the_paired_gaps_within_tol)."""
+    (plus slack), with gaps that 10 plain iPNDM steps on the result reproduce. Slow, like the
+    plain entries' fit above."""
     from samplers.fast import FINAL_STEP, FINAL_STEP_RATIO, gap_constrained_fit
     from samplers.grids import schedule_times
     from samplers.optimise_grid import reference
