@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -24,15 +25,33 @@ class SinusoidalEmbedding(nn.Module):
 
 
 class FourierEmbedding(nn.Module):
-    """Random Fourier features of t (Tancik et al. 2020), fixed after initialisation."""
+    """Random Fourier features of t (Tancik et al. 2020), fixed after initialisation.
+
+    The frequencies are a frozen parameter (not a buffer): they count among the network's
+    parameters, as in NCSN++, and are left alone by the optimiser."""
 
     def __init__(self, dim: int, std: float = 16.0) -> None:
         super().__init__()
-        self.register_buffer("w", torch.randn(dim // 2) * std)
+        self.w = nn.Parameter(torch.randn(dim // 2) * std, requires_grad=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        arg = 2 * math.pi * t.float()[:, None] * self.w[None]
+        # in this order, as NCSN++ computes it: the argument reaches ~1e3, where float32 rounding
+        # of another order changes sin / cos by ~1e-4
+        arg = t.float()[:, None] * self.w[None] * 2 * math.pi
         return torch.cat([arg.sin(), arg.cos()], dim=1)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """DDPM's sinusoidal embedding of a (possibly fractional) time step t: (B,) -> (B, dim),
+    [sin(t w_i), cos(t w_i)] with w_i = max_period^(-i / (dim/2 - 1)), zero-padded to odd dim."""
+    half = dim // 2
+    freqs = torch.exp(
+        torch.arange(half, dtype=torch.float32, device=t.device)
+        * (-math.log(max_period) / (half - 1))
+    )
+    arg = t.float()[:, None] * freqs[None]
+    emb = torch.cat([arg.sin(), arg.cos()], dim=1)
+    return F.pad(emb, (0, dim % 2))
 
 
 def make_embedding(kind: str, dim: int) -> nn.Module:

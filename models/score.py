@@ -10,6 +10,8 @@ Samplers and losses only ever see the score, so they never know which network th
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -56,3 +58,100 @@ class ScoreModel(nn.Module):
         if self.parameterisation == "eps":
             return -out / append_dims(sigma.to(x.dtype), x.ndim)
         return out
+
+
+class ScoreSDEModel(nn.Module):
+    """A network under score_sde's conventions (Song et al. 2021, `models/utils.get_score_fn`).
+
+    VP and sub-VP (`process` "vp" / "subvp"): the network sees the time step label (N - 1) t and
+    predicts the noise, so
+        score(x, t) = -net(x, (N - 1) t) / std(t),
+    with std(t) the marginal std (continuous training) or, for discretely trained VP models,
+    DDPM's sqrt(1 - alphabar_i) at i = floor((N - 1) t) of the N-level table beta_i =
+    linspace(beta_min / N, beta_max / N).
+    VE: the network sees the noise level sigma(t) (continuous; NCSN++ embeds its log) or the level
+    index i = round((1 - t)(N - 1)) of the geometric table from sigma_max down to sigma_min
+    (discrete), and with `scale_by_sigma` divides its output by that sigma:
+        score(x, t) = net(x, sigma) / sigma.
+
+    Every noise level is computed as score_sde computes it, in the input's precision: its VP std
+    sqrt(1 - exp(2 log alpha)) loses digits at small t in float32 (0.6 % at t = 1e-5), but the
+    network was trained on x_t = alpha x_0 + std z with that very std, so its noise prediction
+    is a score only when divided by it. VE's sigma(t) = sigma_min (sigma_max / sigma_min)^t is
+    score_sde's noise level, not the exact kernel std sqrt(sigma(t)^2 - sigma_min^2) of
+    `sde_lib.VESDE`; the network was trained with it.
+
+    `centered=False`: the network was trained on data in [0, 1] (it maps its input to 2x - 1 as
+    its first step, so it sees the toolkit's [-1, 1] data unchanged). In [-1, 1] coordinates the
+    same VE process has every sigma doubled (the `sde` given here, in the toolkit's space, has
+    sigma_min = 2 x 0.01 for score_sde's cifar10 configs) and the score halves; the network's
+    noise label is its own sigma, half the toolkit's. A VP process on [0, 1] data is not a VP
+    process on [-1, 1] (the mean shift is not scaled by alpha), so that combination is refused.
+    """
+
+    PROCESSES = ("vp", "subvp", "ve")
+
+    def __init__(
+        self,
+        net: nn.Module,
+        sde: SDE,
+        process: str,
+        *,
+        continuous: bool = True,
+        n_levels: int = 1000,
+        centered: bool = True,
+        scale_by_sigma: bool = False,
+    ) -> None:
+        super().__init__()
+        if process not in self.PROCESSES:
+            raise ValueError(
+                f"score_sde's networks are trained for sde=vp|subvp|ve, not sde={process}"
+            )
+        if process != "ve" and not centered:
+            raise ValueError(
+                "a VP / sub-VP network trained on data in [0, 1] (centered=false) has no VP "
+                "counterpart on the toolkit's [-1, 1] data; use centered=true"
+            )
+        if process == "subvp" and not continuous:
+            raise ValueError("score_sde has no discrete sub-VP process; use continuous=true")
+        self.net, self.sde, self.process = net, sde, process
+        self.continuous, self.n_levels = bool(continuous), int(n_levels)
+        self.data_scale = 1.0 if centered else 2.0  # toolkit units per network unit
+        self.scale_by_sigma = bool(scale_by_sigma)
+
+    @property
+    def n_classes(self) -> int:
+        return int(getattr(self.net, "n_classes", 0))
+
+    def _std(self, t: torch.Tensor) -> torch.Tensor:
+        """std(t) of the VP / sub-VP perturbation, as the network was trained with it."""
+        if self.continuous:
+            decay = 1 - torch.exp(2 * self.sde.log_alpha(t))
+            return decay if self.process == "subvp" else torch.sqrt(decay)
+        n = self.n_levels
+        betas = torch.linspace(
+            self.sde.beta_min / n, self.sde.beta_max / n, n, dtype=t.dtype, device=t.device
+        )
+        std = torch.sqrt(1 - torch.cumprod(1 - betas, 0))
+        return std[(t * (n - 1)).long()]
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        extra = () if y is None else (y,)
+        if self.process != "ve":
+            out = self.net(x, t * (self.n_levels - 1), *extra)
+            return -out / append_dims(self._std(t).to(x.dtype), x.ndim)
+        s_min, s_max = self.sde.sigma_min, self.sde.sigma_max
+        if self.continuous:
+            level = s_min / self.data_scale * (s_max / s_min) ** t
+            label = level
+        else:
+            n = self.n_levels
+            label = torch.round((1 - t) * (n - 1))
+            logs = torch.linspace(math.log(s_max), math.log(s_min), n, dtype=t.dtype)
+            level = torch.exp(logs.to(t.device))[label.long()] / self.data_scale
+        out = self.net(x, label, *extra)
+        if self.scale_by_sigma:
+            out = out / append_dims(level.to(x.dtype), x.ndim)
+        return out / self.data_scale

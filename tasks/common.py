@@ -22,30 +22,24 @@ from data.datasets import (
     toy,
 )
 from data.mixtures import mixture5d
-from models import MLP, MixtureScore, ScoreModel, UNet
-from sde_lib import SDE, VDMSDE, VESDE, VPSDE, subVPSDE
+from models import MixtureScore, factory
+from sde_lib import SDE, sde_from_config
 from sde_lib.errors import UserError
 from training import checkpoint as ckpt
 from training.distributed import setup, share_from_main
 
 log = logging.getLogger(__name__)
 
-SDE_CLASSES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE, "vdm": VDMSDE}
 TOY_DATA = ("gmm8", "checkerboard", "swissroll", "moons")
 DATA_NAMES = (*TOY_DATA, "mix5d", "digits", "mnist", "npz", "folder")
-MODEL_NAMES = ("auto", "mlp", "unet", "exact")
+MODEL_NAMES = ("auto", *factory.NETWORKS, "exact")
 
 
 def build_sde(c: dict) -> SDE:
-    name = c.get("name")
-    if name not in SDE_CLASSES:
-        raise UserError(f"sde={name!r} is not known; allowed: {', '.join(SDE_CLASSES)}")
-    params = {k: v for k, v in c.items() if k != "name"}
     try:
-        return SDE_CLASSES[name](**params)
+        return sde_from_config(c)
     except (TypeError, ValueError) as e:
-        given = ", ".join(f"sde.{k}={v}" for k, v in params.items())
-        raise UserError(f"sde={name} ({given}): {e}") from None
+        raise UserError(str(e)) from None
 
 
 def build_dataset(c: dict) -> Dataset:
@@ -74,20 +68,7 @@ def build_dataset(c: dict) -> Dataset:
     raise UserError(f"data={name!r} is not known; allowed: {', '.join(DATA_NAMES)}")
 
 
-def _unet_defaults(shape: tuple[int, ...]) -> dict:
-    res = shape[-1]
-    ch_mult = [1, 2] if res <= 8 else [1, 2, 2] if res <= 28 else [1, 2, 2, 2]
-    while res % 2 ** (len(ch_mult) - 1):
-        ch_mult.pop()
-    lowest = res // 2 ** (len(ch_mult) - 1)
-    return {"ch_mult": ch_mult, "attn_resolutions": [lowest]}
-
-
 def build_network(c: dict, dataset: Dataset) -> torch.nn.Module:
-    name = c["name"]
-    if name == "auto":
-        name = "mlp" if dataset.kind == "points" else "unet"
-    emb = c.get("embedding", "sinusoidal")
     n_classes = 0
     if c.get("conditional"):
         n_classes = dataset.n_classes
@@ -97,37 +78,12 @@ def build_network(c: dict, dataset: Dataset) -> torch.nn.Module:
                 f"npz with data.label_key, folder with class sub-folders); data={dataset.name} "
                 "has no labels"
             )
-    if name == "mlp":
-        return MLP(
-            dataset.shape,
-            hidden=int(c.get("hidden", 256)),
-            depth=int(c.get("depth", 4)),
-            emb_dim=int(c.get("emb_dim", 64)),
-            embedding=emb,
-            n_classes=n_classes,
-        )
-    if name == "unet":
-        if len(dataset.shape) != 3:
-            raise UserError(
-                f"model=unet needs images (C, H, W); data={dataset.name} has shape "
-                f"{dataset.shape}; use model=mlp"
-            )
-        auto = _unet_defaults(dataset.shape)
-        return UNet(
-            dataset.shape,
-            ch=int(c.get("ch", 32)),
-            ch_mult=c.get("ch_mult") or auto["ch_mult"],
-            num_res_blocks=int(c.get("num_res_blocks", 1)),
-            attn_resolutions=c.get("attn_resolutions") or auto["attn_resolutions"],
-            dropout=float(c.get("dropout", 0.0)),
-            embedding=emb,
-            n_classes=n_classes,
-        )
-    raise UserError(f"model={name!r} is not known; allowed: {', '.join(MODEL_NAMES)}")
+    return factory.network(c, dataset.shape, dataset.kind, n_classes)
 
 
 def build_score_model(cfg: dict, sde: SDE, dataset: Dataset) -> torch.nn.Module:
-    """A trainable ScoreModel, or the exact MixtureScore for model=exact."""
+    """A trainable score model (network + parameterisation), or the exact MixtureScore for
+    model=exact."""
     c = cfg["model"]
     if c["name"] == "exact":
         if dataset.mixture is None:
@@ -138,10 +94,7 @@ def build_score_model(cfg: dict, sde: SDE, dataset: Dataset) -> torch.nn.Module:
         return MixtureScore(sde, dataset.mixture)
     torch.manual_seed(int(cfg.get("seed", 0)))
     net = build_network(c, dataset)
-    sigma_data = c.get("sigma_data")
-    if sigma_data is None:
-        sigma_data = 1.0 if dataset.kind == "points" else 0.5
-    return ScoreModel(net, sde, c.get("parameterisation", "eps"), float(sigma_data))
+    return factory.score_model(c, net, sde, dataset.kind, cfg["sde"]["name"])
 
 
 def start_processes(cfg: dict):

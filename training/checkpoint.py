@@ -15,19 +15,16 @@ from __future__ import annotations
 import json
 import logging
 import re
-import warnings
-import zipfile
 from pathlib import Path
 
 import torch
 
-from sde_lib.io import atomic_write
+from sde_lib.io import atomic_write, load_weights_only
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
-_ZIP_MAGIC = b"PK\x03\x04"
 _REQUIRED = ("model", "ema", "step", "config")
 
 
@@ -55,23 +52,6 @@ def save(path: Path, state: dict) -> None:
         )
     state = {**state, "format_version": FORMAT_VERSION}
     atomic_write(Path(path), lambda f: torch.save(state, f))
-
-
-def _archive_problem(path: Path) -> str | None:
-    """Why `path` is not a complete torch.save zip archive, or None if it is one."""
-    size = path.stat().st_size
-    if size == 0:
-        return "the file is empty"
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head != _ZIP_MAGIC:
-        return (
-            f"it is not a PyTorch checkpoint archive ({size} bytes starting {head!r}; "
-            "garbage, a plain pickle or another format)"
-        )
-    if not zipfile.is_zipfile(path):
-        return f"it is truncated or corrupt (a {size}-byte zip archive without its directory)"
-    return None
 
 
 def _layout_problem(state) -> str | None:
@@ -111,28 +91,9 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; pass ckpt=PATH to an existing file")
     try:
-        problem = _archive_problem(path)
-    except OSError as e:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {e.strerror or e}") from None
-    if problem is not None:
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {problem}")
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        if any("GLOBAL" in ln for ln in lines):
-            reason = (
-                "it holds Python objects other than tensors "
-                "(refused: unpickling them could run code)"
-            )
-        elif lines and lines[0].startswith("Weights only load failed"):
-            detail = next((ln for ln in lines if "Unsupported" in ln), lines[-1])
-            reason = f"it holds pickle data the safe loader refuses ({detail})"
-        else:
-            reason = f"it is corrupt ({type(e).__name__}{': ' + lines[0] if lines else ''})"
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {reason}") from None
+        state = load_weights_only(path, map_location)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {e}") from None
     problem = _layout_problem(state)
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
