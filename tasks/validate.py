@@ -70,6 +70,8 @@ def validate_common(cfg: dict) -> None:
     _choice(cfg, "data.name", DATA_NAMES)
     if cfg["data"]["name"] == "digits":
         _choice(cfg, "data.levels", (17, 256))
+    if cfg["data"]["name"] in ("cifar10", "folder"):  # folder: null keeps the images' own size
+        _num(cfg, "data.image_size", kind=int, lo=1, none_ok=cfg["data"]["name"] == "folder")
     _choice(cfg, "model.name", MODEL_NAMES)
     _choice(cfg, "logger.mode", ("offline", "online", "disabled"))
     if cfg["model"]["name"] != "exact":
