@@ -1,5 +1,6 @@
 """Embedded data sets, user data loaders and the exact mixture laws."""
 
+from .cifar10 import cifar10
 from .datasets import (
     DataError,
     Dataset,
@@ -13,6 +14,7 @@ from .datasets import (
 from .mixtures import gmm8, mixture5d
 
 __all__ = [
+    "cifar10",
     "DataError",
     "Dataset",
     "digits",

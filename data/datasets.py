@@ -391,9 +391,24 @@ def _check_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
     return y
 
 
-def folder_dataset(path: str, channels: int = 1, test_fraction: float = 0.1) -> Dataset:
+def _square(im, size: int):
+    """The centred largest square of a PIL image, resized to size x size with Lanczos (its wide
+    kernel antialiases when shrinking); on 8-bit images, so the levels stay integers 0..255."""
+    from PIL import Image
+
+    w, h = im.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return im.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + s, top + s))
+
+
+def folder_dataset(
+    path: str, channels: int = 1, test_fraction: float = 0.1, image_size: int | None = None
+) -> Dataset:
     """A folder of equally sized 8-bit images (e.g. MNIST or CIFAR-10 exported as PNG).
 
+    With `image_size`, images of any size are centre-cropped to a square and resized to
+    image_size x image_size (Lanczos, 8-bit: integer levels kept); without, all must share a size.
     When every image lies in a sub-folder of `path` (one level down, at least two of them), the
     sub-folders are the classes: labels 0..K-1 in the sorted order of their names
     (`meta["classes"]`), as torchvision's ImageFolder does.
@@ -406,6 +421,8 @@ def folder_dataset(path: str, channels: int = 1, test_fraction: float = 0.1) -> 
     mode = {1: "L", 3: "RGB"}.get(channels) if type(channels) in (int, float) else None
     if mode is None:
         raise DataError(f"data.channels={channels} is not supported; allowed: 1, 3")
+    if image_size is not None and (type(image_size) is not int or image_size < 1):
+        raise DataError(f"data.image_size={image_size!r} is not a positive integer or null")
     files = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
     if len(files) < 2:
         raise DataError(
@@ -420,7 +437,10 @@ def folder_dataset(path: str, channels: int = 1, test_fraction: float = 0.1) -> 
                         f"{f}: {im.mode} (16-bit or float) image; this loader reads 8-bit "
                         "images: export 8-bit PNGs"
                     )
-                a = np.asarray(im.convert(mode), dtype=np.float32)
+                im = im.convert(mode)
+                if image_size is not None:
+                    im = _square(im, image_size)
+                a = np.asarray(im, dtype=np.float32)
         except DataError:
             raise
         except Exception as e:  # not an image, truncated, decompression bomb ...
@@ -430,7 +450,8 @@ def folder_dataset(path: str, channels: int = 1, test_fraction: float = 0.1) -> 
         elif a.shape != first[1]:
             raise DataError(
                 f"{f}: size {a.shape[1]}x{a.shape[0]} differs from {first[0].name} "
-                f"({first[1][1]}x{first[1][0]}); all images must have the same size"
+                f"({first[1][1]}x{first[1][0]}); all images must have the same size "
+                "(or set data.image_size to resize them)"
             )
         arrays.append(a)
     x = torch.from_numpy(np.stack(arrays))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from data.cifar10 import cifar10
 from data.datasets import (
     DataError,
     Dataset,
@@ -31,7 +32,7 @@ from training.distributed import setup, share_from_main
 log = logging.getLogger(__name__)
 
 TOY_DATA = ("gmm8", "checkerboard", "swissroll", "moons")
-DATA_NAMES = (*TOY_DATA, "mix5d", "digits", "mnist", "npz", "folder")
+DATA_NAMES = (*TOY_DATA, "mix5d", "digits", "mnist", "npz", "folder", "cifar10")
 MODEL_NAMES = ("auto", *factory.NETWORKS, "exact")
 
 
@@ -62,7 +63,9 @@ def build_dataset(c: dict) -> Dataset:
                 label_key=c.get("label_key"),
             )
         if name == "folder":
-            return folder_dataset(c["path"], c.get("channels", 1))
+            return folder_dataset(c["path"], c.get("channels", 1), image_size=c.get("image_size"))
+        if name == "cifar10":
+            return cifar10(c["path"], c.get("image_size", 32))
     except DataError as e:
         raise UserError(str(e)) from None
     raise UserError(f"data={name!r} is not known; allowed: {', '.join(DATA_NAMES)}")
@@ -74,9 +77,9 @@ def build_network(c: dict, dataset: Dataset) -> torch.nn.Module:
         n_classes = dataset.n_classes
         if n_classes < 2:
             raise UserError(
-                f"model.conditional=true needs a labelled data set (digits, mnist, gmm8, mix5d, "
-                f"npz with data.label_key, folder with class sub-folders); data={dataset.name} "
-                "has no labels"
+                f"model.conditional=true needs a labelled data set (digits, mnist, cifar10, gmm8, "
+                f"mix5d, npz with data.label_key, folder with class sub-folders); "
+                f"data={dataset.name} has no labels"
             )
     return factory.network(c, dataset.shape, dataset.kind, n_classes)
 
@@ -112,8 +115,12 @@ DATA_RUNTIME_KEYS = ("workers", "random_flip")
 
 
 def data_identity(c: dict) -> dict:
-    """The data config without its loading options (workers, random_flip)."""
-    return {k: v for k, v in (c or {}).items() if k not in DATA_RUNTIME_KEYS}
+    """The data config without its loading options (workers, random_flip); data.image_size=null
+    (data=folder, no resizing) is the same as absent, as in runs saved before the key existed."""
+    c = {k: v for k, v in (c or {}).items() if k not in DATA_RUNTIME_KEYS}
+    if c.get("image_size", 0) is None:
+        del c["image_size"]
+    return c
 
 
 # keys added to a config group after runs were saved without them, with the value that means

@@ -40,8 +40,8 @@ def build_classifier(cfg: dict, sde, dataset) -> torch.nn.Module:
     k = dataset.n_classes
     if k < 2:
         raise UserError(
-            f"training.objective=classifier needs a labelled data set (digits, mnist, gmm8, "
-            f"mix5d, npz with data.label_key, folder with class sub-folders); "
+            f"training.objective=classifier needs a labelled data set (digits, mnist, cifar10, "
+            f"gmm8, mix5d, npz with data.label_key, folder with class sub-folders); "
             f"data={dataset.name} has no labels"
         )
     c = cfg["model"]

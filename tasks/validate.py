@@ -13,10 +13,11 @@ import samplers
 from likelihood.divergence import PROBES
 from likelihood.ode import BACKENDS, DIVERGENCES
 from samplers.optimise_grid import check_fittable
+from sde_lib import SDE_CLASSES
 from sde_lib.errors import UserError
 from sde_lib.options import Choice, Number
 
-from .common import DATA_NAMES, MODEL_NAMES, SDE_CLASSES, build_sde
+from .common import DATA_NAMES, MODEL_NAMES, build_sde
 from .nll import DTYPES, METHODS, SOLVERS
 from .sample import sampler_call_options
 
@@ -70,6 +71,8 @@ def validate_common(cfg: dict) -> None:
     _choice(cfg, "data.name", DATA_NAMES)
     if cfg["data"]["name"] == "digits":
         _choice(cfg, "data.levels", (17, 256))
+    if cfg["data"]["name"] in ("cifar10", "folder"):  # folder: null keeps the images' own size
+        _num(cfg, "data.image_size", kind=int, lo=1, none_ok=cfg["data"]["name"] == "folder")
     _choice(cfg, "model.name", MODEL_NAMES)
     _choice(cfg, "logger.mode", ("offline", "online", "disabled"))
     if cfg["model"]["name"] != "exact":

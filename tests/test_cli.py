@@ -83,7 +83,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle, via):
 def test_every_option_of_every_group_composes_and_validates(tmp_path, group):
     for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
         extra = []
-        if group == "data" and option in ("npz", "folder"):
+        if group == "data" and option in ("npz", "folder", "cifar10"):
             extra = [f"data.path={tmp_path}"]
         if group == "model" and option == "exact":
             extra = ["mode=sample"]

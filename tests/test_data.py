@@ -18,6 +18,7 @@ from PIL import Image
 from runs import run_mode
 
 from data import DataError, digits, folder_dataset, npz_dataset
+from tasks.common import data_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,6 +173,35 @@ def test_bad_image_folders_are_refused_naming_file_and_problem(tmp_path):
         assert str(named) in str(e.value) and words in str(e.value), (name, str(e.value))
     with pytest.raises(DataError, match="data.channels=2"):
         folder_dataset(str(write_pngs(tmp_path / "ok", [(8, 8)] * 2)), channels=2)
+
+
+def test_folder_image_size_crops_to_square_and_resizes_to_integer_levels(tmp_path):
+    """data.image_size: images of any size and shape, centre-cropped and resized (Lanczos, 8-bit);
+    null keeps the rule that all share one size."""
+    folder = write_pngs(tmp_path / "mixed", [(8, 8), (12, 6), (6, 10), (5, 5)], mode="RGB")
+    ds = folder_dataset(str(folder), channels=3, image_size=4)
+    assert ds.shape == (3, 4, 4) and ds.levels == 256
+    levels = ds.inverse_scaler(torch.cat([ds.train, ds.test]))
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    assert levels.min() >= 0 and levels.max() <= 255
+    # a 3:1 image is cropped to its centre, not squeezed: only the middle band is left
+    wide = np.full((4, 12), 250, np.uint8)
+    wide[:, 4:8] = 100
+    (tmp_path / "wide").mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(wide).save(tmp_path / "wide" / f"{name}.png")
+    ds = folder_dataset(str(tmp_path / "wide"), image_size=4)
+    assert torch.equal(ds.inverse_scaler(ds.train).round(), torch.full((1, 1, 4, 4), 100.0))
+    with pytest.raises(DataError, match="differs from"):
+        folder_dataset(str(folder), channels=3)
+    with pytest.raises(DataError, match="data.image_size=0"):
+        folder_dataset(str(folder), channels=3, image_size=0)
+    # runs saved before data.image_size existed are the same data as image_size=null
+    old_run, now = (
+        {"name": "folder", "path": "d"},
+        {"name": "folder", "path": "d", "image_size": None},
+    )
+    assert data_identity(old_run) == data_identity(now) != data_identity({**now, "image_size": 4})
 
 
 def test_bad_data_through_run_py_is_one_line_and_exit_2(tmp_path):
