@@ -13,7 +13,9 @@ from pathlib import Path
 
 CONF = Path(__file__).resolve().parent / "conf"
 _RANK_DIRS: list[str] = []  # this rank's temporary Hydra folder (ranks other than 0)
-GROUPS = ("sde", "data", "model", "training", "sampler", "likelihood", "logger", "eval")
+GROUPS = (
+    "sde", "data", "model", "training", "sampler", "likelihood", "logger", "eval", "experiment"
+)  # fmt: skip
 
 
 def _remove_rank_dirs() -> None:
@@ -132,6 +134,8 @@ def main() -> None:
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 speaks for the run
             logging.getLogger().setLevel(logging.WARNING)
         cfg = OmegaConf.to_container(dcfg, resolve=True)
+        # the command line's overrides, for messages that name other configurations
+        cfg["overrides"] = list(HydraConfig.get().overrides.task)
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             dispatch(cfg, out_dir)

@@ -95,10 +95,15 @@ def _solve_torchdiffeq(
             f"allowed: {', '.join(TORCHDIFFEQ_METHODS)}"
         )
 
+    lo, hi = min(span), max(span)
+
     def rhs(
         t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return field(t, state[0])
+        # torchdiffeq picks its first step by evaluating at t0 + h0, far beyond T when the field
+        # is nearly zero (an untrained network), where the SDE's coefficients overflow (VE:
+        # sigma(9) ~ 1e33); the steps themselves stay in [eps, T], so clamping changes no step
+        return field(t.clamp(lo, hi), state[0])
 
     ts = torch.tensor(span, dtype=torch.float64, device=x.device)
     xs, accs = odeint(rhs, (x, acc), ts, rtol=rtol, atol=atol, method=method)

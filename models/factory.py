@@ -12,12 +12,13 @@ from torch import nn
 from sde_lib import SDE
 from sde_lib.errors import UserError
 
+from .diffusers import diffusers_network
 from .mlp import MLP
 from .ncsnpp import NCSNpp
 from .score import ScoreModel, ScoreSDEModel
 from .unet import UNet
 
-NETWORKS = ("mlp", "unet", "ncsnpp", "ddpm")
+NETWORKS = ("mlp", "unet", "ncsnpp", "ddpm", "diffusers")
 PARAMETERISATIONS = ("eps", "score", "score_sde")
 
 # the keyword arguments of NCSNpp that a model config may set (score_sde's names)
@@ -74,6 +75,10 @@ def network(c: dict, shape: tuple[int, ...], kind: str, n_classes: int = 0) -> n
             f"model={name} needs images (C, H, W); the data have shape {tuple(shape)}; "
             "use model=mlp"
         )
+    if name == "diffusers":  # diffusers' own UNet2DModel, built from the folder's config
+        if n_classes:
+            raise UserError("model=diffusers: class-conditional diffusers UNets are not read")
+        return diffusers_network(c["path"], weights=False)
     if name == "unet":
         auto = _unet_defaults(shape)
         return UNet(

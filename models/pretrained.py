@@ -11,15 +11,11 @@ stores as (in, out) matrices (`NIN_*.W`) are 1x1 convolutions here. Loading is s
 tensor must be used and fit, or the file is refused with the first difference named (score_sde's
 own `restore_checkpoint` loads with strict=False and so can silently keep random weights).
 
-diffusers writes `save_pretrained` folders: a pipeline (`model_index.json`, `unet/config.json` +
-`unet/diffusion_pytorch_model.safetensors`, `scheduler/scheduler_config.json`) or the `unet/`
-folder alone (its scheduler folder beside it). Its own `UNet2DModel` runs the network (the optional
-`diffusers` extra); weights are read from safetensors only, never from pickled `.bin` files.
+diffusers folders are read by `models.diffusers`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,14 +27,11 @@ from sde_lib.errors import UserError
 from sde_lib.io import load_weights_only
 
 from . import factory
+from .diffusers import PretrainedError, diffusers_network, diffusers_process
 from .score import ScoreSDEModel
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SCORE_SDE_PARTS = ("model", "ema", "step")
-
-
-class PretrainedError(UserError):
-    """A released checkpoint that cannot be used, with the file and the reason named."""
 
 
 class LayoutMismatch(PretrainedError):
@@ -122,112 +115,6 @@ def score_sde_weights(ckpt: dict, net: nn.Module, use_ema: bool = True) -> dict:
             f"({more} from {first}, {n - min(len(theirs), len(mine))} in all)"
         )
     return out
-
-
-# --------------------------------------------------------------------------- diffusers
-
-
-class DiffusersUNet(nn.Module):
-    """diffusers' UNet2DModel as a network net(x, label) -> output.
-
-    It receives data in the space its pipeline samples in: [-1, 1] for DDPM pipelines, [0, 1]
-    for score_sde's VE pipelines (`unit_range`), mapped here from the toolkit's [-1, 1]."""
-
-    def __init__(self, unet: nn.Module, unit_range: bool) -> None:
-        super().__init__()
-        self.unet, self.unit_range = unet, bool(unit_range)
-        self.n_classes = 0
-
-    def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        if self.unit_range:
-            x = (x + 1) / 2
-        return self.unet(x, label).sample
-
-
-def _diffusers_files(path: Path) -> tuple[Path, Path]:
-    """(unet folder, scheduler config) of a pipeline folder or of its unet/ folder."""
-    unet = path / "unet" if (path / "unet" / "config.json").is_file() else path
-    scheduler = unet.parent / "scheduler" / "scheduler_config.json"
-    if not (unet / "config.json").is_file():
-        raise PretrainedError(
-            f"{path} is not a diffusers folder (no config.json or unet/config.json); pass a "
-            "folder written by save_pretrained"
-        )
-    if not (unet / "diffusion_pytorch_model.safetensors").is_file():
-        raise PretrainedError(
-            f"{unet} has no diffusion_pytorch_model.safetensors; only safetensors weights are "
-            "read (pickled .bin files could run code): re-save with safe_serialization=True"
-        )
-    if not scheduler.is_file():
-        raise PretrainedError(
-            f"{unet}: no scheduler config at {scheduler}; it names the noise process"
-        )
-    return unet, scheduler
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise PretrainedError(f"{path} is not readable JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise PretrainedError(f"{path} is not a JSON object")
-    return value
-
-
-def diffusers_process(path: str | Path) -> tuple[dict, dict]:
-    """(sde config, model config) of a diffusers folder in the toolkit's [-1, 1] space:
-    DDPMScheduler (linear betas, epsilon) -> VP with beta(t) = N beta_i and the discrete DDPM
-    convention; ScoreSdeVeScheduler -> VE on [0, 1] data, every sigma doubled in [-1, 1]."""
-    path = Path(path)
-    unet, scheduler = _diffusers_files(path)
-    s = _read_json(scheduler)
-    name = s.get("_class_name")
-    model = {"name": "diffusers", "path": str(path), "parameterisation": "score_sde"}
-    if name in ("DDPMScheduler", "DDIMScheduler"):
-        if s.get("beta_schedule", "linear") != "linear" or s.get("trained_betas"):
-            raise PretrainedError(
-                f"{scheduler}: beta_schedule={s.get('beta_schedule')!r}; only the linear DDPM "
-                "schedule is a VP SDE here"
-            )
-        if s.get("prediction_type", "epsilon") != "epsilon":
-            raise PretrainedError(
-                f"{scheduler}: prediction_type={s.get('prediction_type')!r}; only epsilon-"
-                "prediction models are read"
-            )
-        n = int(s.get("num_train_timesteps", 1000))
-        sde = {"name": "vp", "beta_min": float(s["beta_start"]) * n}
-        sde["beta_max"] = float(s["beta_end"]) * n
-        return sde, {**model, "continuous": False, "num_scales": n, "centered": True}
-    if name == "ScoreSdeVeScheduler":
-        sde = {"name": "ve", "sigma_min": 2 * float(s["sigma_min"])}
-        sde["sigma_max"] = 2 * float(s["sigma_max"])
-        return sde, {**model, "continuous": True, "centered": False}
-    raise PretrainedError(
-        f"{scheduler}: scheduler {name!r} is not read; allowed: DDPMScheduler (linear, epsilon), "
-        "ScoreSdeVeScheduler"
-    )
-
-
-def diffusers_network(path: str | Path, weights: bool = True) -> DiffusersUNet:
-    """diffusers' UNet2DModel of a folder (its weights, or initialised from its config only)."""
-    try:
-        from diffusers import UNet2DModel
-    except ImportError:
-        raise PretrainedError(
-            'diffusers checkpoints need the optional extra: pip install -e ".[diffusers]"'
-        ) from None
-    unet_dir, scheduler = _diffusers_files(Path(path))
-    config = _read_json(unet_dir / "config.json")
-    try:
-        if weights:
-            unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True)
-        else:
-            unet = UNet2DModel.from_config(config)
-    except Exception as e:  # diffusers raises many kinds for a bad folder
-        raise PretrainedError(f"{unet_dir}: diffusers cannot build the UNet ({e})") from None
-    unit_range = _read_json(scheduler).get("_class_name") == "ScoreSdeVeScheduler"
-    return DiffusersUNet(unet, unit_range)
 
 
 # --------------------------------------------------------------------------- presets

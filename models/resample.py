@@ -67,10 +67,12 @@ def conv_downsample_2d(
 def upsample_conv_2d(
     x: torch.Tensor, weight: torch.Tensor, k: Sequence[float], factor: int = 2
 ) -> torch.Tensor:
-    """A stride-`factor` transposed convolution with `weight` (out, in, K, K), then the filter k.
+    """`upsample_2d` followed by a convolution with `weight` (out, in, K, K), fused: a
+    stride-`factor` transposed convolution, then the filter k (StyleGAN2's fused upsample-conv).
 
-    The transposed convolution uses the kernel flipped and with its in/out axes swapped, so that
-    it is the adjoint of `conv_downsample_2d`'s convolution (StyleGAN2's fused upsample-conv)."""
+    The transposed convolution takes the kernel flipped and with its in/out axes swapped, which
+    makes it the convolution with `weight` of the zero-upsampled input; the output equals
+    upsample-then-convolve away from the border, where the single padding differs."""
     kernel = fir_kernel(k, factor**2)
     size = weight.shape[-1]
     p = (kernel.shape[0] - factor) - (size - 1)

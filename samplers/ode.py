@@ -74,7 +74,9 @@ def solve_flow(
     def drift(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if bar is not None:
             bar.update()
-        return rev.sde(y, t.expand(batch))[0]
+        # the first-step probe of the adaptive solvers may lie outside [eps, T] (see
+        # likelihood.ode); no step does
+        return rev.sde(y, t.clamp(eps, sde.T).expand(batch))[0]
 
     ends = [sde.T, eps] if to_data else [eps, sde.T]
     span = torch.tensor(ends, dtype=torch.float64, device=x.device)

@@ -23,9 +23,11 @@ from data.datasets import (
     toy,
 )
 from data.mixtures import mixture5d
-from models import MixtureScore, factory
+from models import MixtureScore, factory, pretrained
+from models.diffusers import diffusers_process, diffusers_weights
 from sde_lib import SDE, sde_from_config
 from sde_lib.errors import UserError
+from sde_lib.io import load_weights_only
 from training import checkpoint as ckpt
 from training.distributed import setup, share_from_main
 
@@ -163,16 +165,12 @@ def find_checkpoint(cfg: dict) -> tuple[Path, dict]:
     """The checkpoint to use: ckpt=PATH, else the newest matching run under outputs_root."""
     if cfg.get("ckpt"):
         path = Path(cfg["ckpt"]).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise UserError(
                 f"ckpt={cfg['ckpt']} does not exist; pass the path of a checkpoint file "
                 "or leave ckpt unset to use the newest training run"
             )
-        try:
-            state = ckpt.load(path)
-        except ckpt.CheckpointError as e:
-            raise UserError(str(e)) from None
-        return path, state
+        return path, read_any_checkpoint(path)
     root = Path(cfg["outputs_root"])
     runs = matching_runs(cfg)
     # runs with this model config first, finished ones first (newest first), then unfinished or
@@ -200,6 +198,55 @@ def find_checkpoint(cfg: dict) -> tuple[Path, dict]:
         f"train first (python run.py mode=train sde={cfg['sde']['name']} "
         f"data={cfg['data']['name']}) or pass ckpt=PATH"
     )
+
+
+def read_any_checkpoint(path: Path) -> dict:
+    """A checkpoint in any format read here: a scoresde checkpoint (as `training.checkpoint.load`
+    returns it), or {"format": "score_sde", "model", "shadow", "step"} for a score_sde_pytorch
+    file, or {"format": "diffusers", "weights", "step": None} for a diffusers folder. Nothing in
+    a file is run: torch's weights-only loader and safetensors only build tensors."""
+    path = Path(path)
+    if path.is_dir():
+        return {"format": "diffusers", "weights": diffusers_weights(path), "step": None}
+    try:
+        return ckpt.load(path)
+    except ckpt.CheckpointError as e:
+        try:
+            raw = load_weights_only(path)
+        except ValueError:
+            raise UserError(str(e)) from None
+        if not pretrained.is_score_sde_state(raw):
+            raise UserError(
+                f"{e} (nor a score_sde_pytorch checkpoint: expected 'model', 'ema' and 'step')"
+            ) from None
+        return {"format": "score_sde", **pretrained.read_score_sde(path)}
+
+
+def load_foreign_weights(model: torch.nn.Module, state: dict, path: Path, cfg: dict) -> None:
+    """Put a released checkpoint's weights (`read_any_checkpoint` of a score_sde_pytorch file or
+    a diffusers folder) into `model`, strictly; its EMA weights unless use_ema=false."""
+    if state["format"] == "diffusers":
+        try:
+            model.net.unet.load_state_dict(state["weights"])
+        except (AttributeError, RuntimeError) as e:
+            raise UserError(
+                f"{path}: its weights do not fit model={cfg['model']['name']} "
+                f"({str(e).splitlines()[0]}); a diffusers folder needs model=diffusers "
+                f"model.path={path}"
+            ) from None
+        return
+    try:
+        weights = pretrained.score_sde_weights(state, model.net, bool(cfg.get("use_ema", True)))
+        model.net.load_state_dict(weights)
+    except (pretrained.LayoutMismatch, AttributeError) as e:
+        # the presets whose network the file fits, with this run's changes to the network
+        shape_keys = ("model.", "data.image_size=", "data.channels=")
+        overrides = [o for o in cfg.get("overrides", ()) if o.startswith(shape_keys)]
+        fits = pretrained.fitting_presets(state, overrides)
+        raise UserError(
+            f"checkpoint {path} does not fit model={cfg['model']['name']} as configured: {e}; "
+            f"presets whose shapes fit: {', '.join(fits) or 'none'} (+experiment=NAME)"
+        ) from None
 
 
 def matching_runs(cfg: dict) -> list[dict]:
@@ -282,6 +329,21 @@ def load_score_model(cfg: dict, find=find_checkpoint):
     if cfg["model"]["name"] == "exact":
         return sde, dataset, build_score_model(cfg, sde, dataset).eval(), None
     path, state = find(cfg)
+    if state.get("format") == "diffusers":
+        sde_cfg, model_cfg = diffusers_process(path)
+        if sde_cfg["name"] != cfg["sde"]["name"]:
+            raise UserError(
+                f"ckpt={path} is a {sde_cfg['name'].upper()} model (its scheduler says so); "
+                f"pass sde={sde_cfg['name']}"
+            )
+        log.info(f"using the process of {path}'s scheduler: {sde_cfg}")
+        cfg = {**cfg, "sde": sde_cfg, "model": model_cfg}
+        sde = build_sde(sde_cfg)
+    if state.get("format") in ("diffusers", "score_sde"):
+        model = build_score_model(cfg, sde, dataset)
+        load_foreign_weights(model, state, path, cfg)
+        log.info(f"using {state['format']} checkpoint {path} (step {state['step']})")
+        return sde, dataset, model.eval(), path
     saved = ckpt.config_of(state)
     if is_classifier_run(saved):
         raise UserError(

@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
 from sde_lib.io import atomic_write_text
 from training import checkpoint as ckpt
 from training.conditional import ClassifierLoss, ConditionalLoss
@@ -21,7 +23,9 @@ from .common import (
     build_sde,
     check_compatible,
     find_checkpoint,
+    load_foreign_weights,
     matching_runs,
+    read_any_checkpoint,
     start_processes,
 )
 from .conditional import build_classifier
@@ -86,6 +90,23 @@ def _resume_state(cfg: dict):
     return path, state
 
 
+def init_weights(model: torch.nn.Module, state: dict, path: Path, cfg: dict) -> None:
+    """training.init_from: the weights of a checkpoint (`read_any_checkpoint`) into `model`,
+    strictly; its EMA weights unless use_ema=false. The optimiser starts afresh."""
+    if state.get("format") in ("score_sde", "diffusers"):
+        load_foreign_weights(model, state, path, cfg)
+    else:
+        weights = state["ema"] if cfg.get("use_ema", True) else state["model"]
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise UserError(
+                f"training.init_from={path} does not fit this model "
+                f"({str(e).splitlines()[0]}); use the model config it was trained with"
+            ) from None
+    log.info(f"initialised the weights from {path} (step {state.get('step')})")
+
+
 def _write_status(out_dir: Path, summary: dict) -> None:
     atomic_write_text(out_dir / "train.json", json.dumps(summary, indent=2))
 
@@ -119,6 +140,7 @@ def run_train(cfg: dict, out_dir: Path) -> dict:
             n_levels=int(t["n_levels"]),
             levels=dataset.levels if dataset.kind == "images" else None,
             data_range=dataset.model_range,
+            reduce_mean=bool(t.get("reduce_mean", False)),
         )
         if classifier:
             loss = ClassifierLoss(sde, eps=float(t["eps"]))
@@ -127,6 +149,10 @@ def run_train(cfg: dict, out_dir: Path) -> dict:
         # rank 0 finds the checkpoint to resume from under its outputs_root (where it wrote
         # it) and every rank receives its contents: the machines need not share a file system
         state = share_from_main(lambda: _resume_state(cfg)[1], info, UserError)
+        if state is None and t.get("init_from"):  # fine-tuning: start from released weights
+            path = Path(t["init_from"]).expanduser()
+            init = share_from_main(lambda: read_any_checkpoint(path), info, UserError)
+            init_weights(model, init, path, cfg)
         out_dir = Path(out_dir)
         if info.is_main:
             meta = {k: cfg[k] for k in ("sde", "data", "model", "training", "seed")}

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 import samplers
 from likelihood.divergence import PROBES
 from likelihood.ode import BACKENDS, DIVERGENCES
+from models import factory
+from models.ncsnpp import COMBINE, EMBEDDINGS, PROGRESSIVE, PROGRESSIVE_INPUT, RESBLOCKS
+from models.score import ScoreSDEModel
 from samplers.optimise_grid import check_fittable
 from sde_lib import SDE_CLASSES
 from sde_lib.errors import UserError
@@ -76,9 +81,14 @@ def validate_common(cfg: dict) -> None:
     _choice(cfg, "model.name", MODEL_NAMES)
     _choice(cfg, "logger.mode", ("offline", "online", "disabled"))
     if cfg["model"]["name"] != "exact":
-        _choice(cfg, "model.parameterisation", ("eps", "score"))
-        _choice(cfg, "model.embedding", ("sinusoidal", "fourier"))
+        _choice(cfg, "model.parameterisation", factory.PARAMETERISATIONS)
         _num(cfg, "model.sigma_data", lo=0, lo_open=True, none_ok=True)
+    if cfg["model"]["name"] in ("auto", "mlp", "unet"):
+        _choice(cfg, "model.embedding", ("sinusoidal", "fourier"))
+    if cfg["model"]["name"] in ("ncsnpp", "ddpm"):
+        validate_ncsnpp(cfg)
+    if cfg["model"].get("parameterisation") == "score_sde":
+        validate_score_sde_convention(cfg)
     if cfg["model"]["name"] == "mlp":
         for k in ("hidden", "depth", "emb_dim"):
             _num(cfg, f"model.{k}", kind=int, lo=1)
@@ -86,6 +96,58 @@ def validate_common(cfg: dict) -> None:
         _num(cfg, "model.ch", kind=int, lo=1)
         _num(cfg, "model.num_res_blocks", kind=int, lo=1)
         _num(cfg, "model.dropout", lo=0, hi=0.99)
+
+
+def _int_list(cfg: dict, key: str, lo: int, empty_ok: bool = False) -> None:
+    value = _get(cfg, key)
+    ok = isinstance(value, list) and (empty_ok or value)
+    if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v >= lo for v in value):
+        raise UserError(
+            f"{key}={value!r} is not allowed; give a list of integers >= {lo}, e.g. {key}=[1,2,2]"
+        )
+
+
+def validate_ncsnpp(cfg: dict) -> None:
+    """model=ncsnpp|ddpm: score_sde's knobs (models.ncsnpp.NCSNpp checks their combination)."""
+    m = "model"
+    _num(cfg, f"{m}.nf", kind=int, lo=1)
+    _int_list(cfg, f"{m}.ch_mult", 1)
+    _num(cfg, f"{m}.num_res_blocks", kind=int, lo=1)
+    _int_list(cfg, f"{m}.attn_resolutions", 1, empty_ok=True)
+    _num(cfg, f"{m}.dropout", lo=0, hi=1, hi_open=True)
+    for k in ("resamp_with_conv", "fir", "skip_rescale"):
+        _choice(cfg, f"{m}.{k}", (True, False))
+    _int_list(cfg, f"{m}.fir_kernel", 1)
+    _choice(cfg, f"{m}.resblock_type", RESBLOCKS)
+    _choice(cfg, f"{m}.progressive", PROGRESSIVE)
+    _choice(cfg, f"{m}.progressive_input", PROGRESSIVE_INPUT)
+    _choice(cfg, f"{m}.progressive_combine", COMBINE)
+    _choice(cfg, f"{m}.embedding_type", EMBEDDINGS)
+    _num(cfg, f"{m}.fourier_scale", lo=0, lo_open=True)
+    _num(cfg, f"{m}.init_scale", lo=0)
+    if _num(cfg, f"{m}.conv_size", kind=int, lo=1) % 2 != 1:
+        raise UserError(f"model.conv_size={cfg[m]['conv_size']} must be odd (3 in every paper)")
+    _num(cfg, f"{m}.norm_groups", kind=int, lo=1, none_ok=True)
+
+
+def validate_score_sde_convention(cfg: dict) -> None:
+    """model.parameterisation=score_sde: the SDE and the convention's flags fit together."""
+    m = "model"
+    for k in ("continuous", "centered", "scale_by_sigma"):
+        _choice(cfg, f"{m}.{k}", (True, False))
+    _num(cfg, f"{m}.num_scales", kind=int, lo=2)
+    c = cfg[m]
+    try:
+        ScoreSDEModel(
+            torch.nn.Identity(),
+            build_sde(cfg["sde"]),
+            cfg["sde"]["name"],
+            continuous=c["continuous"],
+            centered=c["centered"],
+        )
+    except ValueError as e:
+        sde = cfg["sde"]["name"]
+        raise UserError(f"model.parameterisation=score_sde with sde={sde}: {e}") from None
 
 
 def validate_training(cfg: dict) -> None:
@@ -113,6 +175,16 @@ def validate_training(cfg: dict) -> None:
             "is not class-conditional: drop model.conditional=true"
         )
     _choice(cfg, f"{t}.likelihood_weighting", (True, False))
+    if _choice(cfg, f"{t}.reduce_mean", (True, False)) and cfg[t]["loss"] == "vlb":
+        raise UserError(
+            "training.reduce_mean=true averages a score-matching loss over dimensions; "
+            "the bound of training.loss=vlb is a sum: drop reduce_mean"
+        )
+    if cfg[t].get("init_from") is not None and not Path(str(cfg[t]["init_from"])).exists():
+        raise UserError(
+            f"training.init_from={cfg[t]['init_from']} does not exist; pass a checkpoint file "
+            "(scoresde or score_sde_pytorch) or a diffusers folder"
+        )
     _num(cfg, f"{t}.n_projections", kind=int, lo=1)
     _choice(cfg, f"{t}.projection", ("rademacher", "gaussian"))
     _num(cfg, f"{t}.n_levels", kind=int, lo=2)

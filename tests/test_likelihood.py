@@ -377,3 +377,22 @@ def test_bpd_through_the_ode_on_digit_like_data():
     via_ode = dequantized_bpd(ode_logp, k, generator=torch.Generator().manual_seed(19), **opts)
     exact = dequantized_bpd(law.log_prob, k, generator=torch.Generator().manual_seed(19), **opts)
     assert (via_ode - exact).abs().mean() < 1e-2 / (2 * math.log(2))
+
+
+def test_a_nearly_zero_field_integrates_exactly():
+    """An untrained network's field is ~0. torchdiffeq then probes its first step far beyond
+    T, where VE's coefficients overflow (sigma(300) = inf); the solver must not see that.
+    Closed form for the linear score s(x) = -c x on VE: the PF-ODE is dx/dt = 1/2 g^2 c x, so
+    x_T = x exp(c/2 (sigma_T^2 - sigma_eps^2)) and log p(x) = log p_T(x_T) + c D/2 (sigma_T^2 -
+    sigma_eps^2), with g^2 = d sigma^2 / dt (sigma(t) = sigma_min r^t, score_sde's level)."""
+    from sde_lib import VESDE
+
+    sde, c, eps = VESDE(0.02, 100.0), 1e-4, 1e-5
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    logp, _ = log_likelihood(sde, lambda y, t: -c * y, x, rtol=1e-8, atol=1e-8, eps=eps)
+    # the SDE's g^2 integrates to sigma(t)^2 - sigma_min^2 (its exact kernel variance)
+    var = lambda t: sde.marginal_prob(x, torch.full((3,), t, dtype=x.dtype))[1] ** 2  # noqa: E731
+    grow = 0.5 * c * (var(1.0) - var(eps))
+    x_t = x * grow.exp()[:, None, None, None]
+    want = sde.prior_logp(x_t) + grow * x[0].numel()
+    assert torch.allclose(logp, want, rtol=1e-6)

@@ -211,6 +211,7 @@ def make_loss(
     levels: int | None = None,
     data_range: tuple[float, float] = (-1.0, 1.0),
     time_samples: int = 2,
+    reduce_mean: bool = False,
 ):
     """Build a loss by name: dsm, ssm, ddpm, smld, vlb, or auto (`default_loss`). levels and
     data_range (the discrete data's levels and model range) are used by vlb only."""
@@ -219,9 +220,23 @@ def make_loss(
     if name == "vlb":
         return VLBLoss(sde, levels, data_range, eps, time_samples)
     if name == "dsm":
-        return DSMLoss(sde, eps, likelihood_weighting)
-    if name == "ssm":
-        return SSMLoss(sde, eps, n_projections, projection)
-    if name in ("ddpm", "smld"):
-        return DiscreteDSMLoss(sde, name, n_levels, eps)
-    raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSSES)}")
+        loss = DSMLoss(sde, eps, likelihood_weighting)
+    elif name == "ssm":
+        loss = SSMLoss(sde, eps, n_projections, projection)
+    elif name in ("ddpm", "smld"):
+        loss = DiscreteDSMLoss(sde, name, n_levels, eps)
+    else:
+        raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSSES)}")
+    return MeanOverDims(loss) if reduce_mean else loss
+
+
+class MeanOverDims:
+    """score_sde's reduce_mean=True: the squared error averaged over the D data dimensions
+    instead of half its sum, i.e. the loss times 2 / D. The minimiser is the same; the gradient's
+    scale, and so what gradient clipping and Adam's epsilon do, is that of score_sde's runs."""
+
+    def __init__(self, loss) -> None:
+        self.loss = loss
+
+    def __call__(self, score_fn: ScoreFn, x0: torch.Tensor, g: torch.Generator | None = None):
+        return self.loss(score_fn, x0, g) * (2.0 / x0[0].numel())
