@@ -127,6 +127,11 @@ def preset_names() -> list[str]:
 
 def compose(experiment: str | None = None, overrides: Sequence[str] = ()) -> dict:
     """The resolved config `python run.py +experiment=<experiment> <overrides>` would run with."""
+    return compose_many([experiment], overrides)[0]
+
+
+def compose_many(experiments: Sequence[str | None], overrides: Sequence[str] = ()) -> list[dict]:
+    """`compose` of several presets under one Hydra initialisation (a tenth of the time)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -134,20 +139,22 @@ def compose(experiment: str | None = None, overrides: Sequence[str] = ()) -> dic
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    args = [*([f"+experiment={experiment}"] if experiment else []), *overrides]
-    try:
-        if GlobalHydra.instance().is_initialized():  # inside run.py: its config folder is ours
+    def one(experiment: str | None) -> dict:
+        args = [*([f"+experiment={experiment}"] if experiment else []), *overrides]
+        try:
             cfg = hydra_compose("config", overrides=args)
-        else:
-            with initialize_config_dir(str(CONF), version_base="1.3"):
-                cfg = hydra_compose("config", overrides=args)
-        return OmegaConf.to_container(cfg, resolve=True)
-    except (HydraException, OmegaConfBaseException) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PretrainedError(
-            f"configuration {' '.join(args) or '(defaults)'} cannot be composed: {first}; "
-            f"presets: {', '.join(preset_names())}"
-        ) from None
+            return OmegaConf.to_container(cfg, resolve=True)
+        except (HydraException, OmegaConfBaseException) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PretrainedError(
+                f"configuration {' '.join(args) or '(defaults)'} cannot be composed: {first}; "
+                f"presets: {', '.join(preset_names())}"
+            ) from None
+
+    if GlobalHydra.instance().is_initialized():  # inside run.py: its config folder is ours
+        return [one(e) for e in experiments]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return [one(e) for e in experiments]
 
 
 def image_shape(data: dict) -> tuple[int, int, int]:
@@ -164,9 +171,9 @@ def fitting_presets(ckpt: dict, overrides: Sequence[str] = ()) -> list[str]:
     """The presets (with `overrides`) whose network the checkpoint's tensors fit, built on the
     meta device (no memory, no time)."""
     fits = []
-    for name in preset_names():
+    names = preset_names()
+    for name, cfg in zip(names, compose_many(names, overrides)):
         try:
-            cfg = compose(name, overrides)
             with torch.device("meta"):
                 net = factory.network(cfg["model"], image_shape(cfg["data"]), "images")
             score_sde_weights(ckpt, net, use_ema=False)

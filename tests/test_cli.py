@@ -87,9 +87,14 @@ def test_every_option_of_every_group_composes_and_validates(tmp_path, group):
             extra = [f"data.path={tmp_path}"]
         if group == "model" and option == "exact":
             extra = ["mode=sample"]
-        cfg = compose_cfg(tmp_path, f"{group}={option}", *extra)
+        if group == "model" and option == "diffusers":
+            extra = [f"model.path={tmp_path}"]
+        key = group
+        if group == "experiment":  # the paper presets: +experiment=NAME (package _global_)
+            key, extra = "+experiment", [f"data.path={tmp_path}"]
+        cfg = compose_cfg(tmp_path, f"{key}={option}", *extra)
         validate(cfg)  # raises UserError on a bad value
-        if "name" in cfg[group]:  # the option was the one composed
+        if "name" in cfg.get(group, {}):  # the option was the one composed
             assert cfg[group]["name"] == option, (group, option, cfg[group]["name"])
 
 

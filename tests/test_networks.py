@@ -57,9 +57,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_every_preset_is_listed_and_has_the_reference_parameter_count():
-    assert sorted(PARAMETERS) == pretrained.preset_names()
-    for name, want in PARAMETERS.items():
-        cfg = pretrained.compose(name, ["data.path=unused"])
+    names = pretrained.preset_names()
+    assert sorted(PARAMETERS) == names
+    for name, cfg in zip(names, pretrained.compose_many(names, ["data.path=unused"])):
+        want = PARAMETERS[name]
         with torch.device("meta"):
             net = factory.network(cfg["model"], pretrained.image_shape(cfg["data"]), "images")
         assert sum(p.numel() for p in net.parameters()) == want, name
@@ -264,7 +265,7 @@ def _image_folder(root: Path) -> None:
         )
 
 
-FAST_PRESETS = ("cifar10_ddpmpp_cont_vp", "cifar10_ncsnpp_cont_ve")
+FAST_PRESETS = ("cifar10_ncsnpp_cont_ve",)  # the others (same code paths) in the slow run
 
 
 @pytest.mark.parametrize(
@@ -292,3 +293,44 @@ def test_released_checkpoint_through_run_py_config_and_fine_tuning(tmp_path, cif
     with pytest.raises(UserError, match="presets whose shapes fit"):
         run_mode(tmp_path, "bad", "mode=sample", f"ckpt={ckpt}", *common[:2], "model.nf=8",
                  "data.image_size=16", *sample)  # fmt: skip
+
+
+def test_bad_released_checkpoints_through_the_modes_are_one_line(tmp_path, cifar):
+    """ckpt= a truncated file, a pickle that would run code, a folder that is not diffusers':
+    one UserError line each (run.py prints it and exits 2), and the code never runs."""
+    good = PEER / "ssp_ddpmpp_vp" / "checkpoint_1.pth"
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:100_000])
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    code = tmp_path / "code.pth"
+    torch.save({"model": Exploit(), "ema": {}, "step": 1}, code)
+    common = ("mode=sample", "+experiment=cifar10_ddpmpp_cont_vp", f"data.path={cifar}", *SHRINK16)
+    cases = ((truncated, "truncated"), (code, "could run code"), (tmp_path, "not a diffusers"))
+    for ckpt, words in cases:
+        with pytest.raises(UserError) as e:
+            run_mode(tmp_path, "bad", *common, f"ckpt={ckpt}")
+        assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not marker.exists()
+
+
+def test_run_py_without_the_diffusers_extra_exits_2_in_one_line(tmp_path, cifar):
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    hide = "import sys; sys.modules.update(diffusers=None, safetensors=None); import runpy; "
+    argv = ["run.py", "mode=sample", f"ckpt={PEER / 'diffusers_ddpm'}", "data=cifar10",
+            f"data.path={cifar}", "data.image_size=16", f"outputs_root={tmp_path}"]  # fmt: skip
+    code = hide + f"sys.argv = {argv!r}; runpy.run_path('run.py', run_name='__main__')"
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"},
+    )  # fmt: skip
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ") and 'pip install -e ".[diffusers]"' in lines[0]
