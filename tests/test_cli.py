@@ -133,6 +133,7 @@ def test_the_three_usage_commands_chain_without_paths(tmp_path):
         assert len(list((tmp_path / "outputs" / mode).glob(f"*_vp_gmm8/{name}"))) == 1
 
 
+@pytest.mark.slow  # 10-20 s: too long for the default run (CI runs -m slow too)
 def test_hydra_flags_and_sweeps_work_as_in_any_hydra_app(tmp_path):
     r = run_py("--cfg", "job", cwd=tmp_path)
     assert r.returncode == 0 and "beta_max: 20.0" in r.stdout, r.stderr[-2000:]
@@ -172,6 +173,7 @@ def test_more_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
     assert not list(tmp_path.glob("outputs/*/*")), "no run folder for a refused command"
 
 
+@pytest.mark.slow  # 10-20 s: too long for the default run (CI runs -m slow too)
 def test_lookup_prefers_finished_runs_and_all_non_finite_samples_exit_2(tmp_path):
     r = run_py(
         "training.lr=1e9",

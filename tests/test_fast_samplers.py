@@ -658,6 +658,7 @@ def trained_gmm8(tmp_path_factory):
     return summary
 
 
+@pytest.mark.slow  # 10-20 s: too long for the default run (CI runs -m slow too)
 def test_optimise_grid_fits_a_trained_checkpoint(tmp_path, capsys, trained_gmm8):
     """--checkpoint: the schedule is fitted to the trained model itself; on a held-out batch it is
     closer to that model's reference flow than every fixed grid, run.py samples with it, and a

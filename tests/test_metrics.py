@@ -217,6 +217,7 @@ def _write_samples(path, raw):
     np.savez(path, samples=raw, samples_model_space=raw)
 
 
+@pytest.mark.slow  # 10-20 s: too long for the default run (CI runs -m slow too)
 def test_mode_eval_on_test_digits_and_a_sample_run(tmp_path, digits_u8):
     from runs import run_mode
 

@@ -334,3 +334,28 @@ def test_run_py_without_the_diffusers_extra_exits_2_in_one_line(tmp_path, cifar)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("error: ") and 'pip install -e ".[diffusers]"' in lines[0]
+
+
+def test_diffusers_ve_folder_is_the_pipelines_score_in_the_toolkits_range(tmp_path):
+    """A score_sde VE model as diffusers ships it (Fourier UNet2DModel + ScoreSdeVeScheduler):
+    its pipeline samples in [0, 1] and takes unet(x, sigma) as the score; in [-1, 1] the sigmas
+    double and the score halves."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(32, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), time_embedding_type="fourier",
+    )  # fmt: skip
+    for p in unet.parameters():  # non-zero everywhere, so that every path matters
+        p.data.normal_(0, 0.05)
+    pipe = diffusers.ScoreSdeVePipeline(unet, diffusers.ScoreSdeVeScheduler(sigma_max=50.0))
+    pipe.save_pretrained(tmp_path)
+    model, sde = pretrained.load_pretrained(tmp_path)
+    assert (sde.sigma_min, sde.sigma_max) == (0.02, 100.0)
+    x = torch.rand(3, 3, 8, 8)  # the pipeline's [0, 1] data
+    t = torch.tensor([1e-3, 0.4, 1.0])
+    sigma = 0.01 * (50.0 / 0.01) ** t
+    with torch.no_grad():
+        want = unet(x, sigma).sample / 2  # d/dx' = 1/2 d/dx for x' = 2x - 1
+        assert rel(model(2 * x - 1, t), want) < TOL

@@ -324,6 +324,7 @@ def test_config_mismatch_is_refused_with_the_keys_named(tmp_path, trained):
 # --------------------------------------------------------------------------- crashes
 
 
+@pytest.mark.slow  # 10-20 s: too long for the default run (CI runs -m slow too)
 def test_sigterm_and_sigint_save_a_checkpoint_and_exit_0(tmp_path):
     args = [*TINY, "training.steps=100000", "training.ckpt_every=20"]
     runs = {}

@@ -208,6 +208,7 @@ def test_ddpm_linear_betas_are_the_discrete_default_vp():
     assert float(betas.sum() / ddpm.sum()) == pytest.approx(1.0, abs=0.01)
 
 
+@pytest.mark.slow  # 10-20 s: too long for the default run (CI runs -m slow too)
 def test_vdm_train_nll_sample_and_learned_schedule(tmp_path):
     """sde=vdm data=digits: train (loss=auto is the VLB), then nll by the VLB and ancestral
     samples with no paths; gamma monotone, end points moved, lower estimator variance."""
