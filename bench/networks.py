@@ -1,6 +1,6 @@
 """Speed and memory of the papers' networks (conf/experiment presets): one table row per preset.
 
-    python bench/networks.py                       # CPU: batch 4, fp32
+    python bench/networks.py                       # CPU: batch 4 (1 at 256 x 256), fp32
     python bench/networks.py --device cuda         # + channels_last, torch.compile, bf16 rows
     python bench/networks.py --score-sde DIR       # + score_sde_pytorch's own network, same
                                                    #   weights shape, from a checkout at DIR
@@ -141,7 +141,10 @@ def main() -> None:
     for name in args.presets or pretrained.preset_names():
         cfg = pretrained.compose(name, ["data.path=unused"])
         shape = pretrained.image_shape(cfg["data"])
-        batch = args.batch or (int(cfg["training"]["batch_size"]) if dev == "cuda" else 4)
+        # CPU: a small batch (1 at 256 x 256, where one example is a 64-fold 32 x 32 one)
+        batch = args.batch or (
+            int(cfg["training"]["batch_size"]) if dev == "cuda" else 4 if shape[-1] <= 64 else 1
+        )
         net = factory.network(cfg["model"], shape, "images").to(dev).train()
         n_params = sum(p.numel() for p in net.parameters())
         x = torch.randn(batch, *shape, device=dev)
