@@ -109,11 +109,11 @@ def diffusers_process(path: str | Path) -> tuple[dict, dict]:
 def diffusers_network(path: str | Path, weights: bool = True) -> DiffusersUNet:
     """diffusers' UNet2DModel of a folder: with its weights, or built from its config only (for
     training, or to receive weights shared by another process)."""
+    unet_dir, scheduler = _diffusers_files(Path(path))
     try:
         from diffusers import UNet2DModel
     except ImportError:
         raise PretrainedError(NEEDS_EXTRA) from None
-    unet_dir, scheduler = _diffusers_files(Path(path))
     config = _read_json(unet_dir / "config.json")
     try:
         if weights:
@@ -130,13 +130,12 @@ def diffusers_network(path: str | Path, weights: bool = True) -> DiffusersUNet:
 
 def diffusers_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The UNet's tensors of a diffusers folder, read from its safetensors file."""
+    unet_dir, _ = _diffusers_files(Path(path))  # a folder of another kind: say that first
     try:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
     except ImportError:
         raise PretrainedError(NEEDS_EXTRA) from None
-
-    unet_dir, _ = _diffusers_files(Path(path))
     file = unet_dir / "diffusion_pytorch_model.safetensors"
     try:
         return load_file(str(file))

@@ -15,11 +15,11 @@ from sde_lib.errors import UserError
 from .diffusers import diffusers_network
 from .mlp import MLP
 from .ncsnpp import NCSNpp
-from .score import ScoreModel, ScoreSDEModel
+from .score import EDMPrecondModel, EDMVPModel, ScoreModel, ScoreSDEModel
 from .unet import UNet
 
 NETWORKS = ("mlp", "unet", "ncsnpp", "ddpm", "diffusers")
-PARAMETERISATIONS = ("eps", "score", "score_sde")
+PARAMETERISATIONS = ("eps", "score", "score_sde", "edm", "edm_vp")
 
 # the keyword arguments of NCSNpp that a model config may set (score_sde's names)
 NCSNPP_KEYS = (
@@ -107,7 +107,8 @@ def score_model(
     """The score of `sde` from `net` under c["parameterisation"]:
     eps / score: the toolkit's own (input scaled by c_in, the network sees t), see ScoreModel;
     score_sde: the conventions score_sde's networks were trained with for `process` (the sde
-    config's name), see ScoreSDEModel."""
+    config's name), see ScoreSDEModel; edm: EDM's preconditioning, see EDMPrecondModel;
+    edm_vp: EDM's VP preconditioning, see EDMVPModel."""
     param = c.get("parameterisation", "eps")
     if param not in PARAMETERISATIONS:
         allowed = ", ".join(PARAMETERISATIONS)
@@ -128,4 +129,13 @@ def score_model(
     sigma_data = c.get("sigma_data")
     if sigma_data is None:
         sigma_data = 1.0 if kind == "points" else 0.5
+    if param == "edm_vp":
+        if process != "vp":
+            raise UserError(
+                f"model.parameterisation=edm_vp is EDM's VP model: use sde=vp, not {process}"
+            )
+        return EDMVPModel(net, sde, int(c.get("num_scales", 1000)))
+    if param == "edm":  # Fourier embeddings take the log of their input: give exp(c_noise)
+        label = "exp" if c.get("embedding_type") == "fourier" else "c_noise"
+        return EDMPrecondModel(net, sde, float(sigma_data), label)
     return ScoreModel(net, sde, param, float(sigma_data))

@@ -28,6 +28,7 @@ from sde_lib.io import load_weights_only
 
 from . import factory
 from .diffusers import PretrainedError, diffusers_network, diffusers_process
+from .edm import edm_config, edm_weights, is_pickle, read_edm_snapshot
 from .score import ScoreSDEModel
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -195,8 +196,8 @@ def load_pretrained(
 
     path: a score_sde_pytorch `checkpoint_*.pth` (then `experiment` names the preset it was
     trained with, e.g. "cifar10_ddpmpp_cont_vp", and `overrides` are run.py-style changes such
-    as "model.nf=8" or "data.image_size=16") or a diffusers folder (which states its own
-    configuration). Uses the EMA weights unless use_ema=False."""
+    as "model.nf=8" or "data.image_size=16"), an EDM `network-snapshot-*.pkl` or a diffusers
+    folder (these two state their own configuration). Uses the EMA weights unless use_ema=False."""
     path = Path(path).expanduser()
     if path.is_dir():
         sde_cfg, model_cfg = diffusers_process(path)
@@ -205,6 +206,16 @@ def load_pretrained(
         return factory.score_model(model_cfg, net, sde, process=sde_cfg["name"]).eval(), sde
     if not path.is_file():
         raise PretrainedError(f"{path} does not exist; pass a checkpoint file or folder")
+    if is_pickle(path):  # an EDM snapshot states its own configuration
+        snap = read_edm_snapshot(path)
+        sde_cfg, model_cfg = edm_config(snap, path)
+        u = snap["precond_kwargs"]
+        shape = (int(u.get("img_channels", 3)), int(u.get("img_resolution", 32)))
+        net = factory.network(model_cfg, (shape[0], shape[1], shape[1]), "images")
+        net.load_state_dict(edm_weights(snap["state"], net))
+        sde = sde_from_config(sde_cfg)
+        model = factory.score_model(model_cfg, net, sde, process=sde_cfg["name"])
+        return model.eval(), sde
     ckpt = read_score_sde(path)
     if experiment is None:
         fits = fitting_presets(ckpt, overrides)

@@ -25,6 +25,7 @@ from data.datasets import (
 from data.mixtures import mixture5d
 from models import MixtureScore, factory, pretrained
 from models.diffusers import diffusers_process, diffusers_weights
+from models.edm import edm_config, edm_weights, is_pickle, read_edm_snapshot
 from sde_lib import SDE, sde_from_config
 from sde_lib.errors import UserError
 from sde_lib.io import load_weights_only
@@ -202,12 +203,16 @@ def find_checkpoint(cfg: dict) -> tuple[Path, dict]:
 
 def read_any_checkpoint(path: Path) -> dict:
     """A checkpoint in any format read here: a scoresde checkpoint (as `training.checkpoint.load`
-    returns it), or {"format": "score_sde", "model", "shadow", "step"} for a score_sde_pytorch
-    file, or {"format": "diffusers", "weights", "step": None} for a diffusers folder. Nothing in
-    a file is run: torch's weights-only loader and safetensors only build tensors."""
+    returns it), {"format": "score_sde", "model", "shadow", "step"} for a score_sde_pytorch
+    file, {"format": "edm", "snapshot", "step": None} for an EDM network snapshot or
+    {"format": "diffusers", "weights", "step": None} for a diffusers folder. Nothing in a file
+    is run: torch's weights-only loader, the snapshot reader and safetensors build only
+    tensors and plain data."""
     path = Path(path)
     if path.is_dir():
         return {"format": "diffusers", "weights": diffusers_weights(path), "step": None}
+    if is_pickle(path):  # EDM's network snapshots are plain pickles (read with no code run)
+        return {"format": "edm", "snapshot": read_edm_snapshot(path), "step": None}
     try:
         return ckpt.load(path)
     except ckpt.CheckpointError as e:
@@ -225,6 +230,16 @@ def read_any_checkpoint(path: Path) -> dict:
 def load_foreign_weights(model: torch.nn.Module, state: dict, path: Path, cfg: dict) -> None:
     """Put a released checkpoint's weights (`read_any_checkpoint` of a score_sde_pytorch file or
     a diffusers folder) into `model`, strictly; its EMA weights unless use_ema=false."""
+    if state["format"] == "edm":
+        try:
+            model.net.load_state_dict(edm_weights(state["snapshot"]["state"], model.net))
+        except (pretrained.PretrainedError, AttributeError, RuntimeError) as e:
+            raise UserError(
+                f"{path}: its weights do not fit the network its configuration describes "
+                f"with data={cfg['data']['name']} ({str(e).splitlines()[0]}); check "
+                "data.image_size"
+            ) from None
+        return
     if state["format"] == "diffusers":
         try:
             model.net.unet.load_state_dict(state["weights"])
@@ -329,20 +344,24 @@ def load_score_model(cfg: dict, find=find_checkpoint):
     if cfg["model"]["name"] == "exact":
         return sde, dataset, build_score_model(cfg, sde, dataset).eval(), None
     path, state = find(cfg)
-    if state.get("format") == "diffusers":
-        sde_cfg, model_cfg = diffusers_process(path)
+    if state.get("format") in ("diffusers", "edm"):  # the file states its own configuration
+        if state["format"] == "edm":
+            sde_cfg, model_cfg = edm_config(state["snapshot"], path)
+        else:
+            sde_cfg, model_cfg = diffusers_process(path)
         if sde_cfg["name"] != cfg["sde"]["name"]:
             raise UserError(
-                f"ckpt={path} is a {sde_cfg['name'].upper()} model (its scheduler says so); "
+                f"ckpt={path} is a {sde_cfg['name'].upper()} model (its configuration says so); "
                 f"pass sde={sde_cfg['name']}"
             )
-        log.info(f"using the process of {path}'s scheduler: {sde_cfg}")
+        log.info(f"using the process {path} states: {sde_cfg}")
         cfg = {**cfg, "sde": sde_cfg, "model": model_cfg}
         sde = build_sde(sde_cfg)
-    if state.get("format") in ("diffusers", "score_sde"):
+    if state.get("format") in ("diffusers", "score_sde", "edm"):
         model = build_score_model(cfg, sde, dataset)
         load_foreign_weights(model, state, path, cfg)
-        log.info(f"using {state['format']} checkpoint {path} (step {state['step']})")
+        step = f" (step {state['step']})" if state.get("step") is not None else ""
+        log.info(f"using {state['format']} checkpoint {path}{step}")
         return sde, dataset, model.eval(), path
     saved = ckpt.config_of(state)
     if is_classifier_run(saved):

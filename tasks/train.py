@@ -104,7 +104,8 @@ def init_weights(model: torch.nn.Module, state: dict, path: Path, cfg: dict) -> 
                 f"training.init_from={path} does not fit this model "
                 f"({str(e).splitlines()[0]}); use the model config it was trained with"
             ) from None
-    log.info(f"initialised the weights from {path} (step {state.get('step')})")
+    step = f" (step {state['step']})" if state.get("step") is not None else ""
+    log.info(f"initialised the weights from {path}{step}")
 
 
 def _write_status(out_dir: Path, summary: dict) -> None:

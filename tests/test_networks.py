@@ -359,3 +359,87 @@ def test_diffusers_ve_folder_is_the_pipelines_score_in_the_toolkits_range(tmp_pa
     with torch.no_grad():
         want = unet(x, sigma).sample / 2  # d/dx' = 1/2 d/dx for x' = 2x - 1
         assert rel(model(2 * x - 1, t), want) < TOL
+
+
+EDM = PEER / "edm_ddpmpp_vp"
+
+
+def test_edm_snapshot_reproduces_edms_denoiser_and_score_without_running_its_code():
+    """The code-free snapshot (EDM's own tensors, VPPrecond around SongUNet's DDPM++) loads onto
+    NCSNpp: F and D = x - sigma F in EDM's coordinates, and the VP score in the SDE's own."""
+    ref = np.load(EDM / "ref.npz")
+    model, sde = pretrained.load_pretrained(EDM / "snapshot-nocode.pickle")
+    assert isinstance(sde, VPSDE) and (sde.beta_min, sde.beta_max) == (0.1, 20.0)
+    x, sigma = torch.from_numpy(ref["x"]), torch.from_numpy(ref["sigma"])
+    c_in = (sigma**2 + 1).rsqrt()[:, None, None, None]
+    with torch.no_grad():
+        out = model.net(c_in * x, torch.from_numpy(ref["c_noise"]))
+        assert rel(out, torch.from_numpy(ref["net_out_F"])) < TOL
+        denoised = x - sigma[:, None, None, None] * out
+        assert rel(denoised, torch.from_numpy(ref["denoised_D"])) < TOL
+        x_vp, t = torch.from_numpy(ref["x_vp"]), torch.from_numpy(ref["t"])
+        score = model(x_vp, t)
+        exact = model.double()(x_vp.double(), t.double())
+    # EDM forms its score as (D - x) / sigma^2 in float32, which at t = 1e-5 (sigma = 1e-3)
+    # cancels to 4e-5 of the value; here the score comes from F directly: within 1e-6 of the
+    # same model in float64 everywhere, and of EDM's own figure wherever it has the digits
+    want = torch.from_numpy(ref["score_vp_sde"])
+    assert rel(score[1:], want[1:]) < TOL and rel(score[:1], want[:1]) < 1e-4
+    assert rel(score, exact) < TOL
+
+
+def test_a_snapshot_with_any_other_global_is_refused_and_never_run(tmp_path, cifar):
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "network-snapshot-000000.pkl"
+    bad.write_bytes(pickle.dumps({"ema": Exploit()}, protocol=4))
+    with pytest.raises(UserError) as e:
+        pretrained.load_pretrained(bad)
+    assert "global posix.system" in str(e.value) or "global os.system" in str(e.value)
+    assert "\n" not in str(e.value) and not marker.exists()
+    common = ("mode=sample", "data=cifar10", f"data.path={cifar}", "data.image_size=16")
+    with pytest.raises(UserError, match="nothing in the file is run"):
+        run_mode(tmp_path, "bad", *common, f"ckpt={bad}")
+    assert not marker.exists()
+    # through run.py: the snapshot's own configuration, sampled and scored
+    sample = ("sampler=ddim", "sampler.steps=3", "sampler.n_samples=4", "sampler.batch_size=4")
+    _, out = run_mode(tmp_path, "edm", *common, f"ckpt={EDM / 'snapshot-nocode.pickle'}", *sample)
+    assert np.isfinite(np.load(out / "samples.npz")["samples"]).all()
+
+
+@pytest.mark.parametrize("process", ["vp", "subvp", "ve"])
+def test_edm_preconditioning_of_the_exact_denoiser_is_the_exact_score(process):
+    """The network F that makes EDM's D the exact mixture denoiser, wrapped by EDMPrecondModel
+    on any linear SDE (x~ = x_t / alpha, s = sigma / alpha), gives the exact score (float64)."""
+    from data import gmm8
+    from models import MixtureScore
+    from models.score import EDMPrecondModel
+
+    law, sd = gmm8(), 0.5
+    sde = {"vp": VPSDE(), "subvp": subVPSDE(), "ve": VESDE(0.002, 80.0)}[process]
+
+    class ExactF(torch.nn.Module):
+        def forward(self, inp, c_noise):
+            s = append(torch.exp(4 * c_noise))
+            k = s.square() + sd**2
+            xs = inp * k.sqrt()  # x~ = inp / c_in
+            # F = (D - c_skip x~) / c_out with D = x~ + s^2 score(x~; s), without cancellation
+            score = law.score_at(xs, torch.ones_like(c_noise), s.flatten())
+            return s * k.sqrt() / sd * (xs / k + score)
+
+    def append(v):
+        return v[:, None]
+
+    model = EDMPrecondModel(ExactF(), sde, sd)
+    exact = MixtureScore(sde, law)
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([1e-3, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
+    x = torch.randn(5, 2, generator=g, dtype=torch.float64) * 2
+    got, want = model(x, t), exact(x, t)
+    assert rel(got, want) < 1e-10
