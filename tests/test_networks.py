@@ -447,3 +447,31 @@ def test_edm_preconditioning_of_the_exact_denoiser_is_the_exact_score(process):
     x = torch.randn(5, 2, generator=g, dtype=torch.float64) * 2
     got, want = model(x, t), exact(x, t)
     assert rel(got, want) < 1e-10
+
+
+def test_discrete_conventions_use_the_tables_the_networks_were_trained_on():
+    """VE discrete: level index round((1 - t)(N - 1)) of the geometric table from sigma_max down;
+    VP discrete: sqrt(1 - alphabar) at floor((N - 1) t) of DDPM's beta table. On the grid they are
+    the continuous conventions' levels; in [-1, 1] the VE sigmas are twice the network's."""
+
+    class Echo(torch.nn.Module):  # returns its label, so the wrapper's arithmetic shows
+        def forward(self, x, label):
+            return torch.ones_like(x) * label[:, None, None, None]
+
+    n, ve = 1000, VESDE(0.02, 100.0)
+    t = torch.tensor([0.0, 0.25, 0.6, 0.9], dtype=torch.float64)
+    i = torch.round((1 - t) * (n - 1))
+    x = torch.zeros(4, 1, 2, 2, dtype=torch.float64)
+    discrete = ScoreSDEModel(
+        Echo(), ve, "ve", continuous=False, centered=False, scale_by_sigma=True
+    )
+    sigma_net = 0.01 * (50.0 / 0.01) ** (1 - i / (n - 1))  # score_sde's table, on [0, 1] data
+    want = i / sigma_net / 2  # label / sigma, halved in [-1, 1]
+    assert rel(discrete(x, t), want[:, None, None, None].expand_as(x)) < 1e-12
+    vp = VPSDE()
+    betas = torch.linspace(0.1 / n, 20.0 / n, n, dtype=torch.float64)
+    std = torch.sqrt(1 - torch.cumprod(1 - betas, 0))
+    t = torch.tensor([0.01, 0.3, 0.77, 1.0], dtype=torch.float64)
+    model = ScoreSDEModel(Echo(), vp, "vp", continuous=False)
+    want = -(t * (n - 1)) / std[(t * (n - 1)).long()]
+    assert rel(model(x, t)[:, :1, :1, :1].flatten()[:, None], want[:, None]) < 1e-12
