@@ -19,7 +19,7 @@ from .score import EDMPrecondModel, EDMVPModel, ScoreModel, ScoreSDEModel
 from .unet import UNet
 
 NETWORKS = ("mlp", "unet", "ncsnpp", "ddpm", "diffusers")
-PARAMETERISATIONS = ("eps", "score", "score_sde", "edm", "edm_vp")
+PARAMETERISATIONS = ("eps", "score", "x0", "v", "flow", "score_sde", "edm", "edm_vp")
 
 # the keyword arguments of NCSNpp that a model config may set (score_sde's names)
 NCSNPP_KEYS = (
@@ -105,7 +105,8 @@ def score_model(
     c: dict, net: nn.Module, sde: SDE, kind: str = "images", process: str = "vp"
 ) -> nn.Module:
     """The score of `sde` from `net` under c["parameterisation"]:
-    eps / score: the toolkit's own (input scaled by c_in, the network sees t), see ScoreModel;
+    eps / score / x0 / v / flow: the toolkit's own (input scaled by c_in, the network sees t),
+    see ScoreModel;
     score_sde: the conventions score_sde's networks were trained with for `process` (the sde
     config's name), see ScoreSDEModel; edm: EDM's preconditioning, see EDMPrecondModel;
     edm_vp: EDM's VP preconditioning, see EDMVPModel."""

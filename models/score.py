@@ -2,10 +2,19 @@
 
 With x_t = alpha x_0 + sigma z, the network sees the input scaled to unit variance,
 c_in = 1 / sqrt(alpha^2 sigma_data^2 + sigma^2) (the EDM preconditioning, written with the SDE's
-own alpha and sigma), and predicts the noise z ("eps") or the score itself ("score"):
-    eps:   score(x, t) = -net(c_in x, t) / sigma(t)
-    score: score(x, t) =  net(c_in x, t)
-Samplers and losses only ever see the score, so they never know which network they hold.
+own alpha and sigma), and predicts (F = net(c_in x, t)):
+    eps:   the noise z,                 score = -F / sigma
+    score: the score itself,            score = F
+    x0:    the data x_0 (a denoiser),   score = (alpha F - x) / sigma^2
+    v:     v = alpha z - sigma x_0 (Salimans & Ho 2022); inverting (x, v) -> (x_0, z),
+           score = -(sigma x + alpha F) / (sigma (alpha^2 + sigma^2))
+    flow:  the path's velocity u = alpha' x_0 + sigma' z (flow matching); inverting (x, u),
+           z = (alpha F - alpha' x) / (alpha sigma' - sigma alpha'), score = -z / sigma,
+           with alpha' = f alpha and sigma' = (2 f sigma^2 + g^2) / (2 sigma) read off the SDE's
+           drift f(t) x and diffusion g(t).
+Every rule is exact for any linear SDE. Samplers and losses only ever see the score, so they never
+know which network they hold. ScoreSDEModel, EDMPrecondModel and EDMVPModel below are the
+conventions of released networks (score_sde, EDM).
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from torch import nn
 
 from sde_lib import SDE, append_dims
 
-PARAMETERISATIONS = ("eps", "score")
+PARAMETERISATIONS = ("eps", "score", "x0", "v", "flow")
 
 
 class ScoreModel(nn.Module):
@@ -55,9 +64,25 @@ class ScoreModel(nn.Module):
         # the network's noise-level input: t, or what the SDE says (vdm: the normalised gamma(t))
         tn = self.sde.net_time(t, alpha, sigma) if hasattr(self.sde, "net_time") else t
         out = self.net(inp, tn) if y is None else self.net(inp, tn, y)
-        if self.parameterisation == "eps":
-            return -out / append_dims(sigma.to(x.dtype), x.ndim)
-        return out
+        kind = self.parameterisation
+        if kind == "score":
+            return out
+        a, s = (append_dims(v.to(x.dtype), x.ndim) for v in (alpha, sigma))
+        if kind == "eps":
+            return -out / s
+        if kind == "x0":
+            return (a * out - x) / s.square()
+        if kind == "v":
+            return -(s * x + a * out) / (s * (a.square() + s.square()))
+        da, ds = (append_dims(v.to(x.dtype), x.ndim) for v in self.rates(t, alpha, sigma))
+        return -(a * out - da * x) / ((a * ds - s * da) * s)
+
+    def rates(self, t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
+        """(d alpha / dt, d sigma / dt) from the SDE dx = f(t) x dt + g(t) dw: alpha' = f alpha,
+        d sigma^2 / dt = 2 f sigma^2 + g^2."""
+        drift, g = self.sde.sde(torch.ones_like(t)[:, None], t)
+        f = drift[:, 0]
+        return f * alpha, (2 * f * sigma.square() + g.square()) / (2 * sigma)
 
 
 class ScoreSDEModel(nn.Module):
