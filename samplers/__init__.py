@@ -21,6 +21,7 @@ from .api import (
 from .ddim import sample_ddim
 from .dpm_solver import sample_dpm_solver
 from .dpm_solver3 import sample_dpm_solver3
+from .edm import sample_edm
 from .fast import sample_fast
 from .grids import (
     GRIDS,
@@ -75,6 +76,7 @@ __all__ = [
     "sample_em",
     "sample_fast",
     "sample_heun",
+    "sample_edm",
     "sample_ipndm",
     "sample_ode",
     "sample_pc",

@@ -24,10 +24,11 @@ from sde_lib import SDE, ScoreFn
 from sde_lib.options import OptionError
 from sde_lib.options import check_options as check_options_of
 
-from . import ddim, dpm_solver3, fast, ipndm, ode, pc, unipc
+from . import ddim, dpm_solver3, edm, fast, ipndm, ode, pc, unipc
 from .ddim import decaying_alpha, sample_ddim
 from .dpm_solver import sample_dpm_solver
 from .dpm_solver3 import sample_dpm_solver3
+from .edm import sample_edm
 from .exponential import tweedie_denoise
 from .fast import sample_fast
 from .heun import sample_heun
@@ -47,6 +48,7 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpm_solver": sample_dpm_solver,
     "fast": sample_fast,
     "heun": sample_heun,
+    "edm": sample_edm,
     "dpm_solver3": sample_dpm_solver3,
     "unipc": sample_unipc,
     "ipndm": sample_ipndm,
@@ -63,6 +65,7 @@ RULES: dict[str, dict] = {
     "dpm_solver3": dpm_solver3.RULES,
     "unipc": unipc.RULES,
     "ipndm": ipndm.RULES,
+    "edm": edm.RULES,
 }
 
 # name -> check(sde) returning None when the sampler applies, else what it needs

@@ -142,6 +142,12 @@ def run_train(cfg: dict, out_dir: Path) -> dict:
             levels=dataset.levels if dataset.kind == "images" else None,
             data_range=dataset.model_range,
             reduce_mean=bool(t.get("reduce_mean", False)),
+            noise=t.get("noise", "uniform_t"),
+            weighting=t.get("weighting"),
+            sigma_data=float(cfg["model"].get("sigma_data") or 0.5),
+            p_mean=float(t.get("p_mean", -1.2)),
+            p_std=float(t.get("p_std", 1.2)),
+            importance_weights=bool(t.get("importance_weights", True)),
         )
         if classifier:
             loss = ClassifierLoss(sde, eps=float(t["eps"]))

@@ -21,6 +21,7 @@ from samplers.optimise_grid import check_fittable
 from sde_lib import SDE_CLASSES
 from sde_lib.errors import UserError
 from sde_lib.options import Choice, Number
+from training.losses import NOISE_DISTRIBUTIONS, WEIGHTINGS
 
 from .common import DATA_NAMES, MODEL_NAMES, build_sde
 from .nll import DTYPES, METHODS, SOLVERS
@@ -175,6 +176,24 @@ def validate_training(cfg: dict) -> None:
             "is not class-conditional: drop model.conditional=true"
         )
     _choice(cfg, f"{t}.likelihood_weighting", (True, False))
+    if "noise" in cfg[t]:
+        noise = _choice(cfg, f"{t}.noise", NOISE_DISTRIBUTIONS)
+        _num(cfg, f"{t}.p_mean")
+        _num(cfg, f"{t}.p_std", lo=0, lo_open=True)
+        _choice(cfg, f"{t}.importance_weights", (True, False))
+        weighting = cfg[t].get("weighting")
+        if weighting is not None:
+            _choice(cfg, f"{t}.weighting", WEIGHTINGS)
+        if (noise != "uniform_t" or weighting) and cfg[t]["loss"] not in ("auto", "dsm"):
+            raise UserError(
+                f"training.noise={noise} / training.weighting={weighting} apply to the "
+                f"continuous DSM loss, not training.loss={cfg[t]['loss']}; use training.loss=dsm"
+            )
+        if (noise != "uniform_t" or weighting) and cfg["sde"]["name"] == "vdm":
+            raise UserError(
+                f"training.noise={noise} / training.weighting={weighting} need a fixed noise "
+                "schedule; sde=vdm learns its own with its bound: leave them at their defaults"
+            )
     if _choice(cfg, f"{t}.reduce_mean", (True, False)) and cfg[t]["loss"] == "vlb":
         raise UserError(
             "training.reduce_mean=true averages a score-matching loss over dimensions; "
@@ -209,6 +228,12 @@ def validate_sampler(cfg: dict) -> None:
     except ValueError as e:
         raise UserError(f"sampler={name} with sde={cfg['sde']['name']}: {e}") from None
     samplers.check_options(name, sampler_call_options(cfg["sampler"]), prefix="sampler.")
+    c = cfg["sampler"]
+    if name == "edm" and c.get("S_tmax") is not None and c["S_tmax"] < c["S_tmin"]:
+        raise UserError(
+            f"sampler.S_tmax={c['S_tmax']} is below sampler.S_tmin={c['S_tmin']}; churn acts on "
+            "noise levels in [S_tmin, S_tmax]"
+        )
     p = "sampler"
     _num(cfg, f"{p}.steps", kind=int, lo=1, none_ok=True)
     _num(cfg, f"{p}.eps", lo=0, lo_open=True, hi=0.5)

@@ -52,6 +52,7 @@ FIXED = {
     "unipc": (8, {}),
     "ipndm": (8, {}),
     "heun": (6, {}),
+    "edm/churn": (6, dict(S_churn=5.0, S_tmin=0.05)),
     "fast": (9, {}),
     "ode/rk4": (6, dict(method="rk4")),
     "ode/euler": (10, dict(method="euler")),

@@ -224,6 +224,7 @@ def test_sample_on_machines_sharing_no_files_equals_one_process(tiny_run, tmp_pa
         np.testing.assert_array_equal(two[key], one[key])
 
 
+@pytest.mark.slow  # 10-20 s: too long for the default run (CI runs -m slow too)
 def test_nll_on_machines_sharing_no_files_equals_one_process_and_resumes(tiny_run, tmp_path):
     """Each rank solves and caches its batches under its own outputs_root; rank 0 gathers the
     per-batch results (in batch order) into the nll.json of one process, and caches the

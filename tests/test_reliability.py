@@ -192,6 +192,7 @@ def test_malicious_pickle_is_refused_and_its_code_never_runs(tmp_path, trained):
     assert not marker.exists()
 
 
+@pytest.mark.slow  # 10-20 s: too long for the default run (CI runs -m slow too)
 def test_bad_checkpoints_through_run_py_exit_2_with_one_line(tmp_path, trained):
     """Malicious, truncated, garbage and mismatched checkpoints given to nll, resume and sample:
     one line naming the file and the problem, and the malicious code never runs. run.py runs the

@@ -36,6 +36,9 @@ RUNS = {
     "ddim": ({}, 51),  # default 50 steps
     "fast": (dict(steps=29), 30),  # sub-VP needs ~30 evaluations; VP and VE meet 20, see below
     "heun": ({}, 36),  # default 18 steps
+    # churn costs no evaluation; with the exact score it only adds error the steps must remove
+    # (at 18 steps the MMD ratio is 1.6-2.5), so the stochastic law test takes 100
+    "edm": (dict(steps=100, S_churn=50.0, S_tmin=0.05, S_tmax=50.0), 200),
 }
 CASES = [
     (sde, name, law)
@@ -157,3 +160,30 @@ def test_ddim_with_eta_one_is_ancestral_sampling():
         for name, kw in (("ddim", dict(eta=1.0, grid="uniform")), ("ancestral", {}))
     ]
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve"])
+def test_edm_without_churn_is_heun_and_rejects_bad_options(sde_name):
+    sde, law = make_sde(sde_name), gmm8()
+    score = exact_score(sde, law)
+    x = sde.prior_sampling((64, 2), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(samplers.sample_edm(sde, score, x), samplers.sample_heun(sde, score, x))
+    for bad in (dict(S_churn=-1.0), dict(S_noise=0.0), dict(S_tmin=2.0, S_tmax=1.0)):
+        with pytest.raises(ValueError):
+            samplers.sample_edm(sde, score, x, **bad)
+
+
+def test_edm_options_are_checked_in_the_config(tmp_path):
+    from runs import compose_cfg
+
+    from sde_lib.errors import UserError
+    from tasks.validate import validate
+
+    for bad, words in (
+        (["sampler.S_churn=-1"], "sampler.S_churn=-1"),
+        (["sampler.S_noise=0"], "sampler.S_noise=0"),
+        (["sampler.S_tmin=2", "sampler.S_tmax=1"], "below sampler.S_tmin=2"),
+    ):
+        with pytest.raises(UserError) as e:
+            validate(compose_cfg(tmp_path, "mode=sample", "sampler=edm", *bad))
+        assert words in str(e.value) and "\n" not in str(e.value)

@@ -37,24 +37,128 @@ def _uniform_t(n: int, sde: SDE, eps: float, x0: torch.Tensor, g: torch.Generato
     return eps + (sde.T - eps) * u
 
 
+NOISE_DISTRIBUTIONS = ("uniform_t", "lognormal", "logsnr_uniform")
+WEIGHTINGS = ("sigma2", "likelihood", "edm")
+
+
+class TimeSampler:
+    """Training times t in [eps, T] drawn from a proposal q, with importance weights
+    w(t) = 1 / ((T - eps) q(t)), so that E_q[w f(t)] = E_{t ~ U(eps, T)}[f(t)]: the loss stays an
+    unbiased estimate of the same objective, only its variance changes.
+
+    uniform_t: t ~ U(eps, T), w = 1.
+    lognormal (EDM, Karras et al. 2022): ln s ~ N(p_mean, p_std^2), s = sigma / alpha, truncated
+        to the SDE's range [s(eps), s(T)]; logsnr_uniform: ln s uniform on that range (the
+        log-SNR -2 ln s is then uniform). Both draw ln s by the inverse CDF of one uniform and
+        find t(s) by bisection (s(t) is increasing for every SDE here); the density of t is
+        q_s(ln s) d ln s / dt with d ln s / dt = g^2 / (2 sigma^2).
+    """
+
+    def __init__(
+        self,
+        sde: SDE,
+        eps: float,
+        kind: str = "uniform_t",
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+    ) -> None:
+        if kind not in NOISE_DISTRIBUTIONS:
+            raise ValueError(f"unknown noise {kind!r}; allowed: {', '.join(NOISE_DISTRIBUTIONS)}")
+        if not p_std > 0:
+            raise ValueError(f"p_std={p_std} must be > 0")
+        self.sde, self.eps, self.kind = sde, float(eps), kind
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+
+    def _log_s(self, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = self.sde.alpha_sigma(t)
+        return (sigma / alpha).log()
+
+    @torch.no_grad()
+    def __call__(self, n: int, x0: torch.Tensor, g) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, w), each (n,) in x0's dtype and device."""
+        span = self.sde.T - self.eps
+        if self.kind == "uniform_t":
+            t = _uniform_t(n, self.sde, self.eps, x0, g)
+            return t, torch.ones_like(t)
+        u = as_noise(g).rand((n,), dtype=torch.float64, device=x0.device)
+        ends = torch.tensor([self.eps, self.sde.T], dtype=torch.float64, device=x0.device)
+        lo, hi = self._log_s(ends).tolist()
+        normal = torch.distributions.Normal(self.p_mean, self.p_std)
+        if self.kind == "lognormal":
+            c_lo, c_hi = normal.cdf(torch.tensor(lo)), normal.cdf(torch.tensor(hi))
+            if not c_hi - c_lo > 1e-12:
+                raise ValueError(
+                    f"lognormal noise N({self.p_mean}, {self.p_std}^2) puts no mass on this "
+                    f"SDE's ln(sigma / alpha) range [{lo:.3g}, {hi:.3g}]"
+                )
+            target = normal.icdf((c_lo + (c_hi - c_lo) * u).clamp(1e-300, 1 - 1e-16))
+            target = target.clamp(lo, hi)
+        else:
+            target = lo + (hi - lo) * u
+        a = torch.full_like(u, self.eps)
+        b = torch.full_like(u, float(self.sde.T))
+        for _ in range(64):  # bisection to float64 resolution of [eps, T]
+            mid = (a + b) / 2
+            below = self._log_s(mid) < target
+            a, b = torch.where(below, mid, a), torch.where(below, b, mid)
+        t = (a + b) / 2
+        alpha, sigma = self.sde.alpha_sigma(t)
+        g2 = self.sde.sde(torch.zeros_like(t)[:, None], t)[1].double().square()
+        dlog_s = g2 / (2 * sigma.square())
+        if self.kind == "lognormal":
+            q_log = normal.log_prob(self._log_s(t)).exp() / (c_hi - c_lo)
+        else:
+            q_log = torch.full_like(t, 1 / (hi - lo))
+        w = 1 / (span * q_log * dlog_s)
+        return t.to(x0.dtype), w.to(x0.dtype)
+
+
 class DSMLoss:
     """Continuous-time denoising score matching (Song et al. 2021, eq. 7).
 
-    loss = 1/2 lambda(t) |s(x_t, t) + z / sigma(t)|^2 with t ~ U(eps, T);
-    lambda = sigma^2 (default) or g(t)^2 (`likelihood_weighting`, Song, Durkan et al. 2021).
+    loss = 1/2 lambda(t) |s(x_t, t) + z / sigma(t)|^2 with t ~ U(eps, T) (or another proposal,
+    importance-weighted to the same objective: `TimeSampler`; `importance_weights=False` makes
+    the proposal's expectation the objective, as EDM's recipe does); lambda = sigma^2 ("sigma2",
+    default), g(t)^2 ("likelihood": Song, Durkan et al. 2021) or EDM's ("edm"):
+    lambda(s) = (s^2 + sd^2) / (s sd)^2 on the denoiser's error |D - x_0|^2, where
+    D - x_0 = s^2 alpha (s(x_t) + z / sigma) in EDM's coordinates (s = sigma / alpha), so that
+    lambda_DSM = sigma^2 (s^2 + sd^2) / sd^2.
     """
 
-    def __init__(self, sde: SDE, eps: float = 1e-5, likelihood_weighting: bool = False) -> None:
-        self.sde, self.eps, self.likelihood_weighting = sde, eps, likelihood_weighting
+    def __init__(
+        self,
+        sde: SDE,
+        eps: float = 1e-5,
+        likelihood_weighting: bool = False,
+        noise: str = "uniform_t",
+        weighting: str | None = None,
+        sigma_data: float = 0.5,
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+        importance_weights: bool = True,
+    ) -> None:
+        weighting = weighting or ("likelihood" if likelihood_weighting else "sigma2")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
+        self.sde, self.eps, self.weighting, self.sigma_data = sde, eps, weighting, sigma_data
+        self.times = TimeSampler(sde, eps, noise, p_mean, p_std)
+        self.importance_weights = importance_weights
 
     def __call__(self, score_fn: ScoreFn, x0: torch.Tensor, g: torch.Generator | None = None):
-        t = _uniform_t(x0.shape[0], self.sde, self.eps, x0, g)
+        t, w = self.times(x0.shape[0], x0, g)
+        if not self.importance_weights:  # the objective is the expectation under the proposal
+            w = torch.ones_like(w)
         xt, z, sigma = _perturb(self.sde, x0, t, g)
         s = score_fn(xt, t)
-        if self.likelihood_weighting:
-            g2 = self.sde.sde(torch.zeros_like(x0), t)[1].square().to(x0.dtype)
-            return 0.5 * g2 * _sum((s + z / append_dims(sigma, x0.ndim)).square())
-        return 0.5 * _sum((append_dims(sigma, x0.ndim) * s + z).square())
+        if self.weighting == "sigma2":
+            return w * 0.5 * _sum((append_dims(sigma, x0.ndim) * s + z).square())
+        if self.weighting == "likelihood":
+            lam = self.sde.sde(torch.zeros_like(x0), t)[1].square().to(x0.dtype)
+        else:
+            alpha = self.sde.alpha_sigma(t)[0].to(x0.dtype)
+            sd2 = self.sigma_data**2
+            lam = sigma.square() * ((sigma / alpha).square() + sd2) / sd2
+        return w * 0.5 * lam * _sum((s + z / append_dims(sigma, x0.ndim)).square())
 
 
 class SSMLoss:
@@ -212,6 +316,12 @@ def make_loss(
     data_range: tuple[float, float] = (-1.0, 1.0),
     time_samples: int = 2,
     reduce_mean: bool = False,
+    noise: str = "uniform_t",
+    weighting: str | None = None,
+    sigma_data: float = 0.5,
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
+    importance_weights: bool = True,
 ):
     """Build a loss by name: dsm, ssm, ddpm, smld, vlb, or auto (`default_loss`). levels and
     data_range (the discrete data's levels and model range) are used by vlb only."""
@@ -220,7 +330,10 @@ def make_loss(
     if name == "vlb":
         return VLBLoss(sde, levels, data_range, eps, time_samples)
     if name == "dsm":
-        loss = DSMLoss(sde, eps, likelihood_weighting)
+        loss = DSMLoss(
+            sde, eps, likelihood_weighting, noise, weighting, sigma_data, p_mean, p_std,
+            importance_weights,
+        )  # fmt: skip
     elif name == "ssm":
         loss = SSMLoss(sde, eps, n_projections, projection)
     elif name in ("ddpm", "smld"):
