@@ -1,12 +1,20 @@
 """Forward SDEs for score-based generative modelling: VP, sub-VP, VE and VDM (learned schedule)."""
 
 from .base import SDE, ReverseSDE, ScoreFn, append_dims
+from .flow import RectifiedFlowSDE, TrigFlowSDE
 from .noise import KeyedNoise, TorchNoise, as_noise, randn_like
 from .vdm import VDMSDE, GammaSchedule
 from .ve import VESDE
 from .vp import VPSDE, subVPSDE
 
-SDE_CLASSES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE, "vdm": VDMSDE}
+SDE_CLASSES = {
+    "vp": VPSDE,
+    "subvp": subVPSDE,
+    "ve": VESDE,
+    "vdm": VDMSDE,
+    "rectified": RectifiedFlowSDE,
+    "trig": TrigFlowSDE,
+}
 
 
 def sde_from_config(c: dict) -> SDE:
@@ -34,6 +42,8 @@ __all__ = [
     "subVPSDE",
     "VESDE",
     "VDMSDE",
+    "RectifiedFlowSDE",
+    "TrigFlowSDE",
     "GammaSchedule",
     "KeyedNoise",
     "TorchNoise",
