@@ -29,7 +29,18 @@ from sde_lib import SDE, append_dims
 PARAMETERISATIONS = ("eps", "score", "x0", "v", "flow")
 
 
-class ScoreModel(nn.Module):
+class _ScoreWrapper(nn.Module):
+    """What every score wrapper shares: the network's class count."""
+
+    net: nn.Module
+
+    @property
+    def n_classes(self) -> int:
+        """Classes of a class-conditional network (0: unconditional)."""
+        return int(getattr(self.net, "n_classes", 0))
+
+
+class ScoreModel(_ScoreWrapper):
     def __init__(
         self, net: nn.Module, sde: SDE, parameterisation: str = "eps", sigma_data: float = 1.0
     ) -> None:
@@ -47,11 +58,6 @@ class ScoreModel(nn.Module):
             self.schedule = sde.module
         self.parameterisation = parameterisation
         self.sigma_data = float(sigma_data)
-
-    @property
-    def n_classes(self) -> int:
-        """Classes of a class-conditional network (0: unconditional)."""
-        return int(getattr(self.net, "n_classes", 0))
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
@@ -85,7 +91,7 @@ class ScoreModel(nn.Module):
         return f * alpha, (2 * f * sigma.square() + g.square()) / (2 * sigma)
 
 
-class ScoreSDEModel(nn.Module):
+class ScoreSDEModel(_ScoreWrapper):
     """A network under score_sde's conventions (Song et al. 2021, `models/utils.get_score_fn`).
 
     VP and sub-VP (`process` "vp" / "subvp"): the network sees the time step label (N - 1) t and
@@ -144,10 +150,6 @@ class ScoreSDEModel(nn.Module):
         self.data_scale = 1.0 if centered else 2.0  # toolkit units per network unit
         self.scale_by_sigma = bool(scale_by_sigma)
 
-    @property
-    def n_classes(self) -> int:
-        return int(getattr(self.net, "n_classes", 0))
-
     def _std(self, t: torch.Tensor) -> torch.Tensor:
         """std(t) of the VP / sub-VP perturbation, as the network was trained with it."""
         if self.continuous:
@@ -182,7 +184,7 @@ class ScoreSDEModel(nn.Module):
         return out / self.data_scale
 
 
-class EDMPrecondModel(nn.Module):
+class EDMPrecondModel(_ScoreWrapper):
     """EDM's preconditioning (Karras et al. 2022, table 1) for any linear SDE.
 
     With x_t = alpha x_0 + sigma z, EDM's coordinates are x~ = x_t / alpha at noise level
@@ -201,10 +203,6 @@ class EDMPrecondModel(nn.Module):
         if label not in ("c_noise", "exp"):
             raise ValueError(f"label={label!r}; allowed: c_noise, exp")
         self.net, self.sde, self.sigma_data, self.label = net, sde, float(sigma_data), label
-
-    @property
-    def n_classes(self) -> int:
-        return int(getattr(self.net, "n_classes", 0))
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
@@ -226,7 +224,7 @@ class EDMPrecondModel(nn.Module):
         )
 
 
-class EDMVPModel(nn.Module):
+class EDMVPModel(_ScoreWrapper):
     """EDM's VPPrecond (Karras et al. 2022, table 1) as the score of the VP SDE.
 
     EDM's network sees c_in x~ = x_t (x~ = x_t / alpha, c_in = alpha) and the label
@@ -244,10 +242,6 @@ class EDMVPModel(nn.Module):
         self.net, self.sde, self.n_levels = net, sde, int(n_levels)
         self.beta_min = float(sde.beta_min)
         self.beta_d = float(sde.beta_max) - self.beta_min
-
-    @property
-    def n_classes(self) -> int:
-        return int(getattr(self.net, "n_classes", 0))
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None

@@ -6,7 +6,7 @@ import torch
 
 from sde_lib import SDE, ScoreFn
 
-from .grids import get_grid, intervals
+from .edm import sample_edm
 
 
 def sample_heun(
@@ -25,18 +25,7 @@ def sample_heun(
     In the scaled variables x~ = x / alpha and sigma~ = sigma / alpha the flow is
     dx~ / dsigma~ = eps_hat(x, t) = -sigma_t score(x, t). Heun steps on every interval but the
     last, which is an Euler step as in EDM: 2 steps - 1 score evaluations, so the default 18 steps
-    (EDM's choice for CIFAR-10) cost 36 with the final denoising. `generator` is unused.
+    (EDM's choice for CIFAR-10) cost 36 with the final denoising. It is `sample_edm` without
+    churn; `generator` is unused.
     """
-    batch = (x.shape[0],)
-    xs = None  # x~
-    for i, st in enumerate(intervals(sde, get_grid(grid, sde, steps, eps), progress)):
-        if xs is None:
-            xs = x / st.alpha_t
-        d = -st.sigma_t * score_fn(st.alpha_t * xs, x.new_full(batch, st.t))
-        dsig = st.sigma_s / st.alpha_s - st.sigma_t / st.alpha_t
-        xs_next = xs + dsig * d
-        if i + 1 < steps:
-            d_next = -st.sigma_s * score_fn(st.alpha_s * xs_next, x.new_full(batch, st.s))
-            xs_next = xs + (0.5 * dsig) * (d + d_next)
-        xs = xs_next
-    return st.alpha_s * xs
+    return sample_edm(sde, score_fn, x, steps=steps, eps=eps, grid=grid, progress=progress)
