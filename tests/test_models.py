@@ -48,7 +48,7 @@ def test_eps_parameterisation_divides_by_the_marginal_std(name):
     raw = ScoreModel(Const(), sde, "score")
     assert torch.equal(raw(x, t), torch.ones_like(x))
     with pytest.raises(ValueError, match="parameterisation"):
-        ScoreModel(Const(), sde, "v")
+        ScoreModel(Const(), sde, "foo")
 
 
 def test_network_sees_unit_variance_inputs():
