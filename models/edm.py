@@ -57,10 +57,6 @@ def _persistent(meta) -> Record:
     return Record(str(meta["class_name"]), meta.get("state") or {})
 
 
-def _container(name: str):
-    return lambda *args: Record(f"torch.nn.{name}")
-
-
 def _parameter(data, requires_grad=False, *hooks):
     return data  # the tensor itself: hooks and the autograd flag do not matter for reading
 

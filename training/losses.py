@@ -18,6 +18,7 @@ from likelihood.vlb import (
     resolve_time_sampling,
     stratified,
 )
+from samplers.grids import t_from_log_snr
 from sde_lib import SDE, ScoreFn, append_dims, as_noise
 
 
@@ -50,7 +51,7 @@ class TimeSampler:
     lognormal (EDM, Karras et al. 2022): ln s ~ N(p_mean, p_std^2), s = sigma / alpha, truncated
         to the SDE's range [s(eps), s(T)]; logsnr_uniform: ln s uniform on that range (the
         log-SNR -2 ln s is then uniform). Both draw ln s by the inverse CDF of one uniform and
-        find t(s) by bisection (s(t) is increasing for every SDE here); the density of t is
+        find t(s) by bisection (`samplers.grids.t_from_log_snr`); the density of t is
         q_s(ln s) d ln s / dt with d ln s / dt = g^2 / (2 sigma^2).
     """
 
@@ -95,13 +96,7 @@ class TimeSampler:
             target = target.clamp(lo, hi)
         else:
             target = lo + (hi - lo) * u
-        a = torch.full_like(u, self.eps)
-        b = torch.full_like(u, float(self.sde.T))
-        for _ in range(64):  # bisection to float64 resolution of [eps, T]
-            mid = (a + b) / 2
-            below = self._log_s(mid) < target
-            a, b = torch.where(below, mid, a), torch.where(below, b, mid)
-        t = (a + b) / 2
+        t = t_from_log_snr(self.sde, -target, self.sde.T, self.eps)  # lambda = -ln s
         alpha, sigma = self.sde.alpha_sigma(t)
         g2 = self.sde.sde(torch.zeros_like(t)[:, None], t)[1].double().square()
         dlog_s = g2 / (2 * sigma.square())
