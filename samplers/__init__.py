@@ -37,6 +37,7 @@ from .heun import sample_heun
 from .inpaint import inpaint, inpaint_resampled
 from .ipndm import sample_ipndm
 from .ode import ADAPTIVE_METHODS, FIXED_METHODS, sample_ode
+from .path import ChangedPath
 from .pc import (
     CORRECTORS,
     PREDICTORS,
@@ -48,6 +49,7 @@ from .pc import (
 from .unipc import sample_unipc
 
 __all__ = [
+    "ChangedPath",
     "ADAPTIVE_METHODS",
     "FIXED_METHODS",
     "CORRECTORS",

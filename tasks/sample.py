@@ -18,6 +18,7 @@ from metrics.images import aggregate_seeds, evaluate_images, summary_line
 from metrics.quality import component_weights, mmd, sliced_wasserstein
 from samplers.api import fit_schedule
 from samplers.grids import save_schedule
+from samplers.path import ChangedPath
 from sde_lib import KeyedNoise
 from sde_lib.io import atomic_write, atomic_write_text
 from training import checkpoint as ckpt
@@ -30,7 +31,13 @@ from training.distributed import (
     teardown,
 )
 
-from .common import UserError, checkpoint_from_main, load_score_model, start_processes
+from .common import (
+    UserError,
+    build_sde,
+    checkpoint_from_main,
+    load_score_model,
+    start_processes,
+)
 from .conditional import conditional_metrics, make_guide, sample_labels
 from .evaluate import validate_eval
 from .figures import image_grid, scatter_2d
@@ -53,6 +60,7 @@ RUN_KEYS = (
     "guidance",
     "classifier",
     "classifier_scale",
+    "path",
 )
 
 
@@ -245,6 +253,10 @@ def run_sample(cfg: dict, out_dir: Path) -> dict:
         if dataset.kind == "images" and cfg.get("eval"):
             validate_eval(cfg)
         model.to(info.device)
+        if c.get("path"):  # the model's scores used on another probability path
+            target = build_sde({"name": c["path"]})
+            log.info(f"sampling on sde={c['path']} with a model of sde={cfg['sde']['name']}")
+            sde, model = target, ChangedPath(model, sde, target)
         guide, guided = make_guide(cfg, model, dataset, sde, info.device)
         grid_file = None  # sampler.grid=fit: the schedule file it writes (rank 0)
         if c.get("grid") == "fit":

@@ -229,6 +229,17 @@ def validate_sampler(cfg: dict) -> None:
         raise UserError(f"sampler={name} with sde={cfg['sde']['name']}: {e}") from None
     samplers.check_options(name, sampler_call_options(cfg["sampler"]), prefix="sampler.")
     c = cfg["sampler"]
+    if c.get("path") is not None:
+        _choice(cfg, "sampler.path", ("vp", "subvp", "ve", "rectified", "trig"))
+        if c.get("task", "sample") != "sample" or c.get("class_label") is not None:
+            raise UserError(
+                "sampler.path moves an unconditional model to another path; it works with "
+                "sampler.task=sample and no class_label"
+            )
+        if cfg["sde"]["name"] == "vdm":
+            raise UserError(
+                "sampler.path needs a model of a fixed path; sde=vdm learns its own schedule"
+            )
     if name == "edm" and c.get("S_tmax") is not None and c["S_tmax"] < c["S_tmin"]:
         raise UserError(
             f"sampler.S_tmax={c['S_tmax']} is below sampler.S_tmin={c['S_tmin']}; churn acts on "

@@ -78,3 +78,47 @@ def test_a_flow_model_trains_and_samples_both_ways(tmp_path):
         steps = "sampler.steps=20" if sampler == "sampler=em" else "sampler.rtol=1e-3"
         _, out = run_mode(tmp_path, sampler, "mode=sample", *common, sampler, steps, *draws)
         assert np.isfinite(np.load(out / "samples.npz")["samples"]).all()
+
+
+@pytest.mark.parametrize(
+    "source,target", [("vp", "rectified"), ("rectified", "vp"), ("ve", "trig"), ("subvp", "ve")]
+)
+def test_a_score_moved_to_another_path_is_that_paths_exact_score(source, target):
+    """DDPM <-> EDM <-> rectified flow: with the source's exact mixture score, the moved score
+    equals the target's exact score wherever the target's SNR is on the source path (float64;
+    flow_matching's own test of its ScheduleTransformedModel tolerates 1e-2)."""
+    from closed_form import make_sde
+
+    from samplers.path import ChangedPath
+
+    def sde_of(name):
+        return PATHS[name]() if name in PATHS else make_sde(name)
+
+    src, tgt, law = sde_of(source), sde_of(target), gmm8()
+    moved = ChangedPath(exact_score(src, law), src, tgt)
+    t = torch.linspace(0.02, tgt.T, 40, dtype=torch.float64)
+    t = t[moved.in_range(t)]
+    assert len(t) >= 20
+    x = torch.randn(len(t), 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 3
+    got, want = moved(x, t), exact_score(tgt, law)(x, t)
+    assert float(((got - want).abs().amax(1) / want.abs().amax(1)).max()) < 1e-11
+
+
+def test_sampler_path_samples_a_vp_model_on_the_rectified_path(tmp_path):
+    """run.py sde=vp model=exact sampler.path=rectified: the VP model's scores moved to rectified
+    flow's path draw the law (the bounds of the samplers' tests); bad uses are one line."""
+    from runs import compose_cfg, run_mode
+
+    from sde_lib.errors import UserError
+    from tasks.validate import validate
+
+    draws = ("sampler=ode", "sampler.n_samples=3000", "sampler.batch_size=3000")
+    common = ("mode=sample", "sde=vp", "model=exact")
+    _, out = run_mode(tmp_path, "moved", *common, "sampler.path=rectified", *draws)
+    x = torch.from_numpy(np.load(out / "samples.npz")["samples"])
+    z, ratio = quality("gmm8", x)
+    assert z <= Z_BOUND and ratio <= MMD_BOUND, (z, ratio)
+    for bad, words in ((["sampler.path=foo"], "sampler.path='foo'"),
+                       (["sde=vdm", "sampler.path=vp"], "sde=vdm learns")):  # fmt: skip
+        with pytest.raises(UserError, match=words):
+            validate(compose_cfg(tmp_path, "mode=sample", *bad))
