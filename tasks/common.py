@@ -378,11 +378,21 @@ def load_score_model(cfg: dict, find=find_checkpoint):
         cfg = {**cfg, "model": saved["model"]}
     check_compatible(cfg, saved, path)
     model = build_score_model(saved, sde, dataset)
+    load_weights(model, state, path, cfg)
+    return sde, dataset, model.eval(), path
+
+
+def load_weights(model: torch.nn.Module, state: dict, path: Path, cfg: dict) -> None:
+    """A checkpoint's weights (`read_any_checkpoint`, any format) into `model`, strictly: its
+    EMA weights unless use_ema=false. One line naming the file when they do not fit."""
+    if state.get("format") is not None:
+        load_foreign_weights(model, state, path, cfg)
+        return
     weights = state["ema"] if cfg.get("use_ema", True) else state["model"]
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise UserError(
-            f"checkpoint {path} does not fit the model: {str(e).splitlines()[0]}"
+            f"checkpoint {path} does not fit the model: {str(e).splitlines()[0]}; use the "
+            "model config it was trained with"
         ) from None
-    return sde, dataset, model.eval(), path

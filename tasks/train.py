@@ -23,7 +23,7 @@ from .common import (
     build_sde,
     check_compatible,
     find_checkpoint,
-    load_foreign_weights,
+    load_weights,
     matching_runs,
     read_any_checkpoint,
     start_processes,
@@ -93,17 +93,7 @@ def _resume_state(cfg: dict):
 def init_weights(model: torch.nn.Module, state: dict, path: Path, cfg: dict) -> None:
     """training.init_from: the weights of a checkpoint (`read_any_checkpoint`) into `model`,
     strictly; its EMA weights unless use_ema=false. The optimiser starts afresh."""
-    if state.get("format") in ("score_sde", "diffusers"):
-        load_foreign_weights(model, state, path, cfg)
-    else:
-        weights = state["ema"] if cfg.get("use_ema", True) else state["model"]
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as e:
-            raise UserError(
-                f"training.init_from={path} does not fit this model "
-                f"({str(e).splitlines()[0]}); use the model config it was trained with"
-            ) from None
+    load_weights(model, state, path, cfg)
     step = f" (step {state['step']})" if state.get("step") is not None else ""
     log.info(f"initialised the weights from {path}{step}")
 

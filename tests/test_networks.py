@@ -515,3 +515,18 @@ def test_every_parameterisation_of_the_exact_denoiser_is_the_exact_score(paramet
     t = torch.tensor([0.01, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
     x = torch.randn(5, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2
     assert rel(model(x, t), exact(x, t)) < 1e-10
+
+
+def test_fine_tuning_starts_from_an_edm_snapshot(tmp_path, cifar):
+    """training.init_from= an EDM snapshot, with the model config it describes: the run starts
+    from its weights (learning rate ~0: they are unchanged after a step)."""
+    snapshot = EDM / "snapshot-nocode.pickle"
+    run = ("sde=vp", "data=cifar10", f"data.path={cifar}", "data.image_size=16", "model=ncsnpp",
+           "model.nf=8", "model.num_res_blocks=1", "model.attn_resolutions=[8]",
+           "model.parameterisation=edm_vp", f"training.init_from={snapshot}",
+           "training.steps=1", "training.batch_size=2", "training.lr=1e-12")  # fmt: skip
+    summary, _ = run_mode(tmp_path, "tune", *run)
+    state = torch.load(summary["checkpoint"], weights_only=True)
+    loaded, _ = pretrained.load_pretrained(snapshot)
+    for k, v in loaded.state_dict().items():
+        assert torch.allclose(state["model"][k], v, atol=1e-6), k
