@@ -21,7 +21,7 @@ from samplers.optimise_grid import check_fittable
 from sde_lib import SDE_CLASSES
 from sde_lib.errors import UserError
 from sde_lib.options import Choice, Number
-from training.losses import NOISE_DISTRIBUTIONS, WEIGHTINGS
+from training.losses import NOISE_DISTRIBUTIONS, WEIGHTINGS, TimeSampler
 
 from .common import DATA_NAMES, MODEL_NAMES, build_sde
 from .nll import DTYPES, METHODS, SOLVERS
@@ -208,6 +208,8 @@ def validate_training(cfg: dict) -> None:
     _choice(cfg, f"{t}.projection", ("rademacher", "gaussian"))
     _num(cfg, f"{t}.n_levels", kind=int, lo=2)
     _num(cfg, f"{t}.eps", lo=0, lo_open=True, hi=0.5)
+    if cfg[t].get("noise", "uniform_t") != "uniform_t":
+        _noise_fits_sde(cfg, cfg[t]["noise"])
     for k in ("log_every", "ckpt_every", "keep", "max_bad_steps"):
         _num(cfg, f"{t}.{k}", kind=int, lo=1)
     _num(cfg, f"{t}.batch_per_device", kind=int, lo=1, none_ok=True)
@@ -216,6 +218,28 @@ def validate_training(cfg: dict) -> None:
         _choice(cfg, f"{t}.{k}", (True, False))
     _choice(cfg, "data.random_flip", (True, False))
     _num(cfg, "data.workers", kind=int, lo=0)
+
+
+MIN_EFFECTIVE_SHARE = 0.01
+
+
+def _noise_fits_sde(cfg: dict, noise: str) -> None:
+    """A proposal must put mass on the SDE's noise range and, with importance weights, leave a
+    usable share of each batch effective (below 1 %, one example's weight swamps the rest)."""
+    t = cfg["training"]
+    weights = bool(t["importance_weights"])
+    sampler = TimeSampler(build_sde(cfg["sde"]), float(t["eps"]), noise, t["p_mean"], t["p_std"])
+    try:
+        share = sampler.fit(weights)
+    except ValueError as e:
+        raise UserError(f"training.noise={noise}: {e}; move training.p_mean into it") from None
+    if share < MIN_EFFECTIVE_SHARE:
+        raise UserError(
+            f"training.noise={noise} (p_mean={t['p_mean']}, p_std={t['p_std']}) fits "
+            f"sde={cfg['sde']['name']} badly: its importance weights leave {share:.2%} of a batch "
+            "effective; set training.importance_weights=false (the proposal's own objective, as "
+            "EDM) or widen training.p_std"
+        )
 
 
 def validate_sampler(cfg: dict) -> None:

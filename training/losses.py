@@ -75,6 +75,40 @@ class TimeSampler:
         return (sigma / alpha).log()
 
     @torch.no_grad()
+    def fit(self, importance_weights: bool = True, n: int = 4001) -> float:
+        """How well the proposal fits this SDE: the share of a batch that its importance weights
+        leave effective, ESS / n = 1 / E_q[w^2] (1 for uniform t; 1 also without the weights,
+        whose objective is then the proposal's own). Computed by quadrature over ln s, where
+        E_q[w^2] = integral of 1 / ((T - eps)^2 q_s(ln s) (d ln s / dt)^2) d ln s. ValueError
+        where the proposal puts no mass on the SDE's range."""
+        if self.kind == "uniform_t":
+            return 1.0
+        ends = torch.tensor([self.eps, self.sde.T], dtype=torch.float64)
+        lo, hi = self._log_s(ends).tolist()
+        normal = torch.distributions.Normal(self.p_mean, self.p_std)
+        if self.kind == "lognormal":
+            mass = float(normal.cdf(torch.tensor(hi)) - normal.cdf(torch.tensor(lo)))
+            if not mass > 1e-12:
+                raise ValueError(
+                    f"lognormal noise N({self.p_mean}, {self.p_std}^2) puts no mass on this "
+                    f"SDE's ln(sigma / alpha) range [{lo:.3g}, {hi:.3g}]"
+                )
+        if not importance_weights:
+            return 1.0
+        log_s = torch.linspace(lo, hi, n, dtype=torch.float64)
+        t = t_from_log_snr(self.sde, -log_s, self.sde.T, self.eps)
+        sigma = self.sde.alpha_sigma(t)[1].double()
+        g2 = self.sde.sde(torch.zeros_like(t)[:, None], t)[1].double().square()
+        dlog_s = g2 / (2 * sigma.square())
+        if self.kind == "lognormal":
+            q_log = normal.log_prob(log_s).exp() / mass
+        else:
+            q_log = torch.full_like(log_s, 1 / (hi - lo))
+        span = self.sde.T - self.eps
+        second_moment = torch.trapezoid(1 / (span**2 * q_log * dlog_s.square()), log_s)
+        return float(1 / second_moment)
+
+    @torch.no_grad()
     def __call__(self, n: int, x0: torch.Tensor, g) -> tuple[torch.Tensor, torch.Tensor]:
         """(t, w), each (n,) in x0's dtype and device."""
         span = self.sde.T - self.eps
