@@ -122,3 +122,67 @@ def test_sampler_path_samples_a_vp_model_on_the_rectified_path(tmp_path):
                        (["sde=vdm", "sampler.path=vp"], "sde=vdm learns")):  # fmt: skip
         with pytest.raises(UserError, match=words):
             validate(compose_cfg(tmp_path, "mode=sample", *bad))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_vlb_on_flow_paths_bounds_the_exact_nll(path):
+    """VDM's bound with the exact mixture score on a flow path: on mix5d's first two coordinates
+    binned to 16 levels it lies above the exact discrete NLL (exact cell masses) and, with t0 at
+    gamma = -5 (decoder noise about a cell), within 1 nat of it (measured 0.47 ± 0.05); on
+    continuous gmm8, whose reverse model with the exact score is the data's own law, it matches
+    -log p within its Monte Carlo error (measured -0.29 ± 0.21 nats)."""
+    import math
+
+    from closed_form import GaussianMixture, mixture5d
+    from test_vdm import _binned_log_pmf
+
+    from likelihood.vlb import vlb
+
+    sde = PATHS[path]()
+    full = mixture5d()
+    mix = GaussianMixture(full.weights, full.means[:, :2], full.variances[:, :2])
+    levels, lo, hi = 16, -3.0, 3.0
+    centres = torch.linspace(lo, hi, levels, dtype=torch.float64)
+    inf = torch.tensor([math.inf], dtype=torch.float64)
+    edges = torch.cat([-inf, (centres[1:] + centres[:-1]) / 2, inf])
+    raw = mix.sample(600, torch.Generator().manual_seed(3)).double()
+    k = torch.round((raw - lo) / (hi - lo) * (levels - 1)).long().clamp(0, levels - 1)
+    t0 = samplers.grids.t_from_log_snr(sde, torch.tensor([2.5], dtype=torch.float64), sde.T, 1e-6)
+    r = vlb(sde, exact_score(sde, mix), centres[k], levels=levels, data_range=(lo, hi),
+            n_samples=32, eps=float(t0), generator=torch.Generator().manual_seed(4))  # fmt: skip
+    gap = r.bound - (-_binned_log_pmf(mix, k, edges))
+    se = float(gap.std()) / math.sqrt(len(gap))
+    assert -3 * se < float(gap.mean()) < 1.0, (float(gap.mean()), se)
+
+    law = gmm8()
+    x = law.sample(500, generator=torch.Generator().manual_seed(6)).double()
+    r = vlb(sde, exact_score(sde, law), x, n_samples=32, generator=torch.Generator().manual_seed(7))
+    gap = r.bound + law.log_prob(x)
+    se = float(gap.std()) / math.sqrt(len(gap))
+    assert abs(float(gap.mean())) < 4 * se, (float(gap.mean()), se)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bits_per_dim_through_the_ode_on_flow_paths(path):
+    """17-level data in [0, 1]^2 under a two-component mixture with its exact score: bits/dim
+    through the flow path's ODE equals bits/dim from the exact density on the same draws
+    (measured 6e-4 and 7e-4 bits apart on average)."""
+    import math
+
+    from closed_form import GaussianMixture
+
+    from likelihood import dequantized_bpd
+
+    law = GaussianMixture([0.5, 0.5], [[0.3, 0.6], [0.7, 0.4]], 0.01)
+    levels, sde = 17, PATHS[path]()
+    k = (law.sample(32, torch.Generator().manual_seed(18)).double() * levels).floor()
+    k = k.clamp(0, levels - 1).long()
+    score = exact_score(sde, law)
+
+    def ode_logp(x: torch.Tensor) -> torch.Tensor:
+        return log_likelihood(sde, score, x, rtol=1e-6, atol=1e-6)[0]
+
+    opts = {"levels": levels, "n_draws": 2}
+    via_ode = dequantized_bpd(ode_logp, k, generator=torch.Generator().manual_seed(19), **opts)
+    exact = dequantized_bpd(law.log_prob, k, generator=torch.Generator().manual_seed(19), **opts)
+    assert float((via_ode - exact).abs().mean()) < 1e-2 / (2 * math.log(2))

@@ -127,10 +127,14 @@ def test_proposal_fit_is_the_weights_effective_share(name, noise, p_mean, p_std)
 
     sde = {"vp": VPSDE(), "subvp": subVPSDE(), "ve": VESDE(0.01, 50.0)}[name]
     sampler = TimeSampler(sde, 1e-5, noise, p_mean, p_std)
-    _, w = sampler(400_000, torch.zeros(1, 1, dtype=torch.float64), torch.Generator().manual_seed(5))
+    _, w = sampler(
+        400_000, torch.zeros(1, 1, dtype=torch.float64), torch.Generator().manual_seed(5)
+    )
     assert sampler.fit() == pytest.approx(float(1 / w.square().mean()), rel=0.03)
     assert sampler.fit(importance_weights=False) == 1.0
-    assert TimeSampler(sde, 1e-5, "lognormal").fit() < 0.01  # EDM's N(-1.2, 1.2^2): validate refuses
+    assert (
+        TimeSampler(sde, 1e-5, "lognormal").fit() < 0.01
+    )  # EDM's N(-1.2, 1.2^2): validate refuses
 
 
 def test_edm_weighting_is_edms_loss_on_the_denoiser():
