@@ -18,9 +18,10 @@ seed 1): `fast` (its shipped per-SDE defaults), `unipc`, and EDM's Heun sampler 
 churn, each at the largest step count within the budget. A recipe's "best sampler" at a budget
 is chosen by FID against the training split, and reported by FID against the test split (with
 the floor: as many training images scored against the same test split), so that the choice
-never sees the data of the reported figure. Test bits/dim: the PF-ODE (mode=nll, Hutchinson, 1 dequantisation
-draw) on the test split (digits: all 180; MNIST: the first 100). Checkpoints, samples and
-results are reused from --outputs-root, so an interrupted run continues. Prints markdown tables.
+never sees the data of the reported figure. Test bits/dim: the PF-ODE (mode=nll, Hutchinson,
+1 dequantisation draw) on the test split (digits: all 180; MNIST: the first 100). Checkpoints,
+samples and results are reused from --outputs-root, so an interrupted run continues. Prints
+markdown tables.
 """
 
 from __future__ import annotations
