@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch.func import vjp, vmap
 
+from sde_lib import as_noise
+
 Field = Callable[[torch.Tensor], torch.Tensor]
 PROBES = ("gaussian", "rademacher")
 
@@ -32,47 +34,54 @@ LOOP_COTANGENTS = 8
 
 
 def _vjps(
-    fn: Field, x: torch.Tensor, cotangents: torch.Tensor
+    fn: Field, x: torch.Tensor, cotangents: torch.Tensor, create_graph: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """v = fn(x): (B, *D) and u^T (dv/dx) for each of the P cotangents u: (P, B, *D)."""
-    if cotangents.shape[0] > LOOP_COTANGENTS:
+    """v = fn(x): (B, *D) and u^T (dv/dx) for each of the P cotangents u: (P, B, *D).
+    create_graph: both stay differentiable (in x's history and in fn's parameters)."""
+    if cotangents.shape[0] > LOOP_COTANGENTS and not create_graph:
         with torch.enable_grad():
             v, pullback = vjp(fn, x)
             (products,) = vmap(pullback)(cotangents)
         return v, products
     with torch.enable_grad():
-        y = x.detach().requires_grad_(True)
+        y = x if create_graph and x.requires_grad else x.detach().requires_grad_(True)
         v = fn(y)
         if not v.requires_grad:  # a field that does not depend on x (e.g. VE's drift)
             return v, torch.zeros_like(cotangents)
         last = cotangents.shape[0] - 1
         products = torch.stack(
             [
-                torch.autograd.grad(v, y, u, retain_graph=i < last, materialize_grads=True)[0]
+                torch.autograd.grad(
+                    v, y, u, retain_graph=create_graph or i < last,
+                    create_graph=create_graph, materialize_grads=True,
+                )[0]
                 for i, u in enumerate(cotangents)
             ]
-        )
-    return v.detach(), products
+        )  # fmt: skip
+    return (v, products) if create_graph else (v.detach(), products)
 
 
-def exact_divergence(fn: Field, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_divergence(
+    fn: Field, x: torch.Tensor, create_graph: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fn(x): (B, *D) and its exact divergence tr(d fn / dx) per example: (B,).
 
     Costs one evaluation and D batched vector-Jacobian products, so it suits low-dimensional data.
+    create_graph: differentiable results (D products one at a time).
     """
     b, d = x.shape[0], math.prod(x.shape[1:])
     basis = torch.eye(d, dtype=x.dtype, device=x.device).reshape(d, 1, *x.shape[1:])
-    v, rows = _vjps(fn, x, basis.expand(d, b, *x.shape[1:]))  # rows[i, b] = e_i^T J_b
+    v, rows = _vjps(fn, x, basis.expand(d, b, *x.shape[1:]), create_graph)  # rows[i, b] = e_i^T J_b
     return v, torch.diagonal(rows.reshape(d, b, d), dim1=0, dim2=2).sum(-1)
 
 
 def hutchinson_divergence(
-    fn: Field, x: torch.Tensor, probes: torch.Tensor
+    fn: Field, x: torch.Tensor, probes: torch.Tensor, create_graph: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fn(x): (B, *D) and one estimate u^T J u per probe u: (P, B, *D), so (P, B)."""
     if probes.shape[1:] != x.shape:
         raise ValueError(f"probes must be (P, *{tuple(x.shape)}), got {tuple(probes.shape)}")
-    v, products = _vjps(fn, x, probes)
+    v, products = _vjps(fn, x, probes, create_graph)
     return v, (products * probes).flatten(2).sum(-1)
 
 
@@ -88,8 +97,11 @@ def draw_probes(
         raise ValueError(f"unknown probe {kind!r}; allowed: {', '.join(PROBES)}")
     if n_probes < 1:
         raise ValueError(f"n_probes must be >= 1, got {n_probes}")
-    shape = (n_probes, *like.shape)
+    noise = as_noise(generator)
+    # drawn per example (B first), so that keyed noise gives a point the same probes in any batch
+    shape = (like.shape[0], n_probes, *like.shape[1:])
     if kind == "gaussian":
-        return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
-    bits = torch.randint(0, 2, shape, generator=generator, device=like.device)
-    return bits.to(like.dtype) * 2 - 1
+        u = noise.randn(shape, dtype=like.dtype, device=like.device)
+    else:
+        u = noise.randint(2, shape, device=like.device).to(like.dtype) * 2 - 1
+    return u.transpose(0, 1)

@@ -13,8 +13,18 @@ P = 1 for the exact trace. Hutchinson probes are drawn once per example and held
 trajectory, so each accumulator is an unbiased estimate of the integral and their spread over the
 P probes gives the Monte Carlo standard error.
 
-Two backends integrate the same ODE: torchdiffeq (tensors, the default) and scipy's `solve_ivp`
-(state flattened to a float64 vector, the torch field called inside).
+Three backends integrate the same ODE:
+  * "perpoint" (the default): `sde_lib.rk`, one step size and error control per point, so that a
+    point's log p depends only on the point, the model and the tolerances, never on its batch
+    (its batch-mates, the batch size, the split across processes), and a hard point does not make
+    the others take small steps;
+  * "torchdiffeq": one step size for the batch, from the batch's joint error norm;
+  * "scipy": `solve_ivp` on the state flattened to one float64 vector (the torch field inside).
+
+With grad=True the result is differentiable in x and in the score model's parameters, by
+backpropagation through the solver's steps (the gradient of the computed value, exact for it;
+an adjoint solve would add its own solver error and re-evaluate the field backwards, and for the
+few hundred steps of these solves the stored graph fits in memory).
 """
 
 from __future__ import annotations
@@ -29,11 +39,13 @@ from scipy.integrate import solve_ivp
 from torchdiffeq import odeint
 
 from sde_lib import SDE, ScoreFn
+from sde_lib.rk import TABLEAUS, solve_per_point
 
 from .divergence import draw_probes, exact_divergence, hutchinson_divergence
 
 DIVERGENCES = ("exact", "hutchinson")
-BACKENDS = ("torchdiffeq", "scipy")
+BACKENDS = ("perpoint", "torchdiffeq", "scipy")
+PERPOINT_METHODS = tuple(TABLEAUS)
 # torchdiffeq's adaptive solvers (its fixed-grid ones would take one step from eps to T).
 TORCHDIFFEQ_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 # torchdiffeq names of the Runge-Kutta pairs scipy also has; scipy's own names are accepted too.
@@ -49,23 +61,31 @@ class LikelihoodResult:
     """Per-example log p(x) in nats and its cost.
 
     logp: (B,), the average over probes; nfe: evaluations of the ODE field (each one field
-    evaluation plus its divergence); stderr: (B,) standard error of the probe average
-    (std over probes / sqrt(P)), zeros for the exact trace, None for Hutchinson with one probe
-    (no spread to estimate it from). It excludes the solver's own error.
+    evaluation plus its divergence) on the batch; nfe_per_point: (B,) the evaluations each
+    point's own solve took (backend "perpoint"; the others give every point nfe); stderr: (B,)
+    standard error of the probe average (std over probes / sqrt(P)), zeros for the exact trace,
+    None for Hutchinson with one probe (no spread to estimate it from). It excludes the solver's
+    own error.
     """
 
     logp: torch.Tensor
     nfe: int
     stderr: torch.Tensor | None
+    nfe_per_point: torch.Tensor | None = None
 
 
 def _augmented_field(
-    sde: SDE, score_fn: ScoreFn, divergence: str, probes: torch.Tensor | None
-) -> AugmentedField:
-    """The PF-ODE velocity and its divergence at time t (a scalar tensor)."""
+    sde: SDE,
+    score_fn: ScoreFn,
+    divergence: str,
+    probes: torch.Tensor | None,
+    create_graph: bool = False,
+):
+    """The PF-ODE velocity and its divergence at time t (a scalar tensor, or (b,) per row) for
+    the rows `rows` of the batch (None: all of it)."""
     pf_ode = sde.reverse(score_fn, probability_flow=True)
 
-    def field(t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def field(t: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None):
         # t stays on the device (no host round trip per evaluation); a float for scipy
         tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
 
@@ -73,9 +93,10 @@ def _augmented_field(
             return pf_ode.sde(y, tt)[0]
 
         if divergence == "exact":
-            v, div = exact_divergence(velocity, x)
+            v, div = exact_divergence(velocity, x, create_graph)
             return v, div[None]
-        return hutchinson_divergence(velocity, x, probes)
+        u = probes if rows is None else probes[:, rows]
+        return hutchinson_divergence(velocity, x, u, create_graph)
 
     return field
 
@@ -143,6 +164,27 @@ def _solve_scipy(
     return y1[:n].reshape(x.shape), y1[n:].reshape(acc.shape)
 
 
+def _solve_perpoint(field, x, acc, span, method, rtol, atol):
+    """The augmented state as rows [x flattened | one accumulator per probe], error-controlled
+    per row with x and the accumulators as separate groups (torchdiffeq's norm over a tuple
+    state does the same): (x_T, acc_T, evaluations per point)."""
+    if method not in PERPOINT_METHODS:
+        raise ValueError(
+            f"method {method!r} is not a per-point solver; allowed: {', '.join(PERPOINT_METHODS)}"
+        )
+    b, d = x.shape[0], x[0].numel()
+
+    def rows_field(t: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        v, div = field(t, y[:, :d].reshape(-1, *x.shape[1:]), rows)
+        return torch.cat([v.reshape(-1, d), div.t().to(v.dtype)], 1)
+
+    y0 = torch.cat([x.reshape(b, d), acc.t()], 1)
+    groups = [slice(0, d), slice(d, None)]
+    sol = solve_per_point(rows_field, y0, span[0], span[1], method=method, rtol=rtol, atol=atol,
+                          groups=groups)  # fmt: skip
+    return sol.y1[:, :d].reshape(x.shape), sol.y1[:, d:].t(), sol.nfe
+
+
 SOLVERS = {"torchdiffeq": _solve_torchdiffeq, "scipy": _solve_scipy}
 
 
@@ -158,22 +200,29 @@ def log_likelihood_stats(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     eps: float = 1e-5,
-    backend: str = "torchdiffeq",
-    generator: torch.Generator | None = None,
+    backend: str = "perpoint",
+    generator=None,
+    grad: bool = False,
 ) -> LikelihoodResult:
     """log p(x) per example through the PF ODE, with its cost and Monte Carlo standard error.
 
     x: (B, *D) data (its dtype is the integration dtype; use float64 below rtol ~ 1e-6).
     divergence: "exact" (D vector-Jacobian products per evaluation) or "hutchinson" (n_probes
-    products, probes `probe` = "gaussian" | "rademacher" drawn with `generator`, fixed in time).
-    method, rtol, atol: the adaptive solver and its tolerances (torchdiffeq names; for the scipy
-    backend "dopri5" means RK45, the same Dormand-Prince pair, and scipy's own names are accepted).
-    eps: the start time, 0 < eps < T. backend: "torchdiffeq" | "scipy".
+    products, probes `probe` = "gaussian" | "rademacher" drawn with `generator`, a torch.Generator
+    or a noise source (keyed noise gives each point its own probes whatever its batch), fixed in
+    time). method, rtol, atol: the adaptive solver and its tolerances (perpoint: "dopri5" |
+    "bosh3"; torchdiffeq's names; for scipy "dopri5" means RK45, the same Dormand-Prince pair,
+    and scipy's own names are accepted). eps: the start time, 0 < eps < T.
+    backend: "perpoint" | "torchdiffeq" | "scipy". grad: differentiable in x and the model's
+    parameters (perpoint and torchdiffeq).
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; allowed: {', '.join(DIVERGENCES)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if grad and backend == "scipy":
+        raise ValueError("grad=True needs backend perpoint or torchdiffeq: scipy's solver has no "
+                         "gradients")  # fmt: skip
     if not 0 < eps < sde.T:
         raise ValueError(f"need 0 < eps < T = {sde.T}, got eps={eps}")
     probes = None
@@ -182,25 +231,34 @@ def log_likelihood_stats(
     n_acc = 1 if probes is None else n_probes
 
     calls = 0
-    field = _augmented_field(sde, score_fn, divergence, probes)
+    field = _augmented_field(sde, score_fn, divergence, probes, create_graph=grad)
 
-    def counted(t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def counted(t: torch.Tensor, y: torch.Tensor, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
         nonlocal calls
         calls += 1
-        return field(t, y)
+        return field(t, y, rows)
 
     acc = torch.zeros(n_acc, x.shape[0], dtype=x.dtype, device=x.device)
-    with torch.no_grad():
-        x_T, integral = SOLVERS[backend](counted, x.detach(), acc, (eps, sde.T), method, rtol, atol)
+    per_point = None
+    with torch.set_grad_enabled(grad):
+        x_in = x if grad else x.detach()
+        if backend == "perpoint":
+            x_T, integral, per_point = _solve_perpoint(
+                counted, x_in, acc, (eps, sde.T), method, rtol, atol
+            )
+        else:
+            x_T, integral = SOLVERS[backend](counted, x_in, acc, (eps, sde.T), method, rtol, atol)
         logps = sde.prior_logp(x_T) + integral  # (P, B)
     logp = logps.mean(0)
     if divergence == "exact":
         stderr = torch.zeros_like(logp)
     elif n_probes > 1:
-        stderr = logps.std(0) / math.sqrt(n_probes)
+        stderr = logps.detach().std(0) / math.sqrt(n_probes)
     else:
         stderr = None
-    return LikelihoodResult(logp=logp, nfe=calls, stderr=stderr)
+    if per_point is None:
+        per_point = torch.full((x.shape[0],), calls, dtype=torch.long)
+    return LikelihoodResult(logp=logp, nfe=calls, stderr=stderr, nfe_per_point=per_point)
 
 
 def log_likelihood(
@@ -215,8 +273,9 @@ def log_likelihood(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     eps: float = 1e-5,
-    backend: str = "torchdiffeq",
-    generator: torch.Generator | None = None,
+    backend: str = "perpoint",
+    generator=None,
+    grad: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """(log p(x): (B,) in nats, number of field evaluations); see `log_likelihood_stats`."""
     res = log_likelihood_stats(
@@ -232,5 +291,6 @@ def log_likelihood(
         eps=eps,
         backend=backend,
         generator=generator,
+        grad=grad,
     )
     return res.logp, res.nfe

@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import torch
 
+from sde_lib import as_noise
+
 LogProbFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -38,7 +40,7 @@ def dequantize(
         raise ValueError(f"levels must be >= 2, got {levels}")
     if k.min() < 0 or k.max() >= levels:
         raise ValueError(f"k must lie in [0, {levels - 1}], got [{k.min()}, {k.max()}]")
-    u = torch.rand(k.shape, generator=generator, dtype=dtype, device=k.device)
+    u = as_noise(generator).rand(k.shape, dtype=dtype, device=k.device)
     return lo + (hi - lo) * (k.to(dtype) + u) / levels
 
 

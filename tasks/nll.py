@@ -14,8 +14,11 @@ everything that determines the numbers (checkpoint content, weights, SDE, data, 
 device type, dtype and the likelihood settings that matter for the method), and the file name
 carries a hash of the batch's own points. A later run with the same key reuses finished batches,
 so an interrupted evaluation resumes where it stopped. Random draws (Hutchinson probes,
-dequantisation, ELBO samples) come from a generator seeded by (seed, batch index), so a reused
-batch holds exactly what recomputing it would give.
+dequantisation, VLB samples) are keyed by (seed, the point's index in the test split), and the
+default ODE solver (`likelihood.backend=perpoint`) controls each point's steps on its own, so a
+point's value is the same in any batch, batch size or number of processes (the ELBO's draws come
+from a generator seeded by (seed, batch index)); a reused batch holds exactly what recomputing it
+would give.
 
 Outputs: <out_dir>/nll.json and one summary line.
 """
@@ -37,9 +40,9 @@ from tqdm import tqdm
 
 from data.datasets import Dataset
 from likelihood import bits_per_dim, dequantize, elbo, log_likelihood_stats
-from likelihood.ode import SCIPY_METHODS, SCIPY_OWN, TORCHDIFFEQ_METHODS
+from likelihood.ode import PERPOINT_METHODS, SCIPY_METHODS, SCIPY_OWN, TORCHDIFFEQ_METHODS
 from likelihood.vlb import vlb
-from sde_lib import SDE
+from sde_lib import SDE, KeyedNoise
 from sde_lib.io import atomic_write_text
 from training.distributed import (
     broadcast_object,
@@ -62,9 +65,14 @@ log = logging.getLogger(__name__)
 
 METHODS = ("ode", "elbo", "vlb")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Solvers per backend: torchdiffeq's adaptive ones; for scipy its own names and the torchdiffeq
-# names of the same Runge-Kutta pairs (dopri5 = RK45, bosh3 = RK23, dopri8 = DOP853).
-SOLVERS = {"torchdiffeq": TORCHDIFFEQ_METHODS, "scipy": (*SCIPY_METHODS, *SCIPY_OWN)}
+# Solvers per backend: the per-point pairs; torchdiffeq's adaptive ones; for scipy its own names
+# and the torchdiffeq names of the same Runge-Kutta pairs (dopri5 = RK45, bosh3 = RK23, dopri8 =
+# DOP853).
+SOLVERS = {
+    "perpoint": PERPOINT_METHODS,
+    "torchdiffeq": TORCHDIFFEQ_METHODS,
+    "scipy": (*SCIPY_METHODS, *SCIPY_OWN),
+}
 # Likelihood settings that change the numbers, per method (n_points and batch_size do not enter
 # the key: each batch file is named by a hash of its own points).
 KEY_FIELDS = {
@@ -73,7 +81,7 @@ KEY_FIELDS = {
     "vlb": ("vlb_samples", "steps", "vlb_time", "eps"),
 }
 # Bump when the meaning of a cached batch changes, so that old caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: per-point keyed draws and per-point evaluation counts
 # Rows of one score call in the ELBO: about 2^20 numbers per activation channel.
 ELBO_NUMBERS_PER_CALL = 2**20
 
@@ -83,8 +91,9 @@ ELBO_NUMBERS_PER_CALL = 2**20
 
 @dataclass(frozen=True)
 class BatchResult:
-    """Per-point log p(x) in nats (dequantisation draws averaged), the solver's evaluations per
-    solve, the Monte Carlo standard error per point (Hutchinson probes or ELBO samples; None
+    """Per-point log p(x) in nats (dequantisation draws averaged), each point's evaluations of
+    the score (its own solves', over its dequantisation draws), the Monte Carlo standard error per
+    point (Hutchinson probes or ELBO samples; None
     when there is none to estimate), and the seconds it took to compute."""
 
     logp: list[float]
@@ -108,15 +117,17 @@ class BatchResult:
             None if d["mc_stderr"] is None else [float(v) for v in d["mc_stderr"]],
             float(d["seconds"]),
         )
-        if len(result.logp) != n or (result.mc_stderr is not None and len(result.mc_stderr) != n):
+        bad_se = result.mc_stderr is not None and len(result.mc_stderr) != n
+        if len(result.logp) != n or len(result.nfe) != n or bad_se:
             raise ValueError(f"holds {len(result.logp)} points, expected {n}")
         return result
 
 
 def _log_prob(
-    sde: SDE, score_fn, x: torch.Tensor, lc: dict, generator: torch.Generator, dataset=None
-) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-    """(log p(x): (B,), evaluations, Monte Carlo stderr: (B,) or None) by the configured method."""
+    sde: SDE, score_fn, x: torch.Tensor, lc: dict, generator, dataset=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(log p(x): (B,), evaluations per point: (B,), Monte Carlo stderr: (B,) or None) by the
+    configured method."""
     if lc["method"] == "vlb":
         rows = max(1, min(65536, ELBO_NUMBERS_PER_CALL // x[0].numel()))
         images = dataset is not None and dataset.kind == "images" and dataset.levels is not None
@@ -133,7 +144,8 @@ def _log_prob(
             max_batch=rows,
             generator=generator,
         )
-        return -res.bound.to(x.dtype), int(lc["vlb_samples"]), res.stderr.to(x.dtype)
+        per_point = torch.full((x.shape[0],), int(lc["vlb_samples"]), dtype=torch.long)
+        return -res.bound.to(x.dtype), per_point, res.stderr.to(x.dtype)
     if lc["method"] == "elbo":
         rows = max(1, min(65536, ELBO_NUMBERS_PER_CALL // x[0].numel()))
         bound, se = elbo(
@@ -145,7 +157,7 @@ def _log_prob(
             max_batch=rows,
             generator=generator,
         )
-        return -bound, int(lc["elbo_samples"]), se
+        return -bound, torch.full((x.shape[0],), int(lc["elbo_samples"]), dtype=torch.long), se
     res = log_likelihood_stats(
         sde,
         score_fn,
@@ -161,7 +173,7 @@ def _log_prob(
         generator=generator,
     )
     stderr = res.stderr if lc["divergence"] == "hutchinson" else None
-    return res.logp, res.nfe, stderr
+    return res.logp, res.nfe_per_point.cpu(), stderr
 
 
 def evaluate_batch(
@@ -170,29 +182,29 @@ def evaluate_batch(
     x: torch.Tensor,
     dataset: Dataset,
     lc: dict,
-    generator: torch.Generator,
+    generator,
 ) -> BatchResult:
     """log p of a batch x: (B, *D) in model space; images with levels are dequantised
     `dequant_draws` times (lo, hi = the model range) and log p_x is averaged over the draws."""
     start = time.perf_counter()
     if dataset.kind != "images" or dataset.levels is None or lc["method"] == "vlb":
         logp, nfe, se = _log_prob(sde, score_fn, x, lc, generator, dataset)
-        nfes, ses = [nfe], None if se is None else se.square()
+        nfes, ses = nfe, None if se is None else se.square()
     else:
         k = dataset.raw_levels(x)
         lo, hi = dataset.model_range
-        draws, nfes, ses = [], [], []
+        draws, nfes, ses = [], 0, []
         for _ in range(int(lc["dequant_draws"])):
             xd = dequantize(k, levels=dataset.levels, lo=lo, hi=hi, generator=generator)
             logp_d, nfe, se = _log_prob(sde, score_fn, xd.to(x.dtype), lc, generator)
             draws.append(logp_d)
-            nfes.append(nfe)
+            nfes = nfes + nfe
             ses = None if se is None or ses is None else [*ses, se.square()]
         logp = torch.stack(draws).mean(0)
         ses = None if ses is None else torch.stack(ses).sum(0) / len(draws) ** 2
     return BatchResult(
         logp.double().cpu().tolist(),
-        nfes,
+        nfes.tolist(),
         None if ses is None else ses.sqrt().double().cpu().tolist(),
         time.perf_counter() - start,
     )
@@ -315,7 +327,8 @@ def summarise(
         "gap_stderr": None,
         "n": n,
         "dim": dim,
-        "nfe_mean": sum(nfe) / len(nfe),
+        "nfe_mean": sum(nfe) / len(nfe),  # per point (its own solves' evaluations)
+        "nfe_max": max(nfe),
         "compute_seconds": sum(r.seconds for r in results),
         "method": lc["method"],
         "eps": lc["eps"],
@@ -386,7 +399,8 @@ def summary_line(s: dict) -> str:
             f"exact {s['exact_nll_nats']:.4f}, gap {s['gap']:.2g} ({_pm(s['gap_stderr'])})"
         )
     label = "score evals/point" if s["method"] in ("elbo", "vlb") else "nfe"
-    parts.append(f"{label} {s['nfe_mean']:.0f}, {s['seconds']:.1f} s")
+    spread = "" if s["method"] in ("elbo", "vlb") else f" (max {s['nfe_max']})"
+    parts.append(f"{label} {s['nfe_mean']:.0f}{spread}, {s['seconds']:.1f} s")
     if s.get("batches_reused"):
         parts.append(f"{s['batches_reused']}/{s['batches']} batches from the cache")
     return ", ".join(parts)
@@ -415,9 +429,16 @@ def _cache(
     return cache_dir, files, results
 
 
-def _solve(sde: SDE, model, x: torch.Tensor, dataset: Dataset, lc: dict, seed: int) -> BatchResult:
-    """evaluate_batch, with the solvers' numerical failures turned into one-line user errors."""
-    generator = torch.Generator(x.device).manual_seed(seed)
+def _solve(
+    sde: SDE, model, x: torch.Tensor, dataset: Dataset, lc: dict, seed: int, index: int, first: int
+) -> BatchResult:
+    """evaluate_batch of batch `index`, whose first point is the test split's `first`, with the
+    solvers' numerical failures turned into one-line user errors."""
+    if lc["method"] == "elbo":
+        generator = torch.Generator(x.device).manual_seed(batch_seed(seed, index))
+    else:  # each point's draws keyed by its index: the same in any batch
+        points = torch.arange(first, first + x.shape[0], device=x.device)
+        generator = KeyedNoise.for_indices(seed, points, 0x6E6C6C)
     try:
         return evaluate_batch(sde, model, x, dataset, lc, generator)
     except (AssertionError, RuntimeError) as e:
@@ -484,7 +505,8 @@ def _compute(
             if results[i] is not None:
                 continue
             x = b.to(device, DTYPES[lc["dtype"]])
-            results[i] = r = _solve(sde, model, x, dataset, lc, batch_seed(int(cfg["seed"]), i))
+            first = sum(batches[j].shape[0] for j in range(i))
+            results[i] = r = _solve(sde, model, x, dataset, lc, int(cfg["seed"]), i, first)
             atomic_write_text(path, json.dumps(r.to_json()))
             nll = -sum(r.logp) / len(r.logp)
             bar.update(b.shape[0])

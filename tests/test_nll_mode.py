@@ -203,7 +203,7 @@ def test_bad_likelihood_value_stops_mode_nll_before_any_work(tmp_path):
 
 def test_scipy_backend_takes_its_own_solver_names(tmp_path):
     validate_likelihood(make_cfg(tmp_path, "likelihood.backend=scipy", "likelihood.solver=LSODA"))
-    with pytest.raises(UserError, match="likelihood.solver='LSODA'.*backend=torchdiffeq"):
+    with pytest.raises(UserError, match="likelihood.solver='LSODA'.*backend=perpoint"):
         validate_likelihood(make_cfg(tmp_path, "likelihood.solver=LSODA"))
 
 
