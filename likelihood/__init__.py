@@ -2,7 +2,13 @@
 
 from .divergence import draw_probes, exact_divergence, hutchinson_divergence
 from .elbo import elbo
-from .ode import LikelihoodResult, log_likelihood, log_likelihood_stats
+from .ode import (
+    LikelihoodResult,
+    SampleDensity,
+    log_likelihood,
+    log_likelihood_stats,
+    sample_log_density,
+)
 from .units import bits_per_dim, dequantize, dequantized_bpd
 
 __all__ = [
@@ -16,4 +22,6 @@ __all__ = [
     "hutchinson_divergence",
     "log_likelihood",
     "log_likelihood_stats",
+    "sample_log_density",
+    "SampleDensity",
 ]

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 import samplers
+from likelihood import sample_log_density
 from metrics.images import aggregate_seeds, evaluate_images, summary_line
 from metrics.quality import component_weights, mmd, sliced_wasserstein
 from samplers.api import fit_schedule
@@ -61,6 +62,8 @@ RUN_KEYS = (
     "classifier",
     "classifier_scale",
     "path",
+    "logp",
+    "divergence",
 )
 
 
@@ -124,12 +127,17 @@ def sample_noise(seed: int, indices: torch.Tensor) -> KeyedNoise:
     return KeyedNoise.for_indices(seed, indices, SAMPLE_STREAM)
 
 
-def draw(sde, model, dataset, cfg: dict, device, info: DistInfo, n: int, seed: int, guide=None):
+def draw(
+    sde, model, dataset, cfg: dict, device, info: DistInfo, n: int, seed: int, guide=None,
+    densities: dict | None = None,
+):  # fmt: skip
     """This rank's batches of n samples: ({batch index: (b, *D) CPU tensor}, NFE per batch).
 
     Batch j holds the samples with global indices [j bs, (j + 1) bs); rank r draws the batches
     j = r, r + W, ... of W processes, so the work is split and nothing is drawn twice.
     guide(indices), if given, is the (guided, conditional) score_fn of those samples.
+    sampler.logp=true (sampler=ode): each sample's model log-density goes into
+    densities[j] ((b,) CPU tensor), and the NFE is the mean per sample.
     """
     c = cfg["sampler"]
     bs = int(c["batch_size"])
@@ -140,6 +148,14 @@ def draw(sde, model, dataset, cfg: dict, device, info: DistInfo, n: int, seed: i
     with tqdm(total=n, desc=f"sample ({c['name']})", disable=not show, dynamic_ncols=True) as bar:
         for j in mine:
             idx = torch.arange(j * bs, min((j + 1) * bs, n))
+            if densities is not None:
+                x, densities[j], nfe = _draw_with_density(
+                    sde, model if guide is None else guide(idx.to(device)), dataset, c,
+                    sample_noise(seed, idx.to(device)), (idx.numel(), *dataset.shape), device,
+                )  # fmt: skip
+                out[j] = x.cpu()
+                bar.update(idx.numel() * info.world_size)
+                continue
             try:
                 x, nfe = samplers.sample(
                     sde,
@@ -158,6 +174,20 @@ def draw(sde, model, dataset, cfg: dict, device, info: DistInfo, n: int, seed: i
             out[j] = x.cpu()
             bar.update(idx.numel() * info.world_size)
     return out, nfe
+
+
+def _draw_with_density(sde, score_fn, dataset, c: dict, noise, shape, device):
+    """(x_eps, log p_eps(x_eps), mean evaluations per sample) of one batch by the per-point PF
+    ODE with the divergence alongside; x_T is the prior draw `samplers.sample` would take."""
+    x_T = sde.prior_sampling(tuple(shape), generator=noise, device=device)
+    divergence = c.get("divergence", "auto")
+    if divergence == "auto":
+        divergence = "exact" if dataset.kind == "points" else "hutchinson"
+    res = sample_log_density(
+        sde, score_fn, x_T, eps=float(c["eps"]), method=c["method"], rtol=float(c["rtol"]),
+        atol=float(c["atol"]), divergence=divergence, generator=noise,
+    )  # fmt: skip
+    return res.x, res.logp.cpu(), float(res.nfe_per_point.double().mean())
 
 
 def fit_grid(
@@ -264,8 +294,11 @@ def run_sample(cfg: dict, out_dir: Path) -> dict:
             c = cfg["sampler"]
         start = time.perf_counter()
         n, seed = int(c["n_samples"]), int(cfg["seed"])
-        mine, nfe = draw(sde, model, dataset, cfg, info.device, info, n, seed, guide)
+        densities = {} if c.get("logp") else None
+        mine, nfe = draw(sde, model, dataset, cfg, info.device, info, n, seed, guide, densities)
         batches = gather_to_main(mine, info)
+        if densities is not None:
+            densities = gather_to_main(densities, info)
         seconds = time.perf_counter() - start
         # image data: FID & co. on one sample set per eval.seeds entry (seed + entry), the
         # first of them the set above when it has eval.n_samples samples
@@ -337,6 +370,10 @@ def run_sample(cfg: dict, out_dir: Path) -> dict:
     raw = dataset.inverse_scaler(x)
     buf = io.BytesIO()
     extra_arrays = {} if labels is None else {"labels": labels.numpy()}
+    if densities is not None:  # the model's log-density of each sample, in model space
+        extra_arrays["logp_model_space"] = torch.cat(
+            [densities[j] for j in sorted(densities)]
+        ).numpy()
     np.savez(buf, samples=raw.numpy(), samples_model_space=x.numpy(), **extra_arrays)
     atomic_write(out_dir / "samples.npz", lambda f: f.write(buf.getvalue()))
     picture = out_dir / "samples.png"

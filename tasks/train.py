@@ -109,6 +109,12 @@ def run_train(cfg: dict, out_dir: Path) -> dict:
         sde = build_sde(cfg["sde"])
         dataset = build_dataset(cfg["data"])
         t = cfg["training"]
+        if t["loss"] == "nll" and dataset.kind != "points":
+            raise UserError(
+                f"training.loss=nll backpropagates through the ODE with the exact divergence, for "
+                f"point data; data={dataset.name} holds images: use training.loss=dsm with "
+                "training.likelihood_weighting=true"
+            )
         classifier = t.get("objective", "score") == "classifier"
         if classifier:  # a noise-conditional classifier p_t(y | x) for classifier guidance
             model = build_classifier(cfg, sde, dataset)
@@ -137,6 +143,7 @@ def run_train(cfg: dict, out_dir: Path) -> dict:
             sigma_data=float(cfg["model"].get("sigma_data") or 0.5),
             p_mean=float(t.get("p_mean", -1.2)),
             p_std=float(t.get("p_std", 1.2)),
+            nll_tol=float(t.get("nll_tol", 1e-4)),
             importance_weights=bool(t.get("importance_weights", True)),
         )
         if classifier:

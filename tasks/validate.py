@@ -13,7 +13,7 @@ import torch
 
 import samplers
 from likelihood.divergence import PROBES
-from likelihood.ode import BACKENDS, DIVERGENCES
+from likelihood.ode import BACKENDS, DIVERGENCES, PERPOINT_METHODS
 from models import factory
 from models.ncsnpp import COMBINE, EMBEDDINGS, PROGRESSIVE, PROGRESSIVE_INPUT, RESBLOCKS
 from models.score import ScoreSDEModel
@@ -28,7 +28,7 @@ from .nll import DTYPES, METHODS, SOLVERS
 from .sample import sampler_call_options
 
 MODES = ("train", "sample", "nll", "eval")
-LOSSES = ("auto", "dsm", "ssm", "ddpm", "smld", "vlb")
+LOSSES = ("auto", "dsm", "ssm", "ddpm", "smld", "vlb", "nll")
 
 
 def _get(cfg: dict, key: str):
@@ -204,6 +204,8 @@ def validate_training(cfg: dict) -> None:
             f"training.init_from={cfg[t]['init_from']} does not exist; pass a checkpoint file "
             "(scoresde or score_sde_pytorch) or a diffusers folder"
         )
+    if cfg[t]["loss"] == "nll":
+        _num(cfg, f"{t}.nll_tol", lo=0, lo_open=True, hi=1)
     _num(cfg, f"{t}.n_projections", kind=int, lo=1)
     _choice(cfg, f"{t}.projection", ("rademacher", "gaussian"))
     _num(cfg, f"{t}.n_levels", kind=int, lo=2)
@@ -218,6 +220,26 @@ def validate_training(cfg: dict) -> None:
         _choice(cfg, f"{t}.{k}", (True, False))
     _choice(cfg, "data.random_flip", (True, False))
     _num(cfg, "data.workers", kind=int, lo=0)
+
+
+def _validate_sample_logp(cfg: dict) -> None:
+    """sampler.logp=true: the per-point PF ODE with the divergence alongside."""
+    c = cfg["sampler"]
+    _choice(cfg, "sampler.divergence", ("auto", *DIVERGENCES))
+    if not _choice(cfg, "sampler.logp", (True, False)):
+        return
+    if c["name"] != "ode" or c.get("method") not in PERPOINT_METHODS or c.get("per_point") is False:
+        raise UserError(
+            "sampler.logp=true integrates the density along the per-point PF ODE: use "
+            f"sampler=ode with sampler.method in {', '.join(PERPOINT_METHODS)}"
+        )
+    if c.get("denoise"):
+        raise UserError(
+            "sampler.logp=true gives the density of x_eps, which Tweedie's denoising would move: "
+            "set sampler.denoise=false"
+        )
+    if c.get("task", "sample") != "sample":
+        raise UserError(f"sampler.logp=true works with sampler.task=sample, not {c['task']}")
 
 
 MIN_EFFECTIVE_SHARE = 0.01
@@ -269,6 +291,8 @@ def validate_sampler(cfg: dict) -> None:
             f"sampler.S_tmax={c['S_tmax']} is below sampler.S_tmin={c['S_tmin']}; churn acts on "
             "noise levels in [S_tmin, S_tmax]"
         )
+    if c.get("logp") is not None:
+        _validate_sample_logp(cfg)
     p = "sampler"
     _num(cfg, f"{p}.steps", kind=int, lo=1, none_ok=True)
     _num(cfg, f"{p}.eps", lo=0, lo_open=True, hi=0.5)
