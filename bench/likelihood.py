@@ -9,6 +9,13 @@ exact-trace log-likelihood at rtol = atol = 1e-7. Each row is one solve over the
 the field ("solver": per-NFE wall minus the separately timed field evaluation), and the mean
 |error| and mean error against the reference. Each part ends with the ELBO for comparison.
 
+Part 4 (--per-point) sets the per-point solver (backend "perpoint", each point its own step size)
+beside torchdiffeq's one step size per batch, at equal tolerance: batch calls of the field, the
+evaluations per point (mean / max), wall time, mean |error| against the reference and how far a
+point's value moves between its batch of 256 and a batch of 128 (the batch dependence), on the
+exact gmm8 and mix5d scores (float64) and on a trained digits U-Net (--unet-ckpt, float32,
+Hutchinson with per-point keyed probes, reference: the same at tol 1e-6).
+
 "ovh" is issue 10's ratio wall / (NFE x one field-plus-divergence evaluation), in process CPU
 time (so that other jobs on a shared machine do not enter it; target <= 1.15). The "score_sde"
 rows re-implement score_sde's likelihood (Song et al.'s code): scipy's solve_ivp RK45 on the
@@ -37,7 +44,7 @@ import torch
 import torchdiffeq
 from scipy.integrate import solve_ivp
 
-from data.mixtures import gmm8
+from data.mixtures import gmm8, mixture5d
 from likelihood import (
     draw_probes,
     elbo,
@@ -140,7 +147,8 @@ def table(
             f"  one field evaluation ({divergence}): {1e3 * per_field:.2f} ms"
             f" (CPU {1e3 * cpu_field:.2f} ms)"
         )
-        backends = ("torchdiffeq", "scipy") + (("score_sde",) if divergence != "exact" else ())
+        backends = ("perpoint", "torchdiffeq", "scipy")
+        backends += ("score_sde",) if divergence != "exact" else ()
         for backend in backends:
             for tol in tolerances:
                 wall = cpu = math.inf
@@ -245,13 +253,70 @@ def elbo_rows(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, ode_logp: torch.Tens
         )
 
 
+def per_point_rows(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, reference, divergence, tols):
+    """Per-point vs shared-step rows at each tolerance (see the module docstring, part 4)."""
+    from sde_lib import KeyedNoise
+
+    def solve(backend: str, tol: float, rows: torch.Tensor):
+        noise = KeyedNoise.for_indices(0, rows)  # each point's probes keyed by its index
+        return log_likelihood_stats(
+            sde, score_fn, x[rows], divergence=divergence, probe="rademacher", rtol=tol,
+            atol=tol, backend=backend, eps=EPS, generator=noise,
+        )  # fmt: skip
+
+    every = torch.arange(x.shape[0])
+    print(f"  {'backend':12s} {'tol':>6s} {'calls':>6s} {'NFE/pt mean':>11s} {'max':>5s} "
+          f"{'wall s':>7s} {'mean|err|':>10s} {'batch move':>10s}")  # fmt: skip
+    for tol in tols:
+        for backend in ("perpoint", "torchdiffeq"):
+            start = time.perf_counter()
+            res = solve(backend, tol, every)
+            wall = time.perf_counter() - start
+            half = torch.cat([solve(backend, tol, r).logp for r in every.split(len(every) // 2)])
+            move = float((half - res.logp).abs().max())
+            err = f"{(res.logp - reference).abs().mean().item():10.2e}"
+            per = res.nfe_per_point.double()
+            print(f"  {backend:12s} {tol:6.0e} {res.nfe:6d} {per.mean().item():11.1f} "
+                  f"{int(per.max()):5d} {wall:7.2f} {err} {move:10.1e}", flush=True)  # fmt: skip
+
+
+def per_point_part(points: int, unet_ckpt: str | None) -> None:
+    sde = VPSDE()
+    for name, law in (("gmm8", gmm8()), ("mix5d", mixture5d())):
+        x = law.sample(points, torch.Generator().manual_seed(123)).double()
+        print(f"== 4. per-point vs shared step: {name}, VP, exact score, {points} points")
+        per_point_rows(sde, MixtureScore(sde, law), x, law.log_prob(x), "exact", (1e-3, 1e-5))
+    if unet_ckpt is None:
+        return
+    from recipes import compose  # run.py's composed config, as the recipe bench builds it
+
+    from sde_lib import KeyedNoise
+    from tasks.common import load_score_model
+
+    cfg = compose(Path("outputs"), ["mode=nll", "data=digits", f"ckpt={unet_ckpt}"])
+    sde, dataset, model, _ = load_score_model(cfg)
+    x = dataset.test[:points].float()
+    ref = log_likelihood_stats(
+        sde, model, x, divergence="hutchinson", probe="rademacher", rtol=1e-6, atol=1e-6,
+        eps=EPS, generator=KeyedNoise.for_indices(0, torch.arange(len(x))),
+    ).logp  # fmt: skip
+    print(f"== 4. per-point vs shared step: digits U-Net {unet_ckpt}, {len(x)} test digits")
+    per_point_rows(sde, model, x, ref, "hutchinson", (1e-3, 1e-5))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--skip-trained", action="store_true", help="skip part 2 (training)")
+    parser.add_argument("--per-point", action="store_true", help="only part 4")
+    parser.add_argument("--unet-ckpt", default=None, help="part 4: a digits U-Net checkpoint")
     args = parser.parse_args()
+    if args.per_point:
+        torch.set_num_threads(args.threads)
+        per_point_part(args.points, args.unet_ckpt)
+        return
     torch.set_num_threads(args.threads)
     sde = VPSDE()
     law = gmm8()

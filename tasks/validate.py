@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import samplers
+from likelihood.dequantization import DEQUANTIZATIONS
 from likelihood.divergence import PROBES
 from likelihood.ode import BACKENDS, DIVERGENCES, PERPOINT_METHODS
 from models import factory
@@ -388,6 +389,9 @@ def validate_likelihood(cfg: dict) -> None:
     _num(cfg, f"{p}.n_points", kind=int, lo=1, none_ok=True)
     _num(cfg, f"{p}.batch_size", kind=int, lo=1)
     _num(cfg, f"{p}.dequant_draws", kind=int, lo=1)
+    if "dequantization" in cfg[p]:
+        _choice(cfg, f"{p}.dequantization", DEQUANTIZATIONS)
+        _num(cfg, f"{p}.importance_samples", kind=int, lo=1)
     _num(cfg, f"{p}.elbo_samples", kind=int, lo=2)  # its standard error needs two samples
     if cfg[p]["method"] == "vlb":
         _num(cfg, f"{p}.vlb_samples", kind=int, lo=2)

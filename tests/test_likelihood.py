@@ -560,3 +560,73 @@ def test_sample_mode_writes_each_samples_log_density(tmp_path):
                        (["sampler.divergence=foo"], "sampler.divergence='foo'")):  # fmt: skip
         with pytest.raises(UserError, match=words):
             validate(compose_cfg(tmp_path, *args, *bad))
+
+
+# ---------------------------------------------------------------------------------------------
+# dequantisation bounds
+
+
+def _cells(mix: GaussianMixture, n: int, levels: int, lo: float, hi: float, seed: int):
+    """n points of mix binned into `levels` cells per coordinate on [lo, hi] (the end cells
+    extend to infinity) and their exact -log P(cell) from the components' normal CDFs."""
+    from test_vdm import _binned_log_pmf
+
+    delta = (hi - lo) / levels
+    edges = lo + delta * torch.arange(levels + 1, dtype=torch.float64)
+    edges[0], edges[-1] = -math.inf, math.inf
+    raw = _data(mix, n, seed)
+    k = ((raw - lo) / delta).floor().long().clamp(0, levels - 1)
+    return k, -_binned_log_pmf(mix, k, edges)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "truncated_normal"])
+def test_dequantized_bounds_hold_and_tighten_with_k(kind):
+    """On mix5d's first two coordinates binned to 16 cells on [-3, 3], with the exact density:
+    every bound on -log P(k) lies above the exact discrete NLL (cell masses) within 3 standard
+    errors and falls as K grows (1 -> 4 -> 16, each step by more than 2 standard errors of the
+    paired difference; measured uniform 0.135 -> 0.033 -> 0.012 nats above the exact NLL,
+    truncated normal with s = delta 0.133 -> 0.036 -> 0.012)."""
+    from likelihood.dequantization import dequantized_log_prob
+
+    full = mixture5d()
+    mix = GaussianMixture(full.weights, full.means[:, :2], full.variances[:, :2])
+    levels, lo, hi = 16, -3.0, 3.0
+    k, exact = _cells(mix, 600, levels, lo, hi, seed=24)
+    gaps = []
+    for K in (1, 4, 16):
+        bound = -dequantized_log_prob(
+            mix.log_prob, k, levels=levels, lo=lo, hi=hi, kind=kind, std=(hi - lo) / levels,
+            importance_samples=K, generator=torch.Generator().manual_seed(25),
+        )  # fmt: skip
+        gap = bound - exact
+        gaps.append(gap)
+        assert float(gap.mean()) > -3 * float(gap.std()) / math.sqrt(len(gap)), (K, gap.mean())
+    for looser, tighter in zip(gaps, gaps[1:], strict=False):
+        diff = looser - tighter
+        assert float(diff.mean()) > 2 * float(diff.std()) / math.sqrt(len(diff))
+
+
+def test_truncated_normal_dequantization_fits_data_seen_through_noise():
+    """Data as a diffusion model sees them at its first time: cell centres plus N(0, s^2) noise
+    with s an eighth of a cell (8 levels on [-1, 1]^2, a mixture over a few centres). The
+    truncated normal with that s is tight (it is the law of the point given its cell where the
+    neighbours' tails are negligible; measured 2e-16 nats from the exact discrete NLL) where the
+    uniform one is loose (3.06 nats); both stay bounds."""
+    from likelihood.dequantization import dequantized_log_prob
+
+    levels, lo, hi = 8, -1.0, 1.0
+    delta = (hi - lo) / levels
+    cells = torch.tensor([[1, 2], [5, 5], [3, 6], [6, 1]], dtype=torch.float64)
+    s = delta / 8
+    mix = GaussianMixture(torch.tensor([0.4, 0.3, 0.2, 0.1]), lo + (cells + 0.5) * delta, s**2)
+    k, exact = _cells(mix, 400, levels, lo, hi, seed=26)
+    gap = {}
+    for kind in ("uniform", "truncated_normal"):
+        gen = torch.Generator().manual_seed(27)
+        bound = -dequantized_log_prob(
+            mix.log_prob, k, levels=levels, lo=lo, hi=hi, kind=kind, std=s, generator=gen
+        )
+        g = bound - exact
+        assert float(g.mean()) > -3 * float(g.std()) / math.sqrt(len(g)) - 1e-12
+        gap[kind] = float(g.mean())
+    assert gap["truncated_normal"] < 0.05 and gap["uniform"] > 0.5, gap

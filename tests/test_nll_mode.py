@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from runs import log_lines
@@ -210,3 +211,44 @@ def test_scipy_backend_takes_its_own_solver_names(tmp_path):
 def test_no_checkpoint_says_train_first(tmp_path):
     with pytest.raises(UserError, match="train first"):
         run(tmp_path, "out", "mode=nll")
+
+
+def _per_point(root: Path, summary: dict) -> list[float]:
+    """Each point's log p in test-split order, read from the run's cached batches."""
+    files = sorted((root / summary["cache_dir"]).glob("batch_*.json"))
+    return [v for f in files for v in json.loads(f.read_text())["logp"]]
+
+
+def test_a_points_value_is_the_same_in_any_batch_size(tmp_path):
+    """mode=nll (per-point solves, probes keyed by each point's index): every point's log p is
+    the same in batches of 12, 5 and 1 (Hutchinson, float64: within 1e-12 nats)."""
+    common = ("mode=nll", "model=exact", "likelihood.n_points=12", "likelihood.dtype=float64",
+              "likelihood.divergence=hutchinson")  # fmt: skip
+    values = []
+    for size in (12, 5, 1):
+        _, s, _ = run(tmp_path / str(size), "out", *common, f"likelihood.batch_size={size}")
+        values.append(torch.tensor(_per_point(tmp_path / str(size), s)))
+        assert s["nfe_max"] >= s["nfe_mean"] > 0
+    for other in values[1:]:
+        assert float((other - values[0]).abs().max()) <= 1e-12
+
+
+def test_dequantization_options(digits_run, tmp_path):
+    """likelihood.dequantization=truncated_normal with importance_samples=2 runs on digits and
+    says so in nll.json; on continuous data, or with K < 1, they are refused in one line."""
+    _, s, _ = run(
+        digits_run, "nll/tn", "mode=nll", *DIGITS, "likelihood.n_points=4",
+        "likelihood.rtol=1e-3", "likelihood.atol=1e-3",
+        "likelihood.dequantization=truncated_normal", "likelihood.importance_samples=2",
+    )  # fmt: skip
+    assert s["dequantization"] == "truncated_normal" and s["importance_samples"] == 2
+    assert math.isfinite(s["bpd"]) and s["bpd"] > 0 and s["nfe_mean"] > 0
+    with pytest.raises(UserError, match="data=gmm8 is continuous"):
+        run(tmp_path, "out", "mode=nll", "model=exact", "likelihood.importance_samples=4")
+    bad_inputs = (
+        ("likelihood.importance_samples=0", "likelihood.importance_samples"),
+        ("likelihood.dequantization=foo", "likelihood.dequantization='foo'"),
+    )
+    for bad, words in bad_inputs:
+        with pytest.raises(UserError, match=words):
+            validate_likelihood(make_cfg(tmp_path, bad))
