@@ -29,6 +29,7 @@ from models.edm import edm_config, edm_weights, is_pickle, read_edm_snapshot
 from sde_lib import SDE, sde_from_config
 from sde_lib.errors import UserError
 from sde_lib.io import load_weights_only
+from sde_lib.vdm import endpoints_from_data
 from training import checkpoint as ckpt
 from training.distributed import setup, share_from_main
 
@@ -39,7 +40,19 @@ DATA_NAMES = (*TOY_DATA, "mix5d", "digits", "mnist", "npz", "folder", "cifar10")
 MODEL_NAMES = ("auto", *factory.NETWORKS, "exact")
 
 
-def build_sde(c: dict) -> SDE:
+def build_sde(c: dict, dataset: Dataset | None = None) -> SDE:
+    """The configured SDE. sde=vdm with gamma_min / gamma_max = auto takes its end points from
+    the data set (`sde_lib.vdm.endpoints_from_data`; without one, VDM's -13.3 and 5)."""
+    if c.get("name") == "vdm" and "auto" in (c.get("gamma_min"), c.get("gamma_max")):
+        fitted = (-13.3, 5.0)
+        if dataset is not None and dataset.train is not None:
+            m2 = float(dataset.train.double().square().mean())
+            levels = dataset.levels if dataset.kind == "images" else None
+            fitted = endpoints_from_data(levels, dataset.model_range, m2)
+        c = {**c}
+        for key, value in zip(("gamma_min", "gamma_max"), fitted, strict=True):
+            if c.get(key) == "auto":
+                c[key] = value
     try:
         return sde_from_config(c)
     except (TypeError, ValueError) as e:
@@ -339,8 +352,8 @@ def load_score_model(cfg: dict, find=find_checkpoint):
     """(sde, dataset, score model in eval mode, checkpoint path or None) for sample / nll;
     find(cfg) -> (path, state) supplies the checkpoint (`checkpoint_from_main` under
     torchrun)."""
-    sde = build_sde(cfg["sde"])
     dataset = build_dataset(cfg["data"])
+    sde = build_sde(cfg["sde"], dataset)
     if cfg["model"]["name"] == "exact":
         return sde, dataset, build_score_model(cfg, sde, dataset).eval(), None
     path, state = find(cfg)

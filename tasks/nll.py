@@ -450,6 +450,11 @@ def summary_line(s: dict) -> str:
         parts.append(
             f"exact {s['exact_nll_nats']:.4f}, gap {s['gap']:.2g} ({_pm(s['gap_stderr'])})"
         )
+    if s.get("ode_nll_nats") is not None:  # method=vlb: the same model's ODE value
+        ode = f"bpd {s['ode_bpd']:.4f}" if s.get("ode_bpd") is not None else "nll"
+        if s.get("ode_bpd") is None:
+            ode += f" {s['ode_nll_nats']:.4f} nats"
+        parts.append(f"PF-ODE {ode} (nfe {s['ode_nfe_mean']:.0f})")
     label = "score evals/point" if s["method"] in ("elbo", "vlb") else "nfe"
     spread = "" if s["method"] in ("elbo", "vlb") else f" (max {s['nfe_max']})"
     parts.append(f"{label} {s['nfe_mean']:.0f}{spread}, {s['seconds']:.1f} s")
@@ -566,6 +571,46 @@ def _compute(
             logger.log({"batch_nll_nats": nll, "batch_nfe": sum(r.nfe) / len(r.nfe)}, step=i)
 
 
+ODE_BESIDE_VLB = ("nll_nats", "stderr", "bpd", "bpd_stderr", "nfe_mean", "nfe_max")
+
+
+def _evaluate(cfg: dict, sde, model, dataset, x, info, ckpt_path, sha, logger) -> dict:
+    """Evaluate (or reuse from the cache) every batch of x by cfg's likelihood settings;
+    on rank 0 the summary (see `summarise`), on the others {}."""
+    lc, device, main = cfg["likelihood"], info.device, info.is_main
+    batches = list(x.split(int(lc["batch_size"])))
+    mine = my_items(len(batches), info)
+    cache_dir, files, results = _cache(cfg, ckpt_path, device, batches, sha)
+    cached = [r is not None for r in results]  # before this run: found in this rank's cache
+    what = {"elbo": "ELBO", "vlb": "VLB"}.get(lc["method"], f"PF-ODE ({lc['solver']}, "
+                                                            f"{lc['divergence']})")  # fmt: skip
+    procs = f"{info.world_size} process{'es' if info.world_size > 1 else ''}"
+    log.info(
+        f"nll of {x.shape[0]} {dataset.name} test points by {what}, {len(batches)} batches, {procs}"
+    )
+    with cpu_threads(resolve_threads(lc, dataset, device)):
+        show = bool(cfg.get("progress", True)) and main
+        _compute(sde, model, dataset, cfg, device, batches, files, results, mine, logger, show)
+        used_threads = torch.get_num_threads()
+    gathered = gather_to_main({i: (results[i].to_json(), cached[i]) for i in mine}, info)
+    if not main:
+        return {}
+    results = [BatchResult.from_json(gathered[i][0], b.shape[0]) for i, b in enumerate(batches)]
+    for i, r in enumerate(results):  # the other ranks' batches, into this cache
+        if not files[i].is_file():
+            atomic_write_text(files[i], json.dumps(r.to_json()))
+    summary = summarise(cfg, dataset, x, results, ckpt_path)
+    summary.update(
+        threads=used_threads if device.type == "cpu" else None,
+        batches=len(batches),
+        batches_reused=sum(gathered[i][1] for i in range(len(batches))),
+        world_size=info.world_size,
+        device=device.type,
+        cache_dir=str(cache_dir),
+    )
+    return summary
+
+
 def run_nll(cfg: dict, out_dir: Path) -> dict:
     """Evaluate the test split's NLL, reusing cached batches; write out_dir/nll.json.
 
@@ -587,54 +632,21 @@ def run_nll(cfg: dict, out_dir: Path) -> dict:
         # the cache key names the checkpoint by its file's hash: rank 0 has the file
         sha = share_from_main(lambda: None if ckpt_path is None else _sha256_file(ckpt_path), info)
         lc = resolve_divergence(cfg["likelihood"], dataset)
-        cfg = {**cfg, "likelihood": lc}
         model.to(device, DTYPES[lc["dtype"]])
         x = _test_points(dataset, lc["n_points"])
-        batches = list(x.split(int(lc["batch_size"])))
-        mine = my_items(len(batches), info)
-        cache_dir, files, results = _cache(cfg, ckpt_path, device, batches, sha)
-        cached = [r is not None for r in results]  # before this run: found in this rank's cache
-        what = (
-            "ELBO"
-            if lc["method"] == "elbo"
-            else "VLB"
-            if lc["method"] == "vlb"
-            else f"PF-ODE ({lc['solver']}, {lc['divergence']})"
-        )
-        threads = resolve_threads(lc, dataset, device)
-        procs = f"{info.world_size} process{'es' if info.world_size > 1 else ''}"
-        log.info(
-            f"nll of {x.shape[0]} {dataset.name} test points by {what}, {len(batches)} "
-            f"batches, {procs}"
-        )
         logger_cfg = cfg["logger"] if main else {**cfg["logger"], "mode": "disabled"}
         logger = RunLogger(logger_cfg, out_dir, cfg, "nll")
         try:
-            with cpu_threads(threads):
-                show = bool(cfg.get("progress", True)) and main
-                _compute(
-                    sde, model, dataset, cfg, device, batches, files, results, mine, logger, show
-                )
-                used_threads = torch.get_num_threads()
-            gathered = gather_to_main({i: (results[i].to_json(), cached[i]) for i in mine}, info)
+            run = (sde, model, dataset, x, info, ckpt_path, sha, logger)
+            summary = _evaluate({**cfg, "likelihood": lc}, *run)
+            if lc["method"] == "vlb" and lc.get("with_ode", True):
+                # the same model's PF-ODE bits/dim on the same points, beside its bound
+                ode = resolve_divergence({**lc, "method": "ode", "divergence": "auto"}, dataset)
+                ode_summary = _evaluate({**cfg, "likelihood": ode}, *run)
+                if main:
+                    summary.update({f"ode_{k}": ode_summary[k] for k in ODE_BESIDE_VLB})
             if main:
-                results = [
-                    BatchResult.from_json(gathered[i][0], b.shape[0]) for i, b in enumerate(batches)
-                ]
-                reused = sum(gathered[i][1] for i in range(len(batches)))
-                for i, r in enumerate(results):  # the other ranks' batches, into this cache
-                    if not files[i].is_file():
-                        atomic_write_text(files[i], json.dumps(r.to_json()))
-                summary = summarise(cfg, dataset, x, results, ckpt_path)
-                summary.update(
-                    seconds=time.perf_counter() - start,
-                    threads=used_threads if device.type == "cpu" else None,
-                    batches=len(batches),
-                    batches_reused=reused,
-                    world_size=info.world_size,
-                    device=device.type,
-                    cache_dir=str(cache_dir),
-                )
+                summary["seconds"] = time.perf_counter() - start
                 atomic_write_text(Path(out_dir) / "nll.json", json.dumps(summary, indent=2))
                 logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         finally:

@@ -106,8 +106,8 @@ def run_train(cfg: dict, out_dir: Path) -> dict:
     info = start_processes(cfg)
     out_dir = Path(broadcast_object(str(out_dir), info))  # one run folder for all ranks
     try:
-        sde = build_sde(cfg["sde"])
         dataset = build_dataset(cfg["data"])
+        sde = build_sde(cfg["sde"], dataset)
         t = cfg["training"]
         if t["loss"] == "nll" and dataset.kind != "points":
             raise UserError(
