@@ -14,7 +14,8 @@ beside torchdiffeq's one step size per batch, at equal tolerance: batch calls of
 evaluations per point (mean / max), wall time, mean |error| against the reference and how far a
 point's value moves between its batch of 256 and a batch of 128 (the batch dependence), on the
 exact gmm8 and mix5d scores (float64) and on a trained digits U-Net (--unet-ckpt, float32,
-Hutchinson with per-point keyed probes, reference: the same at tol 1e-6).
+Hutchinson with per-point keyed probes, --unet-points test digits, reference: the per-point
+solve at tol 1e-5).
 
 "ovh" is issue 10's ratio wall / (NFE x one field-plus-divergence evaluation), in process CPU
 time (so that other jobs on a shared machine do not enter it; target <= 1.15). The "score_sde"
@@ -280,7 +281,7 @@ def per_point_rows(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, reference, dive
                   f"{int(per.max()):5d} {wall:7.2f} {err} {move:10.1e}", flush=True)  # fmt: skip
 
 
-def per_point_part(points: int, unet_ckpt: str | None) -> None:
+def per_point_part(points: int, unet_ckpt: str | None, unet_points: int = 64) -> None:
     sde = VPSDE()
     for name, law in (("gmm8", gmm8()), ("mix5d", mixture5d())):
         x = law.sample(points, torch.Generator().manual_seed(123)).double()
@@ -295,13 +296,13 @@ def per_point_part(points: int, unet_ckpt: str | None) -> None:
 
     cfg = compose(Path("outputs"), ["mode=nll", "data=digits", f"ckpt={unet_ckpt}"])
     sde, dataset, model, _ = load_score_model(cfg)
-    x = dataset.test[:points].float()
+    x = dataset.test[:unet_points].float()
     ref = log_likelihood_stats(
-        sde, model, x, divergence="hutchinson", probe="rademacher", rtol=1e-6, atol=1e-6,
+        sde, model, x, divergence="hutchinson", probe="rademacher", rtol=1e-5, atol=1e-5,
         eps=EPS, generator=KeyedNoise.for_indices(0, torch.arange(len(x))),
     ).logp  # fmt: skip
     print(f"== 4. per-point vs shared step: digits U-Net {unet_ckpt}, {len(x)} test digits")
-    per_point_rows(sde, model, x, ref, "hutchinson", (1e-3, 1e-5))
+    per_point_rows(sde, model, x, ref, "hutchinson", (1e-3, 1e-4))
 
 
 def main() -> None:
@@ -312,10 +313,11 @@ def main() -> None:
     parser.add_argument("--skip-trained", action="store_true", help="skip part 2 (training)")
     parser.add_argument("--per-point", action="store_true", help="only part 4")
     parser.add_argument("--unet-ckpt", default=None, help="part 4: a digits U-Net checkpoint")
+    parser.add_argument("--unet-points", type=int, default=64, help="part 4: test digits")
     args = parser.parse_args()
     if args.per_point:
         torch.set_num_threads(args.threads)
-        per_point_part(args.points, args.unet_ckpt)
+        per_point_part(args.points, args.unet_ckpt, args.unet_points)
         return
     torch.set_num_threads(args.threads)
     sde = VPSDE()
