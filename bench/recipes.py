@@ -126,12 +126,13 @@ def fid_against_train(data: str, samples_path: Path, root: Path) -> float:
     return fid_from_features(feats(x), f_train)
 
 
-def sample(root: Path, data: str, recipe: str, ckpt: Path, name: str, opts: list[str], n: int):
+def sample(root: Path, data: str, recipe: str, ckpt: Path, name: str, opts: list[str], n: int,
+           net: list[str]):  # fmt: skip
     out = root / data / recipe / "sample" / name
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    overrides = ["mode=sample", f"data={data}", *RECIPES[recipe], f"ckpt={ckpt}", *opts]
+    overrides = ["mode=sample", f"data={data}", *RECIPES[recipe], *net, f"ckpt={ckpt}", *opts]
     overrides += [f"sampler.n_samples={n}", f"sampler.batch_size={min(n, 500)}", "seed=1"]
     t0 = time.perf_counter()
     summary = run(root, out, overrides)
@@ -148,11 +149,11 @@ def sample(root: Path, data: str, recipe: str, ckpt: Path, name: str, opts: list
     return result
 
 
-def nll(root: Path, data: str, recipe: str, ckpt: Path, n_points: int) -> dict:
+def nll(root: Path, data: str, recipe: str, ckpt: Path, n_points: int, net: list[str]) -> dict:
     out = root / data / recipe / "nll"
     if (out / "nll.json").is_file():
         return json.loads((out / "nll.json").read_text())
-    overrides = ["mode=nll", f"data={data}", *RECIPES[recipe], f"ckpt={ckpt}"]
+    overrides = ["mode=nll", f"data={data}", *RECIPES[recipe], *net, f"ckpt={ckpt}"]
     run(root, out, [*overrides, f"likelihood.n_points={n_points}", "likelihood.batch_size=100"])
     return json.loads((out / "nll.json").read_text())
 
@@ -189,14 +190,16 @@ def main() -> None:
         rows, best = [], []
         for recipe in a.recipes.split(","):
             ckpt, train_s = train(root, data, recipe, int(steps[data]), network.get(data, []))
-            bpd = nll(root, data, recipe, ckpt, int(points[data]))
+            net = network.get(data, [])
+            bpd = nll(root, data, recipe, ckpt, int(points[data]), net)
             per_budget = {}
             for nfe in budgets:
                 results = {}
                 for name, opts in candidates(nfe).items():
                     if name not in kinds[data]:
                         continue
-                    r = sample(root, data, recipe, ckpt, f"{name}_{nfe}", opts, n_samples[data])
+                    label = f"{name}_{nfe}"
+                    r = sample(root, data, recipe, ckpt, label, opts, n_samples[data], net)
                     results[name] = r
                     rows.append((recipe, nfe, name, r))
                 per_budget[nfe] = min(results.items(), key=lambda kv: kv[1]["fid_train"])
