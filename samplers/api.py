@@ -24,10 +24,24 @@ from sde_lib import SDE, ScoreFn
 from sde_lib.options import OptionError
 from sde_lib.options import check_options as check_options_of
 
-from . import ddim, dpm_solver3, edm, fast, ipndm, ode, pc, unipc
+from . import (
+    ddim,
+    dpm_solver3,
+    dpmpp_2m_sde,
+    dpmpp_3m_sde,
+    edm,
+    fast,
+    ipndm,
+    ode,
+    pc,
+    restart,
+    unipc,
+)
 from .ddim import decaying_alpha, sample_ddim
 from .dpm_solver import sample_dpm_solver
 from .dpm_solver3 import sample_dpm_solver3
+from .dpmpp_2m_sde import sample_dpmpp_2m_sde
+from .dpmpp_3m_sde import sample_dpmpp_3m_sde
 from .edm import sample_edm
 from .exponential import tweedie_denoise
 from .fast import sample_fast
@@ -36,6 +50,7 @@ from .ipndm import sample_ipndm
 from .ode import sample_ode, solve_flow
 from .optimise_grid import check_fittable, optimise_grid
 from .pc import sample_ancestral, sample_em, sample_pc, sample_reverse_diffusion
+from .restart import sample_restart
 from .unipc import sample_unipc
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
@@ -52,6 +67,9 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpm_solver3": sample_dpm_solver3,
     "unipc": sample_unipc,
     "ipndm": sample_ipndm,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+    "restart": sample_restart,
 }
 
 # name -> the allowed values of its options, owned by the sampler's module (grid is checked by
@@ -66,6 +84,9 @@ RULES: dict[str, dict] = {
     "unipc": unipc.RULES,
     "ipndm": ipndm.RULES,
     "edm": edm.RULES,
+    "dpmpp_2m_sde": dpmpp_2m_sde.RULES,
+    "dpmpp_3m_sde": dpmpp_3m_sde.RULES,
+    "restart": restart.RULES,
 }
 
 # name -> check(sde) returning None when the sampler applies, else what it needs

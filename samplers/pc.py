@@ -17,9 +17,10 @@ from collections.abc import Callable
 
 import torch
 
-from sde_lib import SDE, ScoreFn, append_dims, randn_like
+from sde_lib import SDE, ScoreFn, append_dims, as_noise, randn_like
 from sde_lib.options import Choice, Number, check_options
 
+from .brownian import KeyedBrownian
 from .grids import Step, get_grid, intervals
 
 
@@ -235,10 +236,40 @@ def _predictor_only(predictor: str, doc: str) -> Callable[..., torch.Tensor]:
     return sampler
 
 
-sample_em = _predictor_only(
-    "euler_maruyama",
-    "Euler-Maruyama on the reverse SDE (Song et al. 2021, eq. 6): x_T (B, *D) -> x_eps.",
-)
+def sample_em(
+    sde: SDE,
+    score_fn: ScoreFn,
+    x: torch.Tensor,
+    *,
+    steps: int = 1000,
+    eps: float = 1e-3,
+    grid: str = "uniform",
+    brownian: bool = False,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Euler-Maruyama on the reverse SDE (Song et al. 2021, eq. 6): x_T (B, *D) -> x_eps.
+
+    brownian: the noise of each step is the increment over [s, t] of one Brownian path per
+    sample (`samplers.brownian`, in u = (t - eps) / (T - eps)), so other step counts refine the
+    same path (strong convergence); else a fresh keyed draw per step.
+    """
+    if not brownian:
+        return sample_pc(sde, score_fn, x, steps=steps, eps=eps, predictor="euler_maruyama",
+                         corrector="none", grid=grid, generator=generator,
+                         progress=progress)  # fmt: skip
+    path = KeyedBrownian(as_noise(generator), tuple(x.shape), dtype=x.dtype, device=x.device)
+    span = sde.T - eps
+    reverse = sde.reverse(score_fn)
+    for step in intervals(sde, get_grid(grid, sde, steps, eps), progress):
+        drift, g = reverse.sde(x, x.new_full((x.shape[0],), step.t))
+        u_t = min(max((step.t - eps) / span, 0.0), 1.0)
+        u_s = min(max((step.s - eps) / span, 0.0), 1.0)
+        dw = span**0.5 * (path(u_t) - path(u_s))
+        x = x - (step.t - step.s) * drift + append_dims(g, x.ndim) * dw
+    return x
+
+
 sample_reverse_diffusion = _predictor_only(
     "reverse_diffusion",
     "Reverse-diffusion predictor alone (Song et al. 2021, eq. 46): x_T (B, *D) -> x_eps.",

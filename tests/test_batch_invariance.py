@@ -60,6 +60,11 @@ FIXED = {
     "fast": (9, {}),
     "ode/rk4": (6, dict(method="rk4")),
     "ode/euler": (10, dict(method="euler")),
+    "dpmpp_2m_sde": (8, {}),
+    "dpmpp_2m_sde/brownian": (8, dict(brownian=True)),
+    "dpmpp_3m_sde": (8, {}),
+    "em/brownian": (8, dict(brownian=True)),
+    "restart": (4, dict(restart_steps=2)),
     "ode/dopri5": (None, {}),
     "ode/bosh3": (None, dict(method="bosh3", rtol=1e-3, atol=1e-3)),
 }
