@@ -232,7 +232,7 @@ def evaluate_batch(
         kind = lc.get("dequantization", "uniform")
         n_is = int(lc.get("importance_samples", 1))
         eps = torch.tensor([float(lc["eps"])], dtype=torch.float64)
-        alpha, sigma = (float(v) for v in sde.alpha_sigma(eps))
+        alpha, sigma = (float(v.detach()) for v in sde.alpha_sigma(eps))
         log_cell = k[0].numel() * math.log((hi - lo) / dataset.levels)
         draws, nfes, ses = [], 0, []
         for _ in range(int(lc["dequant_draws"])):
