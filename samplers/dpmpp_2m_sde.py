@@ -15,6 +15,7 @@ from sde_lib import SDE, ScoreFn
 from sde_lib.options import Choice, Number, check_options
 
 from .brownian import StepNoise
+from .exponential import data_prediction, lam
 from .grids import get_grid, intervals
 
 RULES = {
@@ -23,12 +24,6 @@ RULES = {
     "solver_type": Choice("midpoint", "heun"),
     "brownian": Choice(True, False),
 }
-
-
-def data_prediction(score_fn: ScoreFn, x: torch.Tensor, t: float, alpha: float, sigma: float):
-    """x0(x, t) = (x + sigma^2 score(x, t)) / alpha (Tweedie)."""
-    score = score_fn(x, x.new_full((x.shape[0],), t))
-    return (x + sigma**2 * score) / alpha
 
 
 def sample_dpmpp_2m_sde(
@@ -65,7 +60,7 @@ def sample_dpmpp_2m_sde(
     noise = StepNoise(x, generator, eta, lam_ends, brownian)
     d_prev, h_prev = None, None
     for st in intervals(sde, ts, progress):
-        lam_t, lam_s = math.log(st.alpha_t / st.sigma_t), math.log(st.alpha_s / st.sigma_s)
+        lam_t, lam_s = lam(st.alpha_t, st.sigma_t), lam(st.alpha_s, st.sigma_s)
         h = lam_s - lam_t
         h_e = (1 + eta) * h
         d = data_prediction(score_fn, x, st.t, st.alpha_t, st.sigma_t)

@@ -15,7 +15,7 @@ from sde_lib import SDE, ScoreFn
 from sde_lib.options import Choice, Number, check_options
 
 from .brownian import StepNoise
-from .dpmpp_2m_sde import data_prediction
+from .exponential import data_prediction, lam
 from .grids import get_grid, intervals
 
 RULES = {"eta": Number(lo=0), "s_noise": Number(lo=0), "brownian": Choice(True, False)}
@@ -55,7 +55,7 @@ def sample_dpmpp_3m_sde(
     noise = StepNoise(x, generator, eta, lam_ends, brownian)
     d_1 = d_2 = h_1 = h_2 = None
     for st in intervals(sde, ts, progress):
-        lam_t, lam_s = math.log(st.alpha_t / st.sigma_t), math.log(st.alpha_s / st.sigma_s)
+        lam_t, lam_s = lam(st.alpha_t, st.sigma_t), lam(st.alpha_s, st.sigma_s)
         h = lam_s - lam_t
         h_e = (1 + eta) * h
         d = data_prediction(score_fn, x, st.t, st.alpha_t, st.sigma_t)
