@@ -1,7 +1,8 @@
 """Maximum-likelihood fine-tuning through the probability-flow ODE, end to end from run.py.
 
-    python bench/nll_finetune.py [--data gmm8] [--dsm-steps 2000] [--nll-steps 200]
-                                 [--lr 1e-4] [--batch 128] [--outputs-root bench_out/nll_finetune]
+    python bench/nll_finetune.py [--data gmm8] [--dsm-steps 2000] [--nll-steps 60] [--lr 1e-4]
+                                 [--batch 64] [--nll-tol 1e-3]
+                                 [--outputs-root bench_out/nll_finetune]
 
 1. trains the default score model by denoising score matching (`mode=train`, --dsm-steps);
 2. evaluates its test NLL through the ODE (`mode=nll`, 500 test points, exact trace) against the
@@ -43,9 +44,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", default="gmm8")
     p.add_argument("--dsm-steps", type=int, default=2000)
-    p.add_argument("--nll-steps", type=int, default=200)
+    p.add_argument("--nll-steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--nll-tol", type=float, default=1e-3, help="the training ODE's rtol = atol")
     p.add_argument("--outputs-root", default="bench_out/nll_finetune")
     a = p.parse_args()
     root = Path(a.outputs_root).resolve()
@@ -57,7 +59,7 @@ def main() -> None:
         "nll_train",
         ["mode=train", data, "training.loss=nll", f"training.init_from={dsm['checkpoint']}",
          f"training.steps={a.nll_steps}", f"training.lr={a.lr}", "training.warmup=0",
-         f"training.batch_size={a.batch}"],
+         f"training.batch_size={a.batch}", f"training.nll_tol={a.nll_tol}"],
     )  # fmt: skip
     after, _ = stage(root, "nll_tuned", ["mode=nll", data, f"ckpt={tuned['checkpoint']}"])
     print(f"\n{a.data}: test NLL through the ODE (500 points, exact trace), exact NLL "
@@ -66,7 +68,12 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, s, t in (
         (f"DSM, {a.dsm_steps} steps", before, dsm_s),
-        (f"+ {a.nll_steps} steps of training.loss=nll (lr {a.lr}, batch {a.batch})", after, nll_s),
+        (
+            f"+ {a.nll_steps} steps of training.loss=nll "
+            f"(lr {a.lr}, batch {a.batch}, tol {a.nll_tol})",
+            after,
+            nll_s,
+        ),
     ):
         print(f"| {name} | {t / 60:.1f} min | {s['nll_nats']:.4f} ± {s['stderr']:.4f} | "
               f"{s['gap']:.4f} ± {s['gap_stderr']:.4f} | {s['nfe_mean']:.0f} |")  # fmt: skip
