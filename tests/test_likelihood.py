@@ -410,7 +410,7 @@ def test_a_points_log_p_does_not_depend_on_its_batch():
     sde, law = make_sde("vp"), mixture5d()
     score = exact_score(sde, law)
     x = _data(law, 256, seed=21)
-    lone = [0, 1, 2, 3, 130, 131, 254, 255]
+    lone = [0, 131, 254, 255]
 
     def moves(backend: str) -> float:
         full = log_likelihood(sde, score, x, backend=backend)[0]
@@ -544,13 +544,13 @@ def test_sample_mode_writes_each_samples_log_density(tmp_path):
     from tasks.validate import validate
 
     args = ("mode=sample", "model=exact", "sampler=ode", "sampler.logp=true",
-            "sampler.denoise=false", "sampler.n_samples=40", "sampler.batch_size=16")  # fmt: skip
+            "sampler.denoise=false", "sampler.n_samples=24", "sampler.batch_size=10")  # fmt: skip
     _, out = run_mode(tmp_path, "logp", *args)
     saved = np.load(out / "samples.npz")
     sde, law = make_sde("vp"), gmm8()
     got = []
-    for start in range(0, 40, 16):  # the run's batches, each its own keyed noise
-        idx = torch.arange(start, min(start + 16, 40))
+    for start in range(0, 24, 10):  # the run's batches, each its own keyed noise
+        idx = torch.arange(start, min(start + 10, 24))
         noise = sample_noise(0, idx)
         x_T = sde.prior_sampling((len(idx), 2), generator=noise)
         got.append(sample_log_density(sde, exact_score(sde, law), x_T, eps=1e-3).logp)

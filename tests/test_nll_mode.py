@@ -237,7 +237,7 @@ def test_dequantization_options(digits_run, tmp_path):
     """likelihood.dequantization=truncated_normal with importance_samples=2 runs on digits and
     says so in nll.json; on continuous data, or with K < 1, they are refused in one line."""
     _, s, _ = run(
-        digits_run, "nll/tn", "mode=nll", *DIGITS, "likelihood.n_points=4",
+        digits_run, "nll/tn", "mode=nll", *DIGITS, "likelihood.n_points=2",
         "likelihood.rtol=1e-3", "likelihood.atol=1e-3",
         "likelihood.dequantization=truncated_normal", "likelihood.importance_samples=2",
     )  # fmt: skip

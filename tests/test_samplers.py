@@ -197,10 +197,8 @@ def test_edm_options_are_checked_in_the_config(tmp_path):
         assert words in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize(
-    "sde_name",
-    ["vp", pytest.param("ve", marks=pytest.mark.slow)],  # 6-8 s per SDE
-)
+@pytest.mark.slow  # 25-50 s per SDE: the Brownian tree's queries at 1024 steps are Python loops
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
 def test_stochastic_solvers_converge_strongly_on_one_brownian_path(sde_name):
     """Strong order with consistent Brownian paths (brownian=True: one path per sample, refined
     by more steps): on a Gaussian law, the mean distance of the end point to the same sampler's
