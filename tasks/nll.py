@@ -240,7 +240,7 @@ def evaluate_batch(
             for _ in range(n_is):
                 xd, log_q = draw_dequantization(
                     k, levels=dataset.levels, lo=lo, hi=hi, kind=kind, std=sigma / alpha,
-                    generator=generator,
+                    centre=x.double(), generator=generator,
                 )  # fmt: skip
                 logp_d, nfe, se = _log_prob(sde, score_fn, xd.to(x.dtype), lc, generator)
                 weights.append(logp_d.double() - log_q.to(logp_d.device))

@@ -630,3 +630,29 @@ def test_truncated_normal_dequantization_fits_data_seen_through_noise():
         assert float(g.mean()) > -3 * float(g.std()) / math.sqrt(len(g)) - 1e-12
         gap[kind] = float(g.mean())
     assert gap["truncated_normal"] < 0.05 and gap["uniform"] > 0.5, gap
+
+
+def test_truncated_normal_centred_at_the_data_values():
+    """Digits-like levels: L = 8 values at lo + k (hi - lo) / (L - 1), each inside (not at the
+    centre of) its cell of width (hi - lo) / L, seen through noise s = cell / 16. Centred at the
+    data values (as mode=nll does) the truncated normal stays a bound and is far tighter than the
+    uniform one."""
+    from likelihood.dequantization import dequantized_log_prob
+
+    levels, lo, hi = 8, -1.0, 1.0
+    delta = (hi - lo) / levels
+    values = lo + torch.arange(levels, dtype=torch.float64) * (hi - lo) / (levels - 1)
+    cells = torch.tensor([[2, 3], [5, 4], [3, 5]])  # values >= 4.6 s from their cells' ends
+    s = delta / 16
+    mix = GaussianMixture(torch.tensor([0.5, 0.3, 0.2]), values[cells], s**2)
+    k, exact = _cells(mix, 400, levels, lo, hi, seed=28)
+    gap = {}
+    for kind in ("uniform", "truncated_normal"):
+        bound = -dequantized_log_prob(
+            mix.log_prob, k, levels=levels, lo=lo, hi=hi, kind=kind, std=s, centre=values[k],
+            generator=torch.Generator().manual_seed(29),
+        )  # fmt: skip
+        g = bound - exact
+        assert float(g.mean()) > -3 * float(g.std()) / math.sqrt(len(g)) - 1e-12
+        gap[kind] = float(g.mean())
+    assert gap["truncated_normal"] < 0.1 < 1.0 < gap["uniform"], gap
