@@ -1,7 +1,7 @@
 """Compare training recipes at equal steps and network: today's default, EDM's, rectified flow.
 
     python bench/recipes.py [--data digits,mnist] [--steps digits:2000,mnist:800]
-                            [--network mnist:model.ch=16]
+                            [--network mnist:model=unet,mnist:model.ch=16]
                             [--nfe 10,20,35] [--n-samples digits:1000,mnist:500]
                             [--samplers digits:fast+unipc+heun+edm_churn,mnist:fast+heun+edm_churn]
                             [--outputs-root bench_out/recipes]
@@ -171,7 +171,7 @@ def main() -> None:
     p.add_argument("--recipes", default=",".join(RECIPES))
     p.add_argument(
         "--network",
-        default="mnist:model.ch=16",
+        default="mnist:model=unet,mnist:model.ch=16",
         help="per data set, run.py overrides of the network shared by all recipes",
     )
     p.add_argument("--outputs-root", default="bench_out/recipes")

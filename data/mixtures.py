@@ -141,6 +141,72 @@ class GaussianMixture:
         logw = self.weights.log() + logn.sum(-1)
         return GaussianMixture(torch.softmax(logw, 0), self.means[:, ~m], self.variances[:, ~m])
 
+    def posterior(
+        self, matrix: torch.Tensor, y: torch.Tensor, sigma_y: float
+    ) -> FullCovarianceMixture:
+        """The law of x given y = A x + sigma_y e, e ~ N(0, I), for x from this mixture.
+
+        matrix: A, (m, D); y: (m,). Per component (Kalman's update): S = A C Aᵀ + sigma_y² I,
+        G = C Aᵀ S⁻¹, mean mu + G (y - A mu), covariance C - G A C, and weight w N(y; A mu, S).
+        With sigma_y = 0, A must have full row rank (else S is singular).
+        """
+        a, yv = matrix.double(), y.double().reshape(-1)
+        if a.ndim != 2 or a.shape[1] != self.dim or yv.shape[0] != a.shape[0]:
+            raise ValueError(
+                f"need A of shape (m, {self.dim}) and y of shape (m,), got {tuple(a.shape)} "
+                f"and {tuple(y.shape)}"
+            )
+        if sigma_y < 0:
+            raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
+        if sigma_y == 0 and int(torch.linalg.matrix_rank(a)) < a.shape[0]:
+            raise ValueError("A C Aᵀ is singular: give A full row rank or sigma_y > 0")
+        cov = torch.diag_embed(self.variances)  # (K, D, D)
+        s = a @ cov @ a.T + sigma_y**2 * torch.eye(a.shape[0], dtype=torch.float64)
+        chol, info = torch.linalg.cholesky_ex(s)
+        if bool((info != 0).any()):
+            raise ValueError("A C Aᵀ + sigma_y² I is singular: give A full row rank or sigma_y > 0")
+        resid = yv - self.means @ a.T  # (K, m)
+        gain = torch.cholesky_solve((cov @ a.T).transpose(-1, -2), chol).transpose(-1, -2)
+        means = self.means + (gain @ resid.unsqueeze(-1)).squeeze(-1)
+        covs = cov - gain @ a @ cov
+        white = torch.linalg.solve_triangular(chol, resid.unsqueeze(-1), upper=False).squeeze(-1)
+        log_n = -0.5 * white.square().sum(-1) - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        log_w = self.weights.log() + log_n - 0.5 * a.shape[0] * math.log(2 * math.pi)
+        return FullCovarianceMixture(torch.softmax(log_w, 0), means, covs)
+
+
+class FullCovarianceMixture:
+    """A mixture of K Gaussians with full covariances: weights (K,), means (K, D), covs (K, D, D).
+
+    What a Gaussian mixture becomes once conditioned on a linear-Gaussian observation
+    (`GaussianMixture.posterior`): the exact posterior that the inverse-problem samplers are
+    scored against.
+    """
+
+    def __init__(self, weights: torch.Tensor, means: torch.Tensor, covs: torch.Tensor) -> None:
+        self.weights = weights.double() / weights.double().sum()
+        self.means = means.double()
+        self.covs = 0.5 * (covs.double() + covs.double().transpose(-1, -2))
+        # a square root of each covariance by eigendecomposition: exact for singular ones too
+        # (a noiseless observation leaves no variance along A's row space)
+        lam, q = torch.linalg.eigh(self.covs)
+        self._root = q * lam.clamp_min(0).sqrt().unsqueeze(-2)
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n draws, (n, D) float64."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return self.means[k] + (self._root[k] @ z.unsqueeze(-1)).squeeze(-1)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log density of x: (N, D), (N,) float64 (the covariances must be non-singular)."""
+        d = torch.distributions.MultivariateNormal(self.means, covariance_matrix=self.covs)
+        return torch.logsumexp(d.log_prob(x.double().unsqueeze(1)) + self.weights.log(), dim=1)
+
 
 def gmm8(radius: float = 2.0, std: float = 0.2) -> GaussianMixture:
     """8 equal-weight isotropic Gaussians evenly spaced on a circle of the given radius."""

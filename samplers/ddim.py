@@ -7,7 +7,7 @@ import torch
 from sde_lib import SDE, ScoreFn, randn_like
 from sde_lib.options import Number, check_options
 
-from .grids import get_grid, intervals
+from .grids import Step, get_grid, intervals
 
 # sample_ddim's options and their allowed values (run.py's validation reads them too)
 RULES = {"eta": Number(lo=0)}
@@ -45,11 +45,18 @@ def sample_ddim(
     """
     check_options(RULES, dict(eta=eta))
     for st in intervals(sde, get_grid(grid, sde, steps, eps), progress):
-        ratio = st.alpha_t * st.sigma_s / (st.alpha_s * st.sigma_t)
-        c = eta * st.sigma_s * max(1 - ratio**2, 0.0) ** 0.5
-        score = score_fn(x, x.new_full((x.shape[0],), st.t))
-        x0 = (x + st.sigma_t**2 * score) / st.alpha_t
-        x = st.alpha_s * x0 - (max(st.sigma_s**2 - c**2, 0.0) ** 0.5 * st.sigma_t) * score
-        if c > 0:
-            x = x + c * randn_like(x, generator)
+        x = ddim_step(x, score_fn(x, x.new_full((x.shape[0],), st.t)), st, eta, generator)
     return x
+
+
+def ddim_step(
+    x: torch.Tensor, score: torch.Tensor, st: Step, eta: float, generator, noise_free: bool = False
+) -> torch.Tensor:
+    """One DDIM step t -> s (eq. 12) from the score at (x, t); noise_free=True returns its mean."""
+    ratio = st.alpha_t * st.sigma_s / (st.alpha_s * st.sigma_t)
+    c = eta * st.sigma_s * max(1 - ratio**2, 0.0) ** 0.5
+    x0 = (x + st.sigma_t**2 * score) / st.alpha_t
+    out = st.alpha_s * x0 - (max(st.sigma_s**2 - c**2, 0.0) ** 0.5 * st.sigma_t) * score
+    if c > 0 and not noise_free:
+        out = out + c * randn_like(x, generator)
+    return out

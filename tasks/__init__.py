@@ -9,6 +9,7 @@ from sde_lib.errors import UserError
 
 from .control import run_control
 from .evaluate import run_eval
+from .inverse import run_inverse
 from .nll import run_nll
 from .sample import run_sample
 from .train import run_train
@@ -26,6 +27,8 @@ def dispatch(cfg: dict, out_dir: Path) -> dict:
         return run_train(cfg, out_dir)
     if mode == "eval" or (mode == "sample" and (cfg.get("eval") or {}).get("only")):
         return run_eval(cfg, out_dir)
+    if mode == "sample" and cfg["sampler"].get("task", "sample") == "inverse":
+        return run_control(cfg, out_dir, run_inverse)  # y = A x + noise: posterior samples
     if mode == "sample" and cfg["sampler"].get("task", "sample") != "sample":
         return run_control(cfg, out_dir)  # inpaint, colorize: conditioned on data
     if mode == "sample":

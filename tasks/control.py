@@ -1,4 +1,5 @@
-"""Controllable generation from run.py: mode=sample sampler.task=inpaint | colorize.
+"""Controllable generation from run.py: mode=sample sampler.task=inpaint | colorize (and
+inverse, in tasks/inverse.py).
 
 inpaint   fills the region named by sampler.mask (left, right, top, bottom, center, random) or
           given by an .npy array (1 = to fill, 0 = known; shape of one example, or (H, W) for
@@ -184,7 +185,9 @@ def colorize(sde, score_fn, images: torch.Tensor, *, generator=None, **pc) -> tu
     return grey, _rotate(out, m.T), nfe
 
 
-def run_control(cfg: dict, out_dir: Path) -> dict:
+def run_control(cfg: dict, out_dir: Path, runner=None) -> dict:
+    """Load the model in one process and run the task: `runner(cfg, sde, dataset, model,
+    ckpt_path, device, out_dir)` if given (tasks.inverse), else inpaint / colorize."""
     c = cfg["sampler"]
     task = c["task"]
     info = start_processes(cfg)
@@ -193,6 +196,8 @@ def run_control(cfg: dict, out_dir: Path) -> dict:
             raise UserError(f"sampler.task={task} runs in one process; start it without torchrun")
         sde, dataset, model, ckpt_path = load_score_model(cfg)
         model.to(info.device)
+        if runner is not None:
+            return runner(cfg, sde, dataset, model, ckpt_path, info.device, Path(out_dir))
         return _run(cfg, task, sde, dataset, model, ckpt_path, info.device, Path(out_dir))
     finally:
         teardown(info)

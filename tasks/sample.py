@@ -47,7 +47,7 @@ from .logger import RunLogger
 log = logging.getLogger(__name__)
 
 # keys of the sampler config group that are not options of the sampler function itself
-# (the conditional-generation keys are read in tasks/conditional.py and tasks/control.py)
+# (the conditional-generation keys are read in tasks/conditional.py, control.py, inverse.py)
 RUN_KEYS = (
     "name",
     "steps",
@@ -64,6 +64,16 @@ RUN_KEYS = (
     "path",
     "logp",
     "divergence",
+    # sampler.task=inverse (tasks/inverse.py)
+    "method",
+    "operator",
+    "sigma_y",
+    "blur_std",
+    "factor",
+    "inverse_steps",
+    "dps_scale",
+    "particles",
+    "draws",
 )
 
 

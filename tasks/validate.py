@@ -25,6 +25,7 @@ from sde_lib.options import Choice, Number
 from training.losses import NOISE_DISTRIBUTIONS, WEIGHTINGS, TimeSampler
 
 from .common import DATA_NAMES, MODEL_NAMES, build_sde
+from .inverse import ALL_METHODS
 from .nll import DTYPES, METHODS, SOLVERS
 from .sample import sampler_call_options
 
@@ -334,7 +335,9 @@ def validate_conditional_sampling(cfg: dict) -> None:
     model and data is checked once those are loaded, in tasks/conditional.py and control.py)."""
     p, c = "sampler", cfg["sampler"]
     if "task" in c:
-        _choice(cfg, f"{p}.task", ("sample", "inpaint", "colorize"))
+        _choice(cfg, f"{p}.task", ("sample", "inpaint", "colorize", "inverse"))
+    if c.get("task") == "inverse":
+        validate_inverse(cfg)
     mask = c.get("mask", "left")
     if not isinstance(mask, str) or not mask:
         raise UserError(
@@ -365,6 +368,25 @@ def validate_conditional_sampling(cfg: dict) -> None:
             f"sampler.classifier={c['classifier']!r} is not allowed; allowed: the "
             "path of a classifier checkpoint, exact or null"
         )
+
+
+def validate_inverse(cfg: dict) -> None:
+    """The keys of sampler.task=inverse (the operator's fit to the data is checked once the data
+    set is loaded, in tasks/inverse.py)."""
+    p, c = "sampler", cfg["sampler"]
+    _choice(cfg, f"{p}.method", ALL_METHODS)
+    if not isinstance(c.get("operator"), str) or not c["operator"]:
+        raise UserError(
+            f"sampler.operator={c.get('operator')!r} is not allowed; allowed: mask, blur, "
+            "downsample, colorize, identity or the path of an (m, n) .npy matrix"
+        )
+    _num(cfg, f"{p}.sigma_y", lo=0)
+    _num(cfg, f"{p}.blur_std", lo=0, lo_open=True)
+    _num(cfg, f"{p}.factor", kind=int, lo=2)
+    _num(cfg, f"{p}.inverse_steps", kind=int, lo=1, none_ok=True)
+    _num(cfg, f"{p}.dps_scale", lo=0)
+    _num(cfg, f"{p}.particles", kind=int, lo=1)
+    _num(cfg, f"{p}.draws", kind=int, lo=1)
 
 
 def validate_likelihood(cfg: dict) -> None:
