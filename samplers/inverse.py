@@ -26,7 +26,7 @@ from sde_lib import SDE, ScoreFn, as_noise
 
 from .ddim import ddim_step
 from .grids import Step, get_grid, intervals
-from .operators import LinearOperator
+from .operators import MAX_VALUES, LinearOperator, MatrixFreeOperator
 
 METHODS = ("dps", "pigdm", "ddrm", "replacement", "tds")
 
@@ -336,7 +336,7 @@ def posterior_sample(
     method: str,
     sde: SDE,
     score_fn: ScoreFn,
-    op: LinearOperator,
+    op: LinearOperator | MatrixFreeOperator,
     y: torch.Tensor,
     **options,
 ) -> tuple[torch.Tensor, int]:
@@ -345,6 +345,11 @@ def posterior_sample(
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
     if options.get("sigma_y", 0.0) < 0:
         raise ValueError(f"sigma_y must be >= 0, got {options['sigma_y']}")
+    if method != "dps" and not op.has_svd:
+        raise ValueError(
+            f"method={method} needs A's SVD, which operator={op.name} on examples of {op.n} values "
+            f"does not have (dense operators stop at {MAX_VALUES} values); use method=dps"
+        )
     if y.ndim != 2 or y.shape[1] != op.m:
         raise ValueError(f"y must be (B, {op.m}) for operator {op.name}, got {tuple(y.shape)}")
     return SOLVERS[method](sde, score_fn, op.to(y.device), y, **options)

@@ -25,7 +25,7 @@ import torch
 
 from metrics.quality import mmd
 from samplers.inverse import METHODS, posterior_sample
-from samplers.operators import OPERATORS, LinearOperator, build_operator
+from samplers.operators import MAX_VALUES, OPERATORS, LinearOperator, build_operator
 from sde_lib import KeyedNoise
 from sde_lib.io import atomic_write, atomic_write_text
 
@@ -62,9 +62,16 @@ def load_operator(c: dict, dataset, seed: int) -> LinearOperator:
             ) from None
         name = "matrix"
     try:
-        return build_operator(name, shape, **kw)
+        op = build_operator(name, shape, **kw)
     except ValueError as e:
         raise UserError(f"sampler.operator={spec} does not fit data={dataset.name}: {e}") from None
+    if not op.has_svd and str(c["method"]) != "dps":
+        raise UserError(
+            f"sampler.method={c['method']} needs A's SVD, which sampler.operator={spec} on "
+            f"data={dataset.name} ({op.n} values per example; dense operators stop at "
+            f"{MAX_VALUES}) does not have; use sampler.method=dps"
+        )
+    return op
 
 
 def method_options(c: dict, method: str, sigma_y: float) -> dict:
@@ -178,10 +185,11 @@ def posterior_distance(mixture, op, y, x, sigma_y: float, draws: int, seed: int)
 
 def _save(out_dir, dataset, op, y, x, truth, rows, metrics) -> None:
     buf = io.BytesIO()
+    extra = {"operator": op.matrix.numpy()} if op.has_svd else {}
     np.savez(
         buf,
+        **extra,
         measurements=y.numpy(),
-        operator=op.matrix.numpy(),
         reconstructions=dataset.inverse_scaler(x).numpy(),
         originals=dataset.inverse_scaler(truth).numpy(),
         measurement_index=rows.numpy(),
@@ -211,7 +219,7 @@ def _measurement_image(op: LinearOperator, y, truth, dataset) -> torch.Tensor:
         return y.reshape(truth.shape).float()
     img = op.pinv(y.double(), truth.double()).float()
     if op.name == "mask":
-        seen = op.matrix.sum(0).reshape(truth.shape[1:]).bool()
+        seen = op.pinv(torch.ones(1, op.m, dtype=torch.float64), truth[:1].double())[0].bool()
         img = torch.where(seen, img, torch.full_like(img, sum(dataset.model_range) / 2))
     return img
 

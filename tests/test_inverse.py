@@ -239,3 +239,41 @@ def test_gaussian_mixture_posterior_of_a_single_gaussian_is_the_kalman_update():
     mean = torch.tensor([0.5, -1.0], dtype=torch.float64) + (gain * (2.0 - (-0.5))).reshape(-1)
     assert torch.allclose(post.means[0], mean, atol=1e-12)
     assert torch.allclose(post.covs[0], c - gain @ a @ c, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mask", "blur", "downsample", "colorize", "identity"])
+def test_matrix_free_operators_match_the_dense_ones(name, monkeypatch):
+    """Above MAX_VALUES an operator has no matrix; below it, forced matrix-free, it computes the
+    same A x and A⁺ y as the dense one, and only DPS accepts it (one line naming the fix)."""
+    import samplers.operators as ops
+
+    shape = (3, 4, 4)
+    known = torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    dense = build_operator(name, shape, known=known, blur_std=0.8)
+    monkeypatch.setattr(ops, "MAX_VALUES", 10)
+    free = ops.build_operator(name, shape, known=known, blur_std=0.8)
+    assert not free.has_svd and free.m == dense.m
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.allclose(free(x), dense(x), atol=1e-12)
+    if name != "blur":
+        y = dense(x)
+        assert torch.allclose(free.pinv(y, x), dense.pinv(y, x), atol=1e-10)
+    sde = make_sde("vp")
+    with pytest.raises(ValueError, match="needs A's SVD.*use method=dps"):
+        posterior_sample("ddrm", sde, lambda v, t: -v, free, dense(x).float())
+    out, _ = posterior_sample("dps", sde, lambda v, t: -v, free, dense(x).float(), steps=3)
+    assert out.shape == (2, *shape) and torch.isfinite(out).all()
+
+
+def test_a_method_needing_the_svd_of_a_matrix_free_operator_is_one_line(monkeypatch):
+    import samplers.operators as ops
+    from tasks.common import build_dataset
+    from tasks.inverse import load_operator
+
+    monkeypatch.setattr(ops, "MAX_VALUES", 10)
+    digits = build_dataset({"name": "digits"})
+    c = {"operator": "blur", "factor": 2, "blur_std": 1.0, "mask": "left", "method": "ddrm"}
+    with pytest.raises(UserError, match="sampler.method=ddrm needs A's SVD") as e:
+        load_operator(c, digits, 0)
+    assert "use sampler.method=dps" in str(e.value) and "\n" not in str(e.value)
+    assert not load_operator({**c, "method": "dps"}, digits, 0).has_svd
