@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from sde_lib import as_noise
+from .dequantization import draw_dequantization
 
 LogProbFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -35,13 +35,10 @@ def dequantize(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """x = lo + (hi - lo) (k + U) / L with U ~ Uniform[0, 1): integer k (B, *D) -> x (B, *D)."""
-    if levels < 2:
-        raise ValueError(f"levels must be >= 2, got {levels}")
-    if k.min() < 0 or k.max() >= levels:
-        raise ValueError(f"k must lie in [0, {levels - 1}], got [{k.min()}, {k.max()}]")
-    u = as_noise(generator).rand(k.shape, dtype=dtype, device=k.device)
-    return lo + (hi - lo) * (k.to(dtype) + u) / levels
+    """x = lo + (hi - lo) (k + U) / L with U ~ Uniform[0, 1): integer k (B, *D) -> x (B, *D)
+    (the uniform case of `likelihood.dequantization.draw_dequantization`)."""
+    x, _ = draw_dequantization(k, levels=levels, lo=lo, hi=hi, generator=generator, dtype=dtype)
+    return x
 
 
 def bits_per_dim(
