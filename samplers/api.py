@@ -217,8 +217,11 @@ def fit_schedule(
     seed: int = 0,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    compare_default: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """Times (steps + 1,) fitted for the named sampler (with its options) to score_fn's own flow.
+    compare_default=True also scores the sampler on its own default grid (its whole default
+    run, final evaluation included) on the same batch: info["mse_compare"]["default"].
 
     shape: one sample's shape (D,) or (C, H, W). The calibration batch is `batch` prior draws
     (default 1000 points, 256 images) from a generator seeded with `seed`, so a fit is
@@ -231,9 +234,22 @@ def fit_schedule(
     n = batch or (1000 if len(shape) == 1 else 256)
     x_T = sde.prior_sampling((n, *shape), generator=torch.Generator().manual_seed(seed))
     x_T = x_T.to(device=device, dtype=dtype or x_T.dtype)
+    fn = _lookup(sampler)
+
+    def default_run(x: torch.Tensor) -> torch.Tensor:
+        y = fn(sde, score_fn, x, steps=steps, eps=eps, **options, **fast_final(sampler, denoise))
+        return tweedie_denoise(sde, score_fn, y, eps) if denoise and sampler != "fast" else y
+
+    compare = {"default": default_run} if compare_default else None
     return optimise_grid(
-        sde, score_fn, x_T, _lookup(sampler), steps, eps=eps, denoise=denoise, options=options
+        sde, score_fn, x_T, fn, steps, eps=eps, denoise=denoise, options=options, compare=compare
     )
+
+
+def fast_final(sampler: str, denoise: bool) -> dict:
+    """`fast` spends its final evaluation itself (Tweedie's step or one more solver step, by its
+    measured policy) when told denoise=True; the others leave it to the caller."""
+    return {"denoise": denoise} if sampler == "fast" else {}
 
 
 def encode(

@@ -123,6 +123,7 @@ def optimise_grid(
     max_step_ratio: float = 3.0,
     weights: list[float] | None = None,
     normalise: bool = False,
+    compare: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Times (steps + 1,) float64 from T to eps fitted for `sampler` on the batch x_T (B, *D).
 
@@ -131,7 +132,9 @@ def optimise_grid(
     normalise=True also divides each batch's error by its error on the logSNR grid, so that
     models of very different scales (2-D points, 8x8 images) count by their relative
     improvement. Returns (times, info) with info the (weighted) mean squared errors to the
-    reference of the DP grid, of each fixed grid and of the result. A reference costs
+    reference of the DP grid, of each fixed grid and of the result; `compare` maps names to
+    other complete runs x_T -> x_0 (their own final evaluation included) scored on the same
+    batches and reference, in info["mse_compare"]. A reference costs
     candidates x substeps evaluations; each objective call `steps` (+ 1) evaluations per batch.
 
     Neighbouring steps in lambda may differ by at most `max_step_ratio`: with exact scores an
@@ -206,7 +209,16 @@ def optimise_grid(
                         else:
                             break
             delta /= 2
+        others = {}
+        for key, run in (compare or {}).items():
+            errs = [
+                (run(x.clone()) - target).double().square().flatten(1).sum(1).mean().item()
+                for x, target in zip(batches, targets, strict=True)
+            ]
+            others[key] = sum(wi * e for wi, e in zip(w, errs, strict=True))
     info = {"start": name, "mse_start": scores, "mse": best, "positions": u, "weights": w}
+    if compare:
+        info["mse_compare"] = others
     return times_of(u), info
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -19,6 +20,7 @@ from metrics.images import aggregate_seeds, evaluate_images, summary_line
 from metrics.quality import component_weights, mmd, sliced_wasserstein
 from samplers.api import fit_schedule
 from samplers.grids import save_schedule
+from samplers.optimise_grid import check_fittable
 from samplers.path import ChangedPath
 from sde_lib import KeyedNoise
 from sde_lib.io import atomic_write, atomic_write_text
@@ -259,6 +261,76 @@ def fit_grid(
     return {**cfg, "sampler": {**c, "grid": times}}, path
 
 
+def auto_grid(cfg: dict, sde, model, dataset, info: DistInfo, ckpt_path, guided: bool) -> dict:
+    """sampler.grid=auto: the schedule fitted to this checkpoint's flow for this sampler and
+    steps, or the sampler's own default grid where that is closer to the flow on the calibration
+    batch. Fitted once per (checkpoint content, sampler, options, steps, eps, denoise) and cached
+    in outputs_root/schedules/; the shipped default where no fit can run (the exact score, a
+    guided or stochastic sampler). Returns cfg with sampler.grid set (None = the default)."""
+    c = cfg["sampler"]
+    options = {k: v for k, v in sampler_call_options(c).items() if k != "grid"}
+    why = None
+    if ckpt_path is None:
+        why = "the exact score has no checkpoint to fit to"
+    elif guided:
+        why = "a guided score is not fitted"
+    else:
+        try:
+            check_fittable(c["name"], options, c.get("steps"))
+        except ValueError as e:
+            why = str(e)
+    if why is not None:
+        log.info(f"sampler.grid=auto: the sampler's own default grid ({why})")
+        return {**cfg, "sampler": {**c, "grid": None}}
+    key = {
+        "checkpoint_sha256": file_sha256(Path(ckpt_path)),
+        "sde": repr(sde),
+        "sampler": c["name"],
+        "options": options,
+        "steps": int(c["steps"]),
+        "eps": float(c["eps"]),
+        "denoise": bool(c["denoise"]),
+        "use_ema": bool(cfg.get("use_ema", True)),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(cfg["outputs_root"]) / "schedules" / f"{c['name']}_{c['steps']}_{digest}.json"
+
+    def fit_on_main():
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            log.info(f"sampler.grid=auto: reusing {path} ({saved['auto']['choice']})")
+            return saved["times"] if saved["auto"]["choice"] == "fitted" else None
+        start = time.perf_counter()
+        times, fit = fit_schedule(
+            sde, model, tuple(dataset.shape), c["name"], int(c["steps"]), eps=float(c["eps"]),
+            denoise=bool(c["denoise"]), options=options, device=info.device, compare_default=True,
+        )  # fmt: skip
+        default = fit["mse_compare"]["default"]
+        choice = "fitted" if fit["mse"] < default else "default"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_schedule(
+            path, times, **key, fit=fit,
+            auto={"choice": choice, "mse_fitted": fit["mse"], "mse_default": default},
+        )  # fmt: skip
+        log.info(
+            f"sampler.grid=auto: fitted in {time.perf_counter() - start:.0f} s; squared error to "
+            f"the model's flow {fit['mse']:.3g} fitted, {default:.3g} on the default grid: using "
+            f"the {choice} one (cached in {path})"
+        )
+        return torch.as_tensor(times, dtype=torch.float64).tolist() if choice == "fitted" else None
+
+    times = share_from_main(fit_on_main, info, UserError)
+    return {**cfg, "sampler": {**c, "grid": times}}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def finite_rows(x: torch.Tensor) -> torch.Tensor:
     """(N,) bool: the samples with no NaN or inf value."""
     return torch.isfinite(x.flatten(1)).all(1)
@@ -301,6 +373,9 @@ def run_sample(cfg: dict, out_dir: Path) -> dict:
         grid_file = None  # sampler.grid=fit: the schedule file it writes (rank 0)
         if c.get("grid") == "fit":
             cfg, grid_file = fit_grid(cfg, sde, model, dataset, info, out_dir, guide is not None)
+            c = cfg["sampler"]
+        elif c.get("grid") == "auto":
+            cfg = auto_grid(cfg, sde, model, dataset, info, ckpt_path, guide is not None)
             c = cfg["sampler"]
         start = time.perf_counter()
         n, seed = int(c["n_samples"]), int(cfg["seed"])

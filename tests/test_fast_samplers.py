@@ -795,3 +795,34 @@ def test_fast_with_a_fitted_grid_leads_on_a_trained_model(tmp_path, trained_gmm8
             "sampler.grid=fit",
             "sampler.task=inpaint",
         )
+
+
+@pytest.mark.slow  # one fit, ~15 s
+def test_grid_auto_fits_once_per_checkpoint_and_is_never_worse_than_the_default(
+    tmp_path, trained_gmm8, monkeypatch
+):
+    """sampler.grid=auto: the first run fits (the fitted schedule and the shipped default scored
+    on the same calibration batch, the closer kept) and caches the result under
+    outputs_root/schedules; a second run reuses it without fitting and draws the same samples;
+    the exact score falls back to the default grid without fitting."""
+    import tasks.sample as sample_task
+
+    ck = str(trained_gmm8["checkpoint"])
+    run = ("mode=sample", f"ckpt={ck}", "sampler=fast", "sampler.steps=9", "sampler.n_samples=200")
+    _, out = run_mode(tmp_path, "first", *run, "sampler.grid=auto")
+    (cached,) = (tmp_path / "schedules").glob("fast_9_*.json")
+    auto = json.loads(cached.read_text())["auto"]
+    kept = auto["mse_fitted"] if auto["choice"] == "fitted" else auto["mse_default"]
+    assert kept == min(auto["mse_fitted"], auto["mse_default"]) and kept <= auto["mse_default"]
+
+    def no_fit(*a, **k):
+        raise AssertionError("grid=auto fitted again instead of reusing its cached schedule")
+
+    monkeypatch.setattr(sample_task, "fit_schedule", no_fit)
+    _, out2 = run_mode(tmp_path, "second", *run, "sampler.grid=auto")
+    a, b = (np.load(o / "samples.npz")["samples"] for o in (out, out2))
+    np.testing.assert_array_equal(a, b)
+    if auto["choice"] == "default":  # the default grid kept: the same as sampling without auto
+        _, out3 = run_mode(tmp_path, "plain", *run)
+        np.testing.assert_array_equal(a, np.load(out3 / "samples.npz")["samples"])
+    run_mode(tmp_path, "exact", "mode=sample", "model=exact", "sampler=fast", "sampler.grid=auto")
