@@ -117,10 +117,11 @@ def run_inverse(cfg: dict, sde, dataset, model, ckpt_path, device, out_dir: Path
     else:
         for lo in range(0, n * draws, bs):
             sl = slice(lo, lo + bs)
-            x, nfe = posterior_sample(
-                method, sde, model, op, y[rows[sl]].to(device),
-                generator=sample_noise(seed, keys[sl]), **opts,
-            )  # fmt: skip
+            with torch.no_grad():  # the methods enable autograd for their own x-gradients
+                x, nfe = posterior_sample(
+                    method, sde, model, op, y[rows[sl]].to(device),
+                    generator=sample_noise(seed, keys[sl]), **opts,
+                )  # fmt: skip
             out.append(x.detach().cpu())
     x = torch.cat(out).reshape(n * draws, *dataset.shape)
     seconds = time.perf_counter() - start
