@@ -201,18 +201,23 @@ def sample_replacement(
     generator=None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, int]:
-    """The replacement method for any A: after every DDIM step (eta = 1: ancestral) the
-    coordinates of x in A's row space (V's columns with s_i > 0) are set to a fresh forward draw
-    alpha_s ybar + sigma_s z of the measurement's own; at the end they equal ybar exactly. For a
-    mask it is the classic imputation. It treats y as noiseless (sigma_y is not used)."""
-    ybar, level = _spectral_measurement(op, y, 0.0)
-    rows = level.isfinite()
+    """The replacement method for any A: after every DDIM step (eta = 1: ancestral) to noise
+    tilde-sigma_s, each coordinate of x / alpha_s in V's basis whose measurement noise
+    sigma_y / s_i is at most tilde-sigma_s is replaced by ybar_i + sqrt(tilde-sigma_s² -
+    (sigma_y / s_i)²) z, a draw of exactly its forward law given y; at the end the noiseless
+    coordinates equal ybar. With sigma_y = 0 this is the classic method (the whole row space, and
+    a mask's known values); with noise, the coordinates that y knows less well than the current
+    noise level are left to the model (replacing them amplifies the noise by 1 / s_i)."""
+    ybar, level = _spectral_measurement(op, y, sigma_y)
     noise = as_noise(generator)
 
     def replace(x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
         c = op.spectral(x)
         z = noise.randn(c.shape, dtype=torch.float64, device=c.device)
-        return op.from_spectral(torch.where(rows, alpha * ybar + sigma * z, c), x)
+        ts = sigma / alpha
+        known = level <= ts
+        fresh = ybar + (ts**2 - level.where(known, 0.0) ** 2).clamp_min(0).sqrt() * z
+        return op.from_spectral(torch.where(known, alpha * fresh, c), x)
 
     x = _prior(sde, y, op, generator)
     for i, st in enumerate(intervals(sde, get_grid(grid, sde, steps, eps), progress)):
@@ -221,7 +226,7 @@ def sample_replacement(
         score, _ = _denoise(score_fn, x, st.t, st.alpha_t, st.sigma_t)
         x = replace(ddim_step(x, score, st, eta, generator), st.alpha_s, st.sigma_s)
     _, x0 = _denoise(score_fn, x, eps, *_alpha_sigma(sde, eps))
-    return op.from_spectral(torch.where(rows, ybar, op.spectral(x0)), x0), steps + 1
+    return op.from_spectral(torch.where(level == 0, ybar, op.spectral(x0)), x0), steps + 1
 
 
 def sample_tds(
