@@ -108,7 +108,7 @@ def run_inverse(cfg: dict, sde, dataset, model, ckpt_path, device, out_dir: Path
     y = (op(truth.double()) + sigma_y * e).float()
     opts = method_options(c, method, sigma_y) if method != "exact" else {}
     rows = idx.repeat_interleave(draws)
-    keys = idx.repeat_interleave(draws) * draws + torch.arange(draws).repeat(n)
+    keys = rows * draws + torch.arange(draws).repeat(n)  # one noise stream per draw
     bs = int(c.get("batch_size") or n * draws)
     start = time.perf_counter()
     out, nfe = [], 0
