@@ -87,7 +87,7 @@ def images(ckpt: str, data: str, n: int) -> None:
             overrides = [
                 *([f"sampler.inverse_steps={steps}"] if steps else []),
                 "mode=sample", f"data={data}", f"ckpt={ckpt}", "sampler.task=inverse",
-                f"sampler.operator={operator}", f"sampler.method={method}",
+                f"sampler.operator={operator}", f"sampler.inverse_method={method}",
                 f"sampler.n_samples={n}", "sampler.particles=4", f"outputs_root={root}",
                 "logger.mode=disabled", "progress=false",
             ]  # fmt: skip

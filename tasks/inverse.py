@@ -1,10 +1,10 @@
 """Inverse problems from run.py: mode=sample sampler.task=inverse (docs/inverse.md).
 
 Each of the first sampler.n_samples test examples x gives a measurement y = A x + sigma_y e
-(e keyed by the seed and the example's index); sampler.method draws sampler.draws posterior
+(e keyed by the seed and the example's index); sampler.inverse_method draws sampler.draws posterior
 samples per measurement with the model's score (`samplers.inverse`). For mixture data the draws
 are scored against the exact posterior (a Gaussian mixture, closed form), which
-`sampler.method=exact` also draws from: the maximum mean discrepancy between the pairs
+`sampler.inverse_method=exact` also draws from: the maximum mean discrepancy between the pairs
 (draw, y) and (exact draw, y), beside its fresh-vs-fresh floor. For every data set: the
 measurement residual ||A x - y|| (beside the truth's own) and the
 error to the truth. Writes samples.npz, a picture (measurement | reconstruction | truth) and
@@ -65,11 +65,11 @@ def load_operator(c: dict, dataset, seed: int) -> LinearOperator:
         op = build_operator(name, shape, **kw)
     except ValueError as e:
         raise UserError(f"sampler.operator={spec} does not fit data={dataset.name}: {e}") from None
-    if not op.has_svd and str(c["method"]) != "dps":
+    if not op.has_svd and str(c["inverse_method"]) != "dps":
         raise UserError(
-            f"sampler.method={c['method']} needs A's SVD, which sampler.operator={spec} on "
-            f"data={dataset.name} ({op.n} values per example; dense operators stop at "
-            f"{MAX_VALUES}) does not have; use sampler.method=dps"
+            f"sampler.inverse_method={c['inverse_method']} needs A's SVD, which "
+            f"sampler.operator={spec} on data={dataset.name} ({op.n} values per example; dense "
+            f"operators stop at {MAX_VALUES}) does not have; use sampler.inverse_method=dps"
         )
     return op
 
@@ -85,19 +85,21 @@ def method_options(c: dict, method: str, sigma_y: float) -> dict:
         opts["particles"] = int(c["particles"])
         if not sigma_y > 0:
             raise UserError(
-                "sampler.method=tds needs sampler.sigma_y > 0 (its weights are the observation "
-                "density); use method=ddrm or replacement for noiseless measurements"
+                "sampler.inverse_method=tds needs sampler.sigma_y > 0 (its weights are the "
+                "observation density); use sampler.inverse_method=ddrm or replacement for "
+                "noiseless measurements"
             )
     return opts
 
 
 def run_inverse(cfg: dict, sde, dataset, model, ckpt_path, device, out_dir: Path) -> dict:
     c, seed = cfg["sampler"], int(cfg["seed"])
-    method, sigma_y, draws = str(c["method"]), float(c["sigma_y"]), int(c["draws"])
+    method, sigma_y, draws = str(c["inverse_method"]), float(c["sigma_y"]), int(c["draws"])
     if method == "exact" and dataset.mixture is None:
         raise UserError(
-            f"sampler.method=exact draws from the closed-form posterior of a mixture data set "
-            f"(gmm8, mix5d); data={dataset.name} has none. Use one of {', '.join(METHODS)}"
+            f"sampler.inverse_method=exact draws from the closed-form posterior of a mixture "
+            f"data set (gmm8, mix5d); data={dataset.name} has none. Use one of "
+            f"{', '.join(METHODS)}"
         )
     op = load_operator(c, dataset, seed)
     n = int(c["n_samples"])

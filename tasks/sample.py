@@ -67,7 +67,7 @@ RUN_KEYS = (
     "logp",
     "divergence",
     # sampler.task=inverse (tasks/inverse.py)
-    "method",
+    "inverse_method",
     "operator",
     "sigma_y",
     "blur_std",

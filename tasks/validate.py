@@ -380,7 +380,7 @@ def validate_inverse(cfg: dict) -> None:
     """The keys of sampler.task=inverse (the operator's fit to the data is checked once the data
     set is loaded, in tasks/inverse.py)."""
     p, c = "sampler", cfg["sampler"]
-    _choice(cfg, f"{p}.method", ALL_METHODS)
+    _choice(cfg, f"{p}.inverse_method", ALL_METHODS)
     if not isinstance(c.get("operator"), str) or not c["operator"]:
         raise UserError(
             f"sampler.operator={c.get('operator')!r} is not allowed; allowed: mask, blur, "

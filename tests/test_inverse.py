@@ -169,7 +169,7 @@ def test_inverse_from_run_py_scores_against_the_exact_posterior(tmp_path):
     for method in ("exact", "ddrm"):
         metrics, run = run_mode(
             tmp_path, method, "mode=sample", "model=exact", "sampler.task=inverse",
-            f"sampler.method={method}", "sampler.operator=mask", "sampler.sigma_y=0.2",
+            f"sampler.inverse_method={method}", "sampler.operator=mask", "sampler.sigma_y=0.2",
             "sampler.n_samples=300",
         )  # fmt: skip
         out[method] = metrics
@@ -189,8 +189,8 @@ def test_inverse_from_run_py_scores_against_the_exact_posterior(tmp_path):
     [
         (["sampler.operator=blur"], "sampler.operator=blur does not fit data=gmm8"),
         (["sampler.sigma_y=-0.1"], "sampler.sigma_y=-0.1"),
-        (["sampler.method=tds", "sampler.sigma_y=0"], "sigma_y > 0"),
-        (["sampler.method=magic"], "sampler.method='magic'"),
+        (["sampler.inverse_method=tds", "sampler.sigma_y=0"], "sigma_y > 0"),
+        (["sampler.inverse_method=magic"], "sampler.inverse_method='magic'"),
         (["sampler.operator=/nonexistent.npy"], "sampler.operator=/nonexistent.npy"),
     ],
 )
@@ -217,7 +217,7 @@ def test_a_matrix_operator_from_an_npy_file(tmp_path):
     np.save(path, np.array([[1.0, -1.0]]))
     metrics, _ = run_mode(
         tmp_path, "m", "mode=sample", "model=exact", "sampler.task=inverse",
-        f"sampler.operator={path}", "sampler.method=pigdm", "sampler.inverse_steps=20",
+        f"sampler.operator={path}", "sampler.inverse_method=pigdm", "sampler.inverse_steps=20",
         "sampler.n_samples=50",
     )  # fmt: skip
     assert metrics["measurements"] == 1 and metrics["operator"] == str(path)
@@ -272,8 +272,8 @@ def test_a_method_needing_the_svd_of_a_matrix_free_operator_is_one_line(monkeypa
 
     monkeypatch.setattr(ops, "MAX_VALUES", 10)
     digits = build_dataset({"name": "digits"})
-    c = {"operator": "blur", "factor": 2, "blur_std": 1.0, "mask": "left", "method": "ddrm"}
-    with pytest.raises(UserError, match="sampler.method=ddrm needs A's SVD") as e:
+    c = {"operator": "blur", "factor": 2, "blur_std": 1.0, "mask": "left", "inverse_method": "ddrm"}
+    with pytest.raises(UserError, match="sampler.inverse_method=ddrm needs A's SVD") as e:
         load_operator(c, digits, 0)
-    assert "use sampler.method=dps" in str(e.value) and "\n" not in str(e.value)
-    assert not load_operator({**c, "method": "dps"}, digits, 0).has_svd
+    assert "use sampler.inverse_method=dps" in str(e.value) and "\n" not in str(e.value)
+    assert not load_operator({**c, "inverse_method": "dps"}, digits, 0).has_svd
