@@ -9,6 +9,7 @@ survives until the new one is complete.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import warnings
@@ -100,3 +101,12 @@ def load_weights_only(path: Path, map_location="cpu"):
         else:
             reason = f"it is corrupt ({type(e).__name__}{': ' + lines[0] if lines else ''})"
         raise ValueError(reason) from None
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -46,7 +46,7 @@ from likelihood.dequantization import draw_dequantization
 from likelihood.ode import PERPOINT_METHODS, SCIPY_METHODS, SCIPY_OWN, TORCHDIFFEQ_METHODS
 from likelihood.vlb import vlb
 from sde_lib import SDE, KeyedNoise
-from sde_lib.io import atomic_write_text
+from sde_lib.io import atomic_write_text, file_sha256
 from training.distributed import (
     broadcast_object,
     gather_to_main,
@@ -263,14 +263,6 @@ def evaluate_batch(
 # --------------------------------------------------------------------------- cache
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _sha256_tensor(x: torch.Tensor) -> str:
     return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
@@ -283,7 +275,7 @@ def cache_material(
     file (under torchrun rank 0 hashes it for all); hashed here when not given."""
     lc = cfg["likelihood"]
     if checkpoint_sha256 is None and ckpt_path is not None:
-        checkpoint_sha256 = _sha256_file(ckpt_path)
+        checkpoint_sha256 = file_sha256(ckpt_path)
     return {
         "version": CACHE_VERSION,
         "checkpoint_sha256": checkpoint_sha256,
@@ -630,7 +622,7 @@ def run_nll(cfg: dict, out_dir: Path) -> dict:
         sde, dataset, model, ckpt_path = load_score_model(cfg, checkpoint_from_main(info))
         check_dequantization(cfg["likelihood"], dataset)
         # the cache key names the checkpoint by its file's hash: rank 0 has the file
-        sha = share_from_main(lambda: None if ckpt_path is None else _sha256_file(ckpt_path), info)
+        sha = share_from_main(lambda: None if ckpt_path is None else file_sha256(ckpt_path), info)
         lc = resolve_divergence(cfg["likelihood"], dataset)
         model.to(device, DTYPES[lc["dtype"]])
         x = _test_points(dataset, lc["n_points"])

@@ -23,7 +23,7 @@ from samplers.grids import save_schedule
 from samplers.optimise_grid import check_fittable
 from samplers.path import ChangedPath
 from sde_lib import KeyedNoise
-from sde_lib.io import atomic_write, atomic_write_text
+from sde_lib.io import atomic_write, atomic_write_text, file_sha256
 from training import checkpoint as ckpt
 from training.distributed import (
     DistInfo,
@@ -321,14 +321,6 @@ def auto_grid(cfg: dict, sde, model, dataset, info: DistInfo, ckpt_path, guided:
 
     times = share_from_main(fit_on_main, info, UserError)
     return {**cfg, "sampler": {**c, "grid": times}}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def finite_rows(x: torch.Tensor) -> torch.Tensor:
