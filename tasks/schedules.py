@@ -3,11 +3,13 @@ trained checkpoints.
 
     python -m tasks.schedules fit --sde vp --data gmm8 --solver unipc --nfe 10 --out s.json
     python -m tasks.schedules fit --checkpoint CKPT --solver unipc --nfe 10 --out s.json
-    python -m tasks.schedules refit --images vp=CKPT --images subvp=CKPT [--steps 4-24] [--kinds vp]
+    python -m tasks.schedules refit --out table.json --images vp=CKPT --images subvp=CKPT
+                                    [--base TABLE] [--steps 4-24] [--kinds vp]
 
 `fit` writes one schedule (samplers.optimise_grid.fit_schedule) for a checkpoint's model or for the
-exact score of a mixture law; use it with `sampler.grid=s.json`. `refit` refits the schedules that
-`sampler=fast` ships (samplers.fast.refit) on the exact mixture scores and the given trained models.
+exact score of a mixture law; use it with `sampler.grid=s.json`. `refit` refits the table of
+`sampler=fast`'s defaults by each entry's recipe (tasks.fast_refit) on the exact mixture scores
+and the given trained models, and writes it to --out: `sampler=fast sampler.grid=table.json`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from data.mixtures import gmm8, mixture5d
 from models.exact import MixtureScore
 from samplers.api import fit_schedule
-from samplers.fast import refit
+from samplers.fast import TABLE_FILE, load_table
 from samplers.grids import save_schedule
 from samplers.optimise_grid import FITTABLE
 from sde_lib import VESDE, VPSDE, subVPSDE
@@ -30,6 +32,7 @@ from sde_lib.errors import UserError
 from training import checkpoint as ckpt
 
 from .common import load_score_model
+from .fast_refit import refit
 
 log = logging.getLogger(__name__)
 EXACT_SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
@@ -100,18 +103,28 @@ def fit(a: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     return path
 
 
-def refit_shipped(a: argparse.Namespace) -> None:
+def refit_table(a: argparse.Namespace) -> None:
     torch.set_num_threads(1)  # the shipped fit was made so; one thread is also reproducible
     images: dict[str, list] = {}
     for v in a.images:  # repeatable, also per kind: each checkpoint joins its kind's fit
-        kind, path = v.split("=", 1)
+        kind, _, path = v.partition("=")
+        if not path:
+            raise ValueError(f"--images {v!r}: write KIND=CKPT, e.g. --images vp=ckpt.pt")
         sde, model, shape, _ = checkpoint_model(Path(path))
         images.setdefault(kind, []).append((sde, model, shape))
-    refit(
-        images=images,
-        steps_list=_steps(a.steps) if a.steps else None,
-        kinds=a.kinds.split(",") if a.kinds else None,
-    )
+    keys = None
+    if a.steps or a.kinds:
+        entries = load_table(a.base)
+        kinds = a.kinds.split(",") if a.kinds else None
+        steps = _steps(a.steps) if a.steps else None
+        keys = [
+            k
+            for k in entries
+            if (kinds is None or k.split("/")[0] in kinds)
+            and (steps is None or int(k.split("/")[1]) in steps)
+        ]
+    refit(a.out, images, base=a.base, keys=keys)
+    log.info(f"wrote {a.out}: use it with sampler=fast sampler.grid={a.out}")
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -149,7 +162,11 @@ def main(argv: list[str] | None = None) -> Path | None:
     )
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", type=Path, required=True, help="JSON schedule file to write")
-    r = sub.add_parser("refit", help="refit the schedules shipped with sampler=fast")
+    r = sub.add_parser("refit", help="refit the table of sampler=fast's defaults into a file")
+    r.add_argument("--out", type=Path, required=True, help="the table file to write")
+    r.add_argument(
+        "--base", type=Path, default=TABLE_FILE, help="the table to refit (default: shipped)"
+    )
     r.add_argument(
         "--images",
         action="append",
@@ -164,7 +181,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     try:
         if a.command == "fit":
             return fit(a, parser)
-        refit_shipped(a)
+        refit_table(a)
     except (ValueError, OSError, UserError, ckpt.CheckpointError) as e:
         parser.exit(2, f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
     return None

@@ -18,6 +18,7 @@ from likelihood.ode import BACKENDS, DIVERGENCES, PERPOINT_METHODS
 from models import factory
 from models.ncsnpp import COMBINE, EMBEDDINGS, PROGRESSIVE, PROGRESSIVE_INPUT, RESBLOCKS
 from models.score import ScoreSDEModel
+from samplers.fast import entry, is_table
 from samplers.optimise_grid import check_fittable
 from sde_lib import SDE_CLASSES
 from sde_lib.errors import UserError
@@ -330,7 +331,10 @@ def validate_sampler(cfg: dict) -> None:
                 )
         else:
             try:
-                samplers.get_grid(c["grid"], sde, int(steps), float(c["eps"]))
+                if name == "fast" and is_table(c["grid"]):  # a refitted table of fast's defaults
+                    entry(sde, int(steps), c["grid"])
+                else:
+                    samplers.get_grid(c["grid"], sde, int(steps), float(c["eps"]))
             except (ValueError, OSError) as e:
                 raise UserError(f"sampler.grid={c['grid']!r}: {e}") from None
     validate_conditional_sampling(cfg)

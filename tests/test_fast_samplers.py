@@ -142,16 +142,20 @@ def test_fast_final_step_spends_the_denoising_evaluation_on_a_solver_step():
     """Sub-VP at 9 steps (FINAL_STEP): 10 NFE, exactly iPNDM's 10 steps on the shipped final-step
     schedule without denoising; denoise=False or an explicit grid: the plain 9-step path (plus
     Tweedie's denoising for the grid), as for every other entry."""
-    from samplers.fast import FINAL_STEP, FINAL_STEP_RATIO, final_step_entry, schedule_times
+    from samplers.fast import entry
+    from samplers.grids import schedule_times
 
     sde, law = make_sde("subvp"), gmm8()
     score = exact_score(sde, law)
     x_T = sde.prior_sampling((64, 2), generator=torch.Generator().manual_seed(3)).double()
-    solver, options, positions = final_step_entry(sde, 9)
-    assert (solver, options) == FINAL_STEP[("subvp", 9)] and len(positions) == 11
+    final = entry(sde, 9)["final_step"]
+    solver, options, positions = final["solver"], final["options"], final["positions"]
+    assert (solver, options) == ("ipndm", dict(order=3, lower_order_final=False))
+    assert len(positions) == 11
     times = schedule_times(sde, positions, 1e-3)
     h = samplers.grids.log_snr(sde, times).diff()
-    assert float(torch.maximum(h[1:] / h[:-1], h[:-1] / h[1:]).max()) <= FINAL_STEP_RATIO * 1.001
+    bound = final["fit"]["max_step_ratio"]
+    assert float(torch.maximum(h[1:] / h[:-1], h[:-1] / h[1:]).max()) <= bound * 1.001
     x, nfe = samplers.sample(sde, score, x_T.shape, "fast", 9, x_T=x_T.clone())
     want = samplers.SAMPLERS[solver](sde, score, x_T.clone(), steps=10, grid=times, **options)
     assert nfe == 10
@@ -164,7 +168,7 @@ def test_fast_final_step_spends_the_denoising_evaluation_on_a_solver_step():
     )[0]
     assert nfe == 10
     torch.testing.assert_close(x, samplers.tweedie_denoise(sde, score, plain, 1e-3))
-    assert final_step_entry(make_sde("vp"), 9) is None and final_step_entry(sde, 19) is None
+    assert "final_step" not in entry(make_sde("vp"), 9) and "final_step" not in entry(sde, 19)
 
 
 @pytest.mark.parametrize(
@@ -324,7 +328,7 @@ def gap(sde_name, law_name, sampler, steps, seed=7, n=4000, **options):
 # mean alone is about 0.016 (gmm8) / 0.025 (mix5d), so the bounds are the goal where it is met.
 # gmm8 on VP and both sub-VP laws are measured at n = 20 000 (noise 0.007 / 0.011), with the
 # gap-constrained 19-step schedules fitted with two trained models per kind, three for VP
-# (samplers.fast.refit): VP gmm8 0.017 / 0.002 (seeds 7 / 8; -0.005 / -0.005 at n = 4000), VP
+# (tasks.fast_refit.refit): VP gmm8 0.017 / 0.002 (seeds 7 / 8; -0.005 / -0.005 at n = 4000), VP
 # mix5d -0.000 / 0.010 at n = 4000 (-0.011 / -0.009 at n = 20 000; iPNDM since 2026-12-03).
 FAST_20 = [
     ("vp", "gmm8", 20_000),
@@ -358,7 +362,7 @@ def test_fast_at_10_nfe(sde_name, law_name):
     measured at seed 7 (8): VP 0.014 (-0.004) on gmm8, 0.003 (0.010) on mix5d (UniPC-2 since
     2026-12-03); sub-VP -0.007
     (-0.030), -0.015 (-0.015) (10 iPNDM steps, no denoising: FINAL_STEP); VE -0.004 (-0.020),
-    -0.022 (-0.028), with the gap-constrained schedules (samplers.fast.gap_constrained_fit,
+    -0.022 (-0.028), with the gap-constrained schedules (tasks.fast_refit.gap_constrained_fit,
     fitted to two trained models per kind),
     against 0.40-1.49 for DPM-Solver++(2M) on the logSNR grid, the former default (at n = 4000),
     so also at least eight times better."""
@@ -470,20 +474,24 @@ def test_optimise_grid_weights_each_batch():
 
 
 def test_refit_starts_name_grids_within_the_step_ratio_bound():
-    """Every start `refit` gives gap_constrained_fit (samplers.fast.gap_starts) is a known grid,
-    and _within_ratio brings it within the entry's step-ratio bound."""
-    from samplers.fast import GAP_CONSTRAINED, GAP_STARTS, _within_ratio, gap_starts, max_step_ratio
+    """Every fixed grid a gap-constrained entry's recipe starts from is a known grid, and
+    within_ratio brings it within the entry's step-ratio bound."""
+    from samplers.fast import load_table
+    from tasks.fast_refit import within_ratio
 
     sde = make_sde("vp")
-    assert gap_starts("ve", 9) == ("uniform",) and gap_starts("ve", 19) == ("logsnr",)
-    assert set(GAP_STARTS) <= {(k, n) for k, counts in GAP_CONSTRAINED.items() for n in counts}
-    for kind, steps in GAP_STARTS:
-        for name in gap_starts(kind, steps):
+    recipes = {k: e["fit"] for k, e in load_table().items() if "gap_tol" in e["fit"]}
+    assert set(recipes) == {"vp/9", "vp/14", "vp/19", "subvp/9", "subvp/19", "ve/9", "ve/19"}
+    assert recipes["ve/9"]["gap_starts"] == ["uniform"]
+    assert recipes["ve/19"]["gap_starts"] == ["logsnr"]
+    for key, recipe in recipes.items():
+        steps, bound = int(key.split("/")[1]), recipe["max_step_ratio"]
+        for name in recipe["gap_starts"]:
             ts = samplers.get_grid(name, sde, steps, 1e-3)
             u = samplers.grids.lambda_positions(sde, ts, 1e-3)
-            h = np.diff(_within_ratio(u, max_step_ratio(steps)))
-            assert (h > 0).all() and (h[1:] / h[:-1]).max() <= max_step_ratio(steps) * (1 + 1e-9)
-            assert (h[:-1] / h[1:]).max() <= max_step_ratio(steps) * (1 + 1e-9)
+            h = np.diff(within_ratio(u, bound))
+            assert (h > 0).all() and (h[1:] / h[:-1]).max() <= bound * (1 + 1e-9)
+            assert (h[:-1] / h[1:]).max() <= bound * (1 + 1e-9)
 
 
 @pytest.mark.slow
@@ -493,23 +501,27 @@ def test_gap_constrained_fit_brings_the_paired_gaps_within_tol():
     gaps that an independent run reproduces, keeps the step-ratio bound, and the objective's
     error is the one it reports. Slow: it tests the tool that refits the shipped schedules; the
     default run checks the shipped schedules' gaps (test_fast_at_10_nfe, _15_, _20_)."""
-    from samplers.fast import choose, gap_constrained_fit
+    from samplers.fast import entry
     from samplers.grids import lambda_positions, schedule_times
     from samplers.optimise_grid import reference
+    from tasks.fast_refit import gap_constrained_fit
 
     sde, laws = make_sde("vp"), [gmm8(), mixture5d()]
     g = torch.Generator().manual_seed(3)
     xs = [sde.prior_sampling((1000, law.dim), generator=g).double() for law in laws]
     start = lambda_positions(sde, samplers.grids.get_grid("logsnr", sde, 9, 1e-3), 1e-3)
     objective = [(exact_score(sde, laws[0]), xs[0][:300])]
-    u, info = gap_constrained_fit(sde, 9, start, laws, xs, objective, tol=0.03, evals=150)
+    e = entry(sde, 9)
+    solver, options = e["solver"], e["options"]
+    u, info = gap_constrained_fit(
+        sde, 9, (solver, options), start, laws, xs, objective, tol=0.03, evals=150
+    )
     assert min(abs(v) for v in info["start_gaps"]) > 0.1, info["start_gaps"]
     assert max(abs(v) for v in info["gaps"]) <= 0.04, info["gaps"]
     assert info["start"] == "given" and info["hop"] == 0  # no hops asked for
     times = schedule_times(sde, u, 1e-3)
     h = samplers.grids.log_snr(sde, times).diff()
     assert float(torch.maximum(h[1:] / h[:-1], h[:-1] / h[1:]).max()) <= 3.0
-    solver, options, _ = choose(sde, 9)
     for law, x, reported in zip(laws, xs, info["gaps"], strict=True):
         f = exact_score(sde, law)
         y, _ = samplers.sample(sde, f, x.shape, solver, 9, x_T=x.clone(), grid=times, **options)
@@ -529,24 +541,27 @@ def test_gap_constrained_fit_of_a_final_step_entry():
     FINAL_STEP_RATIO: from the uniform-t grid (sub-VP mix5d paired gap -0.07) to within tol
     (plus slack), with gaps that 10 plain iPNDM steps on the result reproduce. Slow, like the
     plain entries' fit above."""
-    from samplers.fast import FINAL_STEP, FINAL_STEP_RATIO, gap_constrained_fit
+    from samplers.fast import entry
     from samplers.grids import schedule_times
     from samplers.optimise_grid import reference
+    from tasks.fast_refit import gap_constrained_fit
 
     sde, laws = make_sde("subvp"), [gmm8(), mixture5d()]
     g = torch.Generator().manual_seed(3)
     xs = [sde.prior_sampling((600, law.dim), generator=g).double() for law in laws]
     objective = [(exact_score(sde, laws[1]), xs[1][:200])]
+    final = entry(sde, 9)["final_step"]
+    solver, options, bound = final["solver"], final["options"], final["fit"]["max_step_ratio"]
     u, info = gap_constrained_fit(
-        sde, 9, None, laws, xs, objective, tol=0.02, evals=150, starts=("uniform",), final_step=True
-    )
+        sde, 10, (solver, options), None, laws, xs, objective, tol=0.02, bound=bound,
+        evals=150, starts=("uniform",), denoise=False,
+    )  # fmt: skip
     assert len(u) == 11 and info["start"] == "uniform"
     assert max(abs(v) for v in info["start_gaps"]) > 0.05, info["start_gaps"]
     assert max(abs(v) for v in info["gaps"]) <= 0.021, info["gaps"]
     times = schedule_times(sde, u, 1e-3)
     h = samplers.grids.log_snr(sde, times).diff()
-    assert float(torch.maximum(h[1:] / h[:-1], h[:-1] / h[1:]).max()) <= FINAL_STEP_RATIO
-    solver, options = FINAL_STEP[("subvp", 9)]
+    assert float(torch.maximum(h[1:] / h[:-1], h[:-1] / h[1:]).max()) <= bound
     for law, x, reported in zip(laws, xs, info["gaps"], strict=True):
         f = exact_score(sde, law)
         y = samplers.SAMPLERS[solver](sde, f, x.clone(), steps=10, grid=times, **options)
@@ -625,30 +640,24 @@ def test_schedule_file_from_run_py(tmp_path):
 
 
 def test_shipped_schedules_have_no_near_empty_steps():
-    """Neighbouring lambda-steps of every shipped schedule differ by at most max_step_ratio:
-    unbounded fits to exact scores learned near-empty steps (ratios above 100) that gave FID 68
-    at 10 NFE on a trained digits U-Net, where every fixed grid gives 7-10."""
-    from samplers.fast import (
-        FINAL_STEP_RATIO,
-        FITTED_STEPS,
-        choose,
-        final_step_entry,
-        max_step_ratio,
-        schedule_times,
-    )
+    """Neighbouring lambda-steps of every shipped schedule differ by at most the bound in its
+    recipe (3 up to 12 steps, 6 above, 6 for the final-step entry): unbounded fits to exact
+    scores learned near-empty steps (ratios above 100) that gave FID 68 at 10 NFE on a trained
+    digits U-Net, where every fixed grid gives 7-10. Every kind has all of 4..24 steps."""
+    from samplers.fast import load_table
+    from samplers.grids import schedule_times
 
-    for name in ("vp", "subvp", "ve"):
-        sde = make_sde(name)
-        for steps in FITTED_STEPS:
-            _, _, positions = choose(sde, steps)
-            h = samplers.grids.log_snr(sde, schedule_times(sde, positions, 1e-3)).diff()
+    table = load_table()
+    assert set(table) == {f"{k}/{n}" for k in ("vp", "subvp", "ve") for n in range(4, 25)}
+    for key, e in table.items():
+        sde, steps = make_sde(key.split("/")[0]), int(key.split("/")[1])
+        assert e["fit"]["max_step_ratio"] == (3.0 if steps <= 12 else 6.0) and e["provenance"]
+        for part in (e, e.get("final_step")):
+            if part is None:
+                continue
+            h = samplers.grids.log_snr(sde, schedule_times(sde, part["positions"], 1e-3)).diff()
             ratio = float(torch.maximum(h[1:] / h[:-1], h[:-1] / h[1:]).max())
-            assert ratio <= max_step_ratio(steps) * 1.001, (name, steps, ratio)
-            final = final_step_entry(sde, steps)  # FINAL_STEP's own bound (its fit has the model)
-            if final is not None:
-                h = samplers.grids.log_snr(sde, schedule_times(sde, final[2], 1e-3)).diff()
-                ratio = float(torch.maximum(h[1:] / h[:-1], h[:-1] / h[1:]).max())
-                assert ratio <= FINAL_STEP_RATIO * 1.001, (name, steps, ratio)
+            assert ratio <= part["fit"]["max_step_ratio"] * 1.001, (key, ratio)
 
 
 @pytest.fixture(scope="module")
@@ -826,3 +835,57 @@ def test_grid_auto_fits_once_per_checkpoint_and_is_never_worse_than_the_default(
         _, out3 = run_mode(tmp_path, "plain", *run)
         np.testing.assert_array_equal(a, np.load(out3 / "samples.npz")["samples"])
     run_mode(tmp_path, "exact", "mode=sample", "model=exact", "sampler=fast", "sampler.grid=auto")
+
+
+def test_refit_writes_a_table_of_the_users_that_fast_then_samples_with(tmp_path):
+    """`tasks.schedules refit --out` refits an entry by its recipe into the user's file (never
+    the package's: its bytes are unchanged, and naming it as --out is refused), keeps the other
+    entries as they were, and sampler=fast sampler.grid=<that file> runs the refitted schedule:
+    exactly the entry's solver on the new positions. A malformed table is one line."""
+    from samplers.fast import TABLE_FILE, entry, load_table
+    from samplers.grids import schedule_times
+    from tasks import UserError
+    from tasks.schedules import main
+
+    shipped = TABLE_FILE.read_bytes()
+    base = json.loads(shipped)
+    base["calibration"]["exact_points"] = 200  # a cheaper calibration than the shipped fit's
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    out = tmp_path / "mine.json"
+    # ve/13: fitted to the exact mixtures alone (trained_weight 0), no gap constraint
+    main(["refit", "--base", str(tmp_path / "base.json"), "--out", str(out), "--kinds", "ve",
+          "--steps", "13"])  # fmt: skip
+    assert TABLE_FILE.read_bytes() == shipped
+    mine, old = load_table(out), load_table(TABLE_FILE)
+    assert {k for k in old if mine[k] != old[k]} == {"ve/13"}
+    assert mine["ve/13"]["solver"] == old["ve/13"]["solver"]
+    assert mine["ve/13"]["positions"] != old["ve/13"]["positions"]
+    assert json.loads(out.read_text())["refitted"]["entries"] == ["ve/13"]
+
+    sde = make_sde("ve")
+    score = exact_score(sde, gmm8())
+    x_T = sde.prior_sampling((50, 2), generator=torch.Generator().manual_seed(2)).double()
+    x, nfe = samplers.sample(sde, score, x_T.shape, "fast", 13, x_T=x_T.clone(), grid=str(out))
+    e = entry(sde, 13, out)
+    times = schedule_times(sde, e["positions"], 1e-3)
+    y = samplers.SAMPLERS[e["solver"]](
+        sde, score, x_T.clone(), steps=13, grid=times, **e["options"]
+    )
+    assert nfe == 14
+    torch.testing.assert_close(x, samplers.tweedie_denoise(sde, score, y, 1e-3), rtol=0, atol=0)
+    m, _ = run_mode(tmp_path, "s", "mode=sample", "model=exact", "sde=ve", "sampler=fast",
+                    "sampler.steps=13", f"sampler.grid={out}", "sampler.n_samples=50")  # fmt: skip
+    assert m["nfe"] == 14
+
+    with pytest.raises(SystemExit) as e:  # the package's own file is not a refit's target
+        main(["refit", "--out", str(TABLE_FILE), "--kinds", "ve", "--steps", "13"])
+    assert e.value.code == 2 and TABLE_FILE.read_bytes() == shipped
+    with pytest.raises(SystemExit) as e:  # a recipe with trained models needs them
+        main(["refit", "--out", str(tmp_path / "x.json"), "--kinds", "vp", "--steps", "9"])
+    assert e.value.code == 2
+    bad = json.loads(out.read_text())
+    bad["entries"]["ve/13"]["positions"] = bad["entries"]["ve/13"]["positions"][:-2] + [1.0]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(UserError, match=r"entry 've/13' is malformed"):
+        run_mode(tmp_path, "b", "mode=sample", "model=exact", "sde=ve", "sampler=fast",
+                 "sampler.steps=13", f"sampler.grid={tmp_path / 'bad.json'}")  # fmt: skip
