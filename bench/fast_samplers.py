@@ -4,11 +4,16 @@
     python bench/fast_samplers.py --peers      # + diffusers' schedulers on the same score (VP)
     python bench/fast_samplers.py --digits [--checkpoint PATH]   # a trained digits U-Net
 
-Each cell is |delta mean exact log-density| of the samples against 200 000 fresh draws (the
-goal of issue 10: <= 0.05 at NFE 10, <= 0.03 at NFE 20), then the sliced W2 to n fresh draws.
-The header gives the fresh-vs-fresh floor of both at the same n. NFE counts the final Tweedie
+Each cell is first the flow error: the mean over samples of the squared distance (float64) to
+the exact-score probability-flow endpoint from the same prior draw (DPM-Solver++(3M), 400 logSNR
+steps, denoised), which every ODE solver approximates and which no error of one sample can cancel
+in another's. Rows are ranked by it ("best at NFE"). Beside it, |delta mean exact log-density| of
+the samples against 200 000 fresh draws (the goal of issue 10: <= 0.05 at NFE 10, <= 0.03 at
+NFE 20; a mean that a wrong law can also meet: an over-concentrated law gains what its misplaced
+samples lose), then the sliced W2 to n fresh draws. The header gives the fresh-vs-fresh floor of
+the last two at the same n. NFE counts the final Tweedie
 denoising: solver steps = NFE - 1 (Heun: NFE / 2 steps, even NFE only). "fast" rows use the
-per-SDE defaults of samplers/fast.py (their own grid; the grid column reads "auto").
+per-SDE defaults of samplers/fast.py (their own table; the grid column reads "shipped").
 
 --peers and --digits each print one more section instead of the tables above (add --tables to
 get both); the default run is unchanged.
@@ -68,6 +73,7 @@ import samplers  # noqa: E402
 from data.mixtures import gmm8, mixture5d  # noqa: E402
 from metrics.quality import mmd, sliced_wasserstein  # noqa: E402
 from models import MixtureScore  # noqa: E402
+from samplers.optimise_grid import reference  # noqa: E402
 from sde_lib import VESDE, VPSDE, subVPSDE  # noqa: E402
 
 SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
@@ -111,7 +117,7 @@ DISCRETE_VP = dict(
 PEER_SDE = VPSDE(beta_min=0.1, beta_max=20.0)  # the continuous SDE that DISCRETE_VP discretises
 # toolkit rows printed beside the peers (label in SOLVERS or "fast", grid)
 SIDE_BY_SIDE = (
-    ("fast", "auto"),
+    ("fast", "shipped"),
     ("dpm++2m", "uniform"),
     ("dpm++2m", "logsnr"),
     ("dpm++2m", "edm"),
@@ -178,24 +184,45 @@ def law_header(law_name: str, law, n: int):
     return fresh_ll, f2
 
 
+CELL = 22  # printed width of a cell
+
+
+def exact_flow(sde, score, x_T: torch.Tensor) -> torch.Tensor:
+    """The probability-flow endpoint of each prior draw under the exact score (float64):
+    DPM-Solver++(3M) on 100 x 4 logSNR steps to eps = 1e-3, then Tweedie's denoising, as every
+    row ends. Its own error is orders below the rows' (its 20-NFE version is already ~1e-5)."""
+    with torch.no_grad():
+        end = reference(sde, score, x_T.double(), 1e-3, 100, 4)[1][-1]
+        return samplers.tweedie_denoise(sde, score, end, 1e-3)
+
+
 def score_cell(
-    law, x: torch.Tensor, fresh_ll: float, f2: torch.Tensor, note: str = ""
-) -> tuple[float, str]:
-    """(|delta mean exact log-density|, the printed cell: it, the sliced W2, then `note`)."""
+    law, x: torch.Tensor, fresh_ll: float, f2: torch.Tensor, flow: torch.Tensor, note: str = ""
+) -> tuple[float, float, str]:
+    """(flow error, |delta mean exact log-density|, the printed cell: both, the sliced W2, then
+    `note`). flow: the exact flow endpoints of the same prior draws."""
+    err = (x.double() - flow).square().sum(1).mean().item()
+    err = err if err == err else float("inf")
     d = abs(law.log_prob(x.double()).mean().item() - fresh_ll)
     d = d if d == d else float("inf")
     sw = sliced_wasserstein(x.float(), f2) if d < 1e3 else float("inf")
-    return d, f"{min(d, 99.99):5.3f} {min(sw, 9.99):5.3f} {note:3s}"
+    cell = f"{min(err, 99):7.1e} {min(d, 99.99):5.3f} {min(sw, 9.99):5.3f} {note:3s}"
+    return err, d, cell
 
 
-def toolkit_row(sde, score, law, label, sampler, options, grid, nfe, seed, fresh_ll, f2, n):
+def toolkit_row(sde, score, law, sampler, options, grid, nfe, x_T, fresh_ll, f2, flow):
     steps = steps_for(sampler, nfe)
     if steps is None or steps < 1:
-        return None, f"{'-':15s}"
-    opts = dict(options) if grid == "auto" else dict(options, grid=grid)
-    g = torch.Generator().manual_seed(seed)
-    x, _ = samplers.sample(sde, score, (n, law.dim), sampler, steps, generator=g, **opts)
-    return score_cell(law, x, fresh_ll, f2)
+        return None, f"{'-':{CELL}s}"
+    opts = dict(options) if grid == "shipped" else dict(options, grid=grid)
+    x, _ = samplers.sample(sde, score, tuple(x_T.shape), sampler, steps, x_T=x_T.clone(), **opts)
+    err, _, cell = score_cell(law, x, fresh_ll, f2, flow)
+    return err, cell
+
+
+def prior_draw(sde, law, n: int, seed: int) -> torch.Tensor:
+    """The rows' shared prior draw (what samplers.sample draws with a generator of this seed)."""
+    return sde.prior_sampling((n, law.dim), generator=torch.Generator().manual_seed(seed))
 
 
 def toolkit_tables(a, nfes: list[int]) -> None:
@@ -205,7 +232,7 @@ def toolkit_tables(a, nfes: list[int]) -> None:
         for sde_name, cls in SDES.items():
             sde = cls()
             score = MixtureScore(sde, law)
-            rows = [("fast", "fast", {}, "auto")]
+            rows = [("fast", "fast", {}, "shipped")]
             rows += [
                 (label, s, o, g)
                 for label, (s, o) in SOLVERS.items()
@@ -214,35 +241,26 @@ def toolkit_tables(a, nfes: list[int]) -> None:
             ]
             print(
                 f"\n{sde_name:6s} {'solver':13s} {'grid':9s} "
-                + " ".join(f"NFE {n:<11d}" for n in nfes)
+                + " ".join(f"NFE {n:<{CELL - 4}d}" for n in nfes)
             )
             table = {}
+            x_T = prior_draw(sde, law, a.n, a.seed)
+            flow = exact_flow(sde, score, x_T)
             for label, sampler, options, grid in rows:
                 cells = []
                 for nfe in nfes:
-                    d, cell = toolkit_row(
-                        sde,
-                        score,
-                        law,
-                        label,
-                        sampler,
-                        options,
-                        grid,
-                        nfe,
-                        a.seed,
-                        fresh_ll,
-                        f2,
-                        a.n,
+                    err, cell = toolkit_row(
+                        sde, score, law, sampler, options, grid, nfe, x_T, fresh_ll, f2, flow
                     )
-                    if d is not None:
-                        table[(label, grid, nfe)] = d
+                    if err is not None:
+                        table[(label, grid, nfe)] = err
                     cells.append(cell)
                 print(f"{'':6s} {label:13s} {grid:9s} " + " ".join(cells), flush=True)
             for nfe in nfes:
                 best = sorted((v, k[0], k[1]) for k, v in table.items() if k[2] == nfe)
                 print(
-                    f"{'':6s} best at NFE {nfe}: "
-                    + ", ".join(f"{s}/{g} {v:.3f}" for v, s, g in best[: a.best])
+                    f"{'':6s} closest to the exact flow at NFE {nfe}: "
+                    + ", ".join(f"{s}/{g} {v:.2e}" for v, s, g in best[: a.best])
                 )
 
 
@@ -332,14 +350,18 @@ def peer_tables(a, nfes: list[int], diffusers) -> None:
         score = MixtureScore(sde, law)
         fresh_ll, f2 = law_header(law_name, law, a.n)
         # the toolkit rows' prior draw (the same seed), shared by every peer run of this law
-        x_T = sde.prior_sampling((a.n, law.dim), generator=torch.Generator().manual_seed(a.seed))
-        print(f"\n{'vp':6s} {'solver':13s} {'grid':9s} " + " ".join(f"NFE {n:<11d}" for n in nfes))
+        x_T = prior_draw(sde, law, a.n, a.seed)
+        flow = exact_flow(sde, score, x_T)
+        print(
+            f"\n{'vp':6s} {'solver':13s} {'grid':9s} "
+            + " ".join(f"NFE {n:<{CELL - 4}d}" for n in nfes)
+        )
         for label, grid in SIDE_BY_SIDE:
             sampler, options = ("fast", {}) if label == "fast" else SOLVERS[label]
             cells = [
-                toolkit_row(
-                    sde, score, law, label, sampler, options, grid, nfe, a.seed, fresh_ll, f2, a.n
-                )[1]
+                toolkit_row(sde, score, law, sampler, options, grid, nfe, x_T, fresh_ll, f2, flow)[
+                    1
+                ]
                 for nfe in nfes
             ]
             print(f"{'*':6s} {label:13s} {grid:9s} " + " ".join(cells), flush=True)
@@ -350,13 +372,13 @@ def peer_tables(a, nfes: list[int], diffusers) -> None:
                     diffusers, sde, score, x_T, cls_name, config, peer_steps(cls_name, nfe)
                 )
                 note = "" if calls == nfe else f"@{calls}"
-                cells.append(score_cell(law, x, fresh_ll, f2, note)[1])
+                cells.append(score_cell(law, x, fresh_ll, f2, flow, note)[2])
             print(f"{'':6s} {label:13s} {grid:9s} " + " ".join(cells), flush=True)
             if law_name == "gmm8":
                 x, calls = run_peer(
                     diffusers, sde, score, x_T, cls_name, config, peer_steps(cls_name, a.check_nfe)
                 )
-                d, _ = score_cell(law, x, fresh_ll, f2)
+                _, d, _ = score_cell(law, x, fresh_ll, f2, flow)
                 checks.append((label, grid, calls, d))
     print(
         f"\ncheck of the score/schedule mapping: each peer at NFE ~{a.check_nfe} on gmm8 "
