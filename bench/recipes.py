@@ -63,7 +63,7 @@ def candidates(nfe: int) -> dict[str, list[str]]:
         "sampler.S_noise=1.003",
     ]
     return {
-        "fast": ["sampler=fast", f"sampler.steps={nfe - 1}"],
+        "fast": ["sampler=fast", "sampler.grid=null", f"sampler.steps={nfe - 1}"],
         "unipc": ["sampler=unipc", f"sampler.steps={nfe - 1}"],
         "heun": ["sampler=edm", f"sampler.steps={heun}", "sampler.denoise=false"],
         "edm_churn": ["sampler=edm", f"sampler.steps={heun}", "sampler.denoise=false", *churn],

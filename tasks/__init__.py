@@ -27,9 +27,14 @@ def dispatch(cfg: dict, out_dir: Path) -> dict:
         return run_train(cfg, out_dir)
     if mode == "eval" or (mode == "sample" and (cfg.get("eval") or {}).get("only")):
         return run_eval(cfg, out_dir)
-    if mode == "sample" and cfg["sampler"].get("task", "sample") == "inverse":
+    task = cfg["sampler"].get("task", "sample")
+    if mode == "sample" and task != "sample" and cfg["sampler"].get("grid") == "auto":
+        # a schedule is fitted to the unconditional flow only: the others keep their own grid
+        log.info(f"sampler.grid=auto: the sampler's own default grid (sampler.task={task})")
+        cfg = {**cfg, "sampler": {**cfg["sampler"], "grid": None}}
+    if mode == "sample" and task == "inverse":
         return run_control(cfg, out_dir, run_inverse)  # y = A x + noise: posterior samples
-    if mode == "sample" and cfg["sampler"].get("task", "sample") != "sample":
+    if mode == "sample" and task != "sample":
         return run_control(cfg, out_dir)  # inpaint, colorize: conditioned on data
     if mode == "sample":
         return run_sample(cfg, out_dir)

@@ -314,13 +314,7 @@ def validate_sampler(cfg: dict) -> None:
             check_fittable(name, c, c.get("steps") or samplers.sampler_options(name).get("steps"))
         except ValueError as e:
             raise UserError(f"sampler.grid=fit is not allowed for sampler={name}: {e}") from None
-    elif c.get("grid") == "auto":  # fitted or the default, decided when sampling (auto_grid)
-        if c.get("task", "sample") != "sample":
-            raise UserError(
-                f"sampler.grid=auto works with sampler.task=sample only, not {c['task']}; "
-                "drop sampler.grid"
-            )
-    elif "grid" in c and c["grid"] is not None:
+    elif c.get("grid") not in (None, "auto"):  # auto: decided when sampling (auto_grid)
         # a grid name or a .json schedule file (checked against steps, eps and T)
         steps = c.get("steps") or samplers.sampler_options(name).get("steps")
         if steps is None:  # adaptive ODE solvers: a grid only matters for a fixed step count

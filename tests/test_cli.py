@@ -146,7 +146,12 @@ def test_hydra_flags_and_sweeps_work_as_in_any_hydra_app(tmp_path):
     assert [json.loads(p.read_text())["step"] for p in jobs] == [30, 40]
     # a sweep's jobs are found by mode=sample like any other training run
     r = run_py(
-        "mode=sample", "sampler=fast", "sampler.n_samples=50", "logger.mode=disabled", cwd=tmp_path
+        "mode=sample",
+        "sampler=fast",
+        "sampler.grid=null",
+        "sampler.n_samples=50",
+        "logger.mode=disabled",
+        cwd=tmp_path,
     )
     assert r.returncode == 0 and "_sweep/1_vp_gmm8" in r.stdout, r.stderr[-2000:]
 
@@ -189,7 +194,12 @@ def test_lookup_prefers_finished_runs_and_all_non_finite_samples_exit_2(tmp_path
     # only the failed run: it is used and said so; its samples are all non-finite (lr=1e9
     # diverged), so the run ends with one line naming the checkpoint and its run, writing nothing
     r = run_py(
-        "mode=sample", "sampler=fast", "sampler.n_samples=64", "logger.mode=disabled", cwd=tmp_path
+        "mode=sample",
+        "sampler=fast",
+        "sampler.grid=null",
+        "sampler.n_samples=64",
+        "logger.mode=disabled",
+        cwd=tmp_path,
     )
     assert r.returncode == 2, r.stderr[-2000:]
     assert "newest failed one: step" in r.stdout and "of 50 planned" in r.stdout
@@ -218,7 +228,12 @@ def test_lookup_prefers_finished_runs_and_all_non_finite_samples_exit_2(tmp_path
         "failed"
     )
     r = run_py(
-        "mode=sample", "sampler=fast", "sampler.n_samples=64", "logger.mode=disabled", cwd=tmp_path
+        "mode=sample",
+        "sampler=fast",
+        "sampler.grid=null",
+        "sampler.n_samples=64",
+        "logger.mode=disabled",
+        cwd=tmp_path,
     )
     assert r.returncode == 0 and "newest finished" in r.stdout, r.stdout[-2000:]
     assert "train/finished/" in r.stdout, r.stdout[-2000:]

@@ -217,7 +217,14 @@ def test_conditional_digits_guidance_raises_the_share_of_the_class(tmp_path):
         ("w2", ("sampler.class_label=3", "sampler.guidance=2")),
     ):
         m, out = run_mode(
-            tmp_path, name, "mode=sample", *TINY, "sampler=fast", "sampler.n_samples=200", *extra
+            tmp_path,
+            name,
+            "mode=sample",
+            *TINY,
+            "sampler=fast",
+            "sampler.grid=null",
+            "sampler.n_samples=200",
+            *extra,
         )
         saved = json.loads((out / "metrics.json").read_text())
         share[name] = saved["predicted_class_shares"][3]

@@ -874,7 +874,8 @@ def test_grid_auto_fits_once_per_checkpoint_and_is_never_worse_than_the_default(
     """sampler.grid=auto: the first run fits (the fitted schedule and the shipped default scored
     on the same calibration batch, the closer kept) and caches the result under
     outputs_root/schedules; a second run reuses it without fitting and draws the same samples;
-    the exact score falls back to the default grid without fitting."""
+    the exact score falls back to the default grid without fitting. auto is fast's default: a run
+    that names no grid takes the cached schedule too; other tasks keep the shipped one."""
     import tasks.sample as sample_task
 
     ck = str(trained_gmm8["checkpoint"])
@@ -890,12 +891,16 @@ def test_grid_auto_fits_once_per_checkpoint_and_is_never_worse_than_the_default(
 
     monkeypatch.setattr(sample_task, "fit_schedule", no_fit)
     _, out2 = run_mode(tmp_path, "second", *run, "sampler.grid=auto")
-    a, b = (np.load(o / "samples.npz")["samples"] for o in (out, out2))
+    _, out3 = run_mode(tmp_path, "default", *run)  # auto is fast's default: the same cache
+    a, b, c = (np.load(o / "samples.npz")["samples"] for o in (out, out2, out3))
     np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
     if auto["choice"] == "default":  # the default grid kept: the same as sampling without auto
-        _, out3 = run_mode(tmp_path, "plain", *run)
-        np.testing.assert_array_equal(a, np.load(out3 / "samples.npz")["samples"])
+        _, out4 = run_mode(tmp_path, "plain", *run, "sampler.grid=null")
+        np.testing.assert_array_equal(a, np.load(out4 / "samples.npz")["samples"])
     run_mode(tmp_path, "exact", "mode=sample", "model=exact", "sampler=fast", "sampler.grid=auto")
+    run_mode(tmp_path, "inpaint", "mode=sample", f"ckpt={ck}", "sampler=fast", "sampler.steps=9",
+             "sampler.task=inpaint", "sampler.n_samples=50")  # fmt: skip
 
 
 def test_refit_writes_a_table_of_the_users_that_fast_then_samples_with(tmp_path):

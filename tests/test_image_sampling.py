@@ -35,6 +35,7 @@ def test_better_trained_digits_model_has_lower_fid(tmp_path):
             *TINY_UNET,
             "mode=sample",
             "sampler=fast",
+            "sampler.grid=null",
             "sampler.steps=19",
             "sampler.n_samples=300",
         )

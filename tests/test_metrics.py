@@ -256,7 +256,15 @@ def test_mode_eval_on_test_digits_and_a_sample_run(tmp_path, digits_u8):
     # a sample run's samples.npz, found as the newest sample run when eval.path is unset
     unet = ("data=digits", "model=unet", "model.ch=8")
     run_mode(tmp_path, "tiny", *unet, "training.steps=3", "training.batch_size=8")
-    _, s_out = run_mode(tmp_path, "s", "mode=sample", *unet, "sampler=fast", "sampler.n_samples=40")
+    _, s_out = run_mode(
+        tmp_path,
+        "s",
+        "mode=sample",
+        *unet,
+        "sampler=fast",
+        "sampler.grid=null",
+        "sampler.n_samples=40",
+    )
     m4, _ = run_mode(tmp_path, "ev_s", "mode=eval", *unet)
     assert m4["source"] == str(s_out / "samples.npz") and m4["n_samples"] == 40
     assert m4["fid"] > 10 * m["fid_floor_test_vs_train"]  # an untrained model is far off

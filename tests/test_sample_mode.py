@@ -99,6 +99,7 @@ def test_images_write_a_grid(tmp_path):
         "model=unet",
         "model.ch=8",
         "sampler=fast",
+        "sampler.grid=null",
         "sampler.n_samples=16",
     )
     with np.load(out / "samples.npz") as f:
