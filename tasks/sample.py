@@ -307,13 +307,15 @@ def auto_grid(cfg: dict, sde, model, dataset, info: DistInfo, ckpt_path, guided:
         )  # fmt: skip
         default = fit["mse_compare"]["default"]
         choice = "fitted" if fit["mse"] < default else "default"
+        seconds = time.perf_counter() - start
         path.parent.mkdir(parents=True, exist_ok=True)
         save_schedule(
             path, times, **key, fit=fit,
-            auto={"choice": choice, "mse_fitted": fit["mse"], "mse_default": default},
+            auto={"choice": choice, "mse_fitted": fit["mse"], "mse_default": default,
+                  "fit_seconds": seconds},
         )  # fmt: skip
         log.info(
-            f"sampler.grid=auto: fitted in {time.perf_counter() - start:.0f} s; squared error to "
+            f"sampler.grid=auto: fitted in {seconds:.0f} s; squared error to "
             f"the model's flow {fit['mse']:.3g} fitted, {default:.3g} on the default grid: using "
             f"the {choice} one (cached in {path})"
         )
