@@ -188,6 +188,24 @@ def _solve_perpoint(field, x, acc, span, method, rtol, atol):
 SOLVERS = {"torchdiffeq": _solve_torchdiffeq, "scipy": _solve_scipy}
 
 
+def _flow_with_divergence(
+    sde, score_fn, x, divergence, probe, n_probes, eps, generator, create_graph=False
+):
+    """(the augmented field (t, y) -> (dx/dt, d(log-density integral)/dt), zero accumulators
+    (P, B)) for the PF ODE from the points x (B, *D), with the options checked: the divergence
+    exact or Hutchinson with n_probes probes of kind `probe` drawn from `generator`, 0 < eps < T."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; allowed: {', '.join(DIVERGENCES)}")
+    if not 0 < eps < sde.T:
+        raise ValueError(f"need 0 < eps < T = {sde.T}, got eps={eps}")
+    probes = None
+    if divergence == "hutchinson":
+        probes = draw_probes(probe, n_probes, x, generator=generator)
+    field = _augmented_field(sde, score_fn, divergence, probes, create_graph=create_graph)
+    n_acc = 1 if probes is None else n_probes
+    return field, torch.zeros(n_acc, x.shape[0], dtype=x.dtype, device=x.device)
+
+
 def log_likelihood_stats(
     sde: SDE,
     score_fn: ScoreFn,
@@ -216,29 +234,21 @@ def log_likelihood_stats(
     backend: "perpoint" | "torchdiffeq" | "scipy". grad: differentiable in x and the model's
     parameters (perpoint and torchdiffeq).
     """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; allowed: {', '.join(DIVERGENCES)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if grad and backend == "scipy":
         raise ValueError("grad=True needs backend perpoint or torchdiffeq: scipy's solver has no "
                          "gradients")  # fmt: skip
-    if not 0 < eps < sde.T:
-        raise ValueError(f"need 0 < eps < T = {sde.T}, got eps={eps}")
-    probes = None
-    if divergence == "hutchinson":
-        probes = draw_probes(probe, n_probes, x, generator=generator)
-    n_acc = 1 if probes is None else n_probes
-
+    field, acc = _flow_with_divergence(
+        sde, score_fn, x, divergence, probe, n_probes, eps, generator, create_graph=grad
+    )
     calls = 0
-    field = _augmented_field(sde, score_fn, divergence, probes, create_graph=grad)
 
     def counted(t: torch.Tensor, y: torch.Tensor, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
         nonlocal calls
         calls += 1
         return field(t, y, rows)
 
-    acc = torch.zeros(n_acc, x.shape[0], dtype=x.dtype, device=x.device)
     per_point = None
     with torch.set_grad_enabled(grad):
         x_in = x if grad else x.detach()
@@ -324,16 +334,9 @@ def sample_log_density(
     log p_eps(x_eps) = log pi(x_T) + int_eps^T div v(x_t, t) dt, the same identity `log_likelihood`
     integrates upwards, so the two agree on the same points to the solvers' tolerance. Per-point
     solves; Hutchinson probes (divergence="hutchinson", for images) from `generator`."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; allowed: {', '.join(DIVERGENCES)}")
-    if not 0 < eps < sde.T:
-        raise ValueError(f"need 0 < eps < T = {sde.T}, got eps={eps}")
-    probes = None
-    if divergence == "hutchinson":
-        probes = draw_probes(probe, n_probes, x_T, generator=generator)
-    n_acc = 1 if probes is None else n_probes
-    field = _augmented_field(sde, score_fn, divergence, probes)
-    acc = torch.zeros(n_acc, x_T.shape[0], dtype=x_T.dtype, device=x_T.device)
+    field, acc = _flow_with_divergence(
+        sde, score_fn, x_T, divergence, probe, n_probes, eps, generator
+    )
     with torch.no_grad():
         x, integral, nfe = _solve_perpoint(field, x_T, acc, (sde.T, eps), method, rtol, atol)
         # integral = int_T^eps div v dt = -int_eps^T div v dt

@@ -113,6 +113,24 @@ class StepNoise:
             self.path = KeyedBrownian(generator, tuple(like.shape), dtype=torch.float64,
                                       device=like.device)  # fmt: skip
 
+    @classmethod
+    def on_grid(cls, like: torch.Tensor, generator, eta: float, sde, ts: torch.Tensor,
+                brownian: bool) -> StepNoise:  # fmt: skip
+        """StepNoise over the log-SNR range of the time grid ts (from T down to eps)."""
+        alpha, sigma = (v.tolist() for v in sde.alpha_sigma(ts[[0, -1]]))
+        lam_range = [math.log(a / s) for a, s in zip(alpha, sigma, strict=True)]
+        return cls(like, generator, eta, lam_range, brownian)
+
+    def add_to(
+        self, x: torch.Tensor, sigma_s: float, lam_t: float, lam_s: float, s_noise: float
+    ) -> torch.Tensor:
+        """x + sigma_s sqrt(1 - e^(-2 eta h)) s_noise z, the step's noise term (x where there is
+        none: eta = 0 or s_noise = 0)."""
+        if self.eta <= 0 or s_noise <= 0:
+            return x
+        scale = sigma_s * math.sqrt(-math.expm1(-2 * self.eta * (lam_s - lam_t))) * s_noise
+        return x + scale * self(lam_t, lam_s)
+
     def __call__(self, lam_t: float, lam_s: float) -> torch.Tensor:
         if self.path is None:
             return randn_like(self.like, self.generator)

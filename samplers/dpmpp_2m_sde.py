@@ -15,7 +15,7 @@ from sde_lib import SDE, ScoreFn
 from sde_lib.options import Choice, Number, check_options
 
 from .brownian import StepNoise
-from .exponential import data_prediction, lam
+from .exponential import data_prediction, lam, sde_decay
 from .grids import get_grid, intervals
 
 RULES = {
@@ -54,10 +54,7 @@ def sample_dpmpp_2m_sde(
     """
     check_options(RULES, dict(eta=eta, s_noise=s_noise, solver_type=solver_type, brownian=brownian))
     ts = get_grid(grid, sde, steps, eps)
-    lam_ends = [
-        math.log(a / s) for a, s in zip(*(v.tolist() for v in sde.alpha_sigma(ts[[0, -1]])))
-    ]
-    noise = StepNoise(x, generator, eta, lam_ends, brownian)
+    noise = StepNoise.on_grid(x, generator, eta, sde, ts, brownian)
     d_prev, h_prev = None, None
     for st in intervals(sde, ts, progress):
         lam_t, lam_s = lam(st.alpha_t, st.sigma_t), lam(st.alpha_s, st.sigma_s)
@@ -65,12 +62,10 @@ def sample_dpmpp_2m_sde(
         h_e = (1 + eta) * h
         d = data_prediction(score_fn, x, st.t, st.alpha_t, st.sigma_t)
         phi = -math.expm1(-h_e)
-        x_next = (st.sigma_s / st.sigma_t) * math.exp(-eta * h) * x + st.alpha_s * phi * d
+        x_next = sde_decay(st, h, eta) * x + st.alpha_s * phi * d
         if d_prev is not None:
             c = 0.5 * phi if solver_type == "midpoint" else -phi / h_e + 1
             x_next = x_next + (st.alpha_s * c * h / h_prev) * (d - d_prev)
-        if eta > 0 and s_noise > 0:
-            scale = st.sigma_s * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise
-            x_next = x_next + scale * noise(lam_t, lam_s)
-        x, d_prev, h_prev = x_next, d, h
+        x = noise.add_to(x_next, st.sigma_s, lam_t, lam_s, s_noise)
+        d_prev, h_prev = d, h
     return x

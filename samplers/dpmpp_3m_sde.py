@@ -15,7 +15,7 @@ from sde_lib import SDE, ScoreFn
 from sde_lib.options import Choice, Number, check_options
 
 from .brownian import StepNoise
-from .exponential import data_prediction, lam
+from .exponential import data_prediction, lam, sde_decay
 from .grids import get_grid, intervals
 
 RULES = {"eta": Number(lo=0), "s_noise": Number(lo=0), "brownian": Choice(True, False)}
@@ -49,17 +49,14 @@ def sample_dpmpp_3m_sde(
     """
     check_options(RULES, dict(eta=eta, s_noise=s_noise, brownian=brownian))
     ts = get_grid(grid, sde, steps, eps)
-    lam_ends = [
-        math.log(a / s) for a, s in zip(*(v.tolist() for v in sde.alpha_sigma(ts[[0, -1]])))
-    ]
-    noise = StepNoise(x, generator, eta, lam_ends, brownian)
+    noise = StepNoise.on_grid(x, generator, eta, sde, ts, brownian)
     d_1 = d_2 = h_1 = h_2 = None
     for st in intervals(sde, ts, progress):
         lam_t, lam_s = lam(st.alpha_t, st.sigma_t), lam(st.alpha_s, st.sigma_s)
         h = lam_s - lam_t
         h_e = (1 + eta) * h
         d = data_prediction(score_fn, x, st.t, st.alpha_t, st.sigma_t)
-        x_next = (st.sigma_s / st.sigma_t) * math.exp(-eta * h) * x
+        x_next = sde_decay(st, h, eta) * x
         update = -math.expm1(-h_e) * d
         phi_2 = math.expm1(-h_e) / h_e + 1
         if d_2 is not None:
@@ -71,8 +68,6 @@ def sample_dpmpp_3m_sde(
         elif d_1 is not None:
             update = update + phi_2 * (d - d_1) / (h_1 / h)
         x_next = x_next + st.alpha_s * update
-        if eta > 0 and s_noise > 0:
-            scale = st.sigma_s * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise
-            x_next = x_next + scale * noise(lam_t, lam_s)
-        x, d_1, d_2, h_1, h_2 = x_next, d, d_1, h, h_1
+        x = noise.add_to(x_next, st.sigma_s, lam_t, lam_s, s_noise)
+        d_1, d_2, h_1, h_2 = d, d_1, h, h_1
     return x

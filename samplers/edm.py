@@ -10,6 +10,7 @@ from sde_lib import SDE, ScoreFn, randn_like
 from sde_lib.options import Number, check_options
 
 from .grids import get_grid, intervals, t_from_log_snr
+from .scaled import heun_step
 
 RULES = {
     "S_churn": Number(lo=0),
@@ -48,15 +49,11 @@ def sample_edm(
     if S_tmax is not None and S_tmax < S_tmin:
         raise ValueError(f"S_tmax={S_tmax} must be >= S_tmin={S_tmin}")
     s_max = math.inf if S_tmax is None else S_tmax
-    batch = (x.shape[0],)
     alpha_T, sigma_T = (
         float(v) for v in sde.alpha_sigma(torch.tensor([sde.T], dtype=torch.float64))
     )
     s_top = sigma_T / alpha_T
     gamma_max = min(S_churn / steps, math.sqrt(2) - 1)
-
-    def slope(xs: torch.Tensor, t: float, alpha: float, sigma: float) -> torch.Tensor:
-        return -sigma * score_fn(alpha * xs, x.new_full(batch, t))
 
     xs = None
     for i, st in enumerate(intervals(sde, get_grid(grid, sde, steps, eps), progress)):
@@ -70,15 +67,7 @@ def sample_edm(
             xs = xs + math.sqrt(s_hat**2 - s_i**2) * S_noise * randn_like(xs, generator)
             lam = torch.tensor([-math.log(s_hat)], dtype=torch.float64)
             t = float(t_from_log_snr(sde, lam, sde.T, eps)[0])
-            a_hat, sg_hat = (
-                float(v) for v in sde.alpha_sigma(torch.tensor([t], dtype=torch.float64))
-            )
-            a, sg, s_i = a_hat, sg_hat, sg_hat / a_hat
-        d = slope(xs, t, a, sg)
-        ds = st.sigma_s / st.alpha_s - s_i
-        xs_next = xs + ds * d
-        if i + 1 < steps:
-            d_next = slope(xs_next, st.s, st.alpha_s, st.sigma_s)
-            xs_next = xs + (0.5 * ds) * (d + d_next)
-        xs = xs_next
+            a, sg = (float(v) for v in sde.alpha_sigma(torch.tensor([t], dtype=torch.float64)))
+        there = (st.s, st.alpha_s, st.sigma_s)
+        xs = heun_step(score_fn, xs, (t, a, sg), there, second_order=i + 1 < steps)
     return st.alpha_s * xs

@@ -62,6 +62,12 @@ def lam(alpha: float, sigma: float) -> float:
     return math.log(alpha) - math.log(sigma)
 
 
+def sde_decay(st: Step, h: float, eta: float) -> float:
+    """(sigma_s / sigma_t) e^(-eta h): the factor on x_t of a data-prediction step of the reverse
+    SDE with noise scale eta (Lu et al. 2022; eta = 0: the probability-flow ODE's)."""
+    return (st.sigma_s / st.sigma_t) * math.exp(-eta * h)
+
+
 def step_h(st: Step) -> float:
     """h = lambda_s - lambda_t of one interval (> 0)."""
     return lam(st.alpha_s, st.sigma_s) - lam(st.alpha_t, st.sigma_t)

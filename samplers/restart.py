@@ -14,6 +14,7 @@ from sde_lib import SDE, ScoreFn, randn_like
 from sde_lib.options import Number, check_options
 
 from .grids import get_grid, log_snr, t_from_log_snr
+from .scaled import heun_step
 
 RULES = {
     "restart_smin": Number(lo=0, lo_open=True),
@@ -24,20 +25,10 @@ RULES = {
 
 
 def _heun(sde: SDE, score_fn: ScoreFn, xs: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
-    """Heun steps of the PF ODE in (x~, s) along `times` (decreasing noise): 2 evaluations per
-    step, 1 on a step that ends at s = 0 (never here: eps > 0)."""
-    alpha, sigma = (v.tolist() for v in sde.alpha_sigma(times.double()))
-    t = times.tolist()
-    batch = (xs.shape[0],)
-
-    def slope(y: torch.Tensor, i: int) -> torch.Tensor:
-        return -sigma[i] * score_fn(alpha[i] * y, y.new_full(batch, t[i]))
-
-    for i in range(len(t) - 1):
-        ds = sigma[i + 1] / alpha[i + 1] - sigma[i] / alpha[i]
-        d = slope(xs, i)
-        euler = xs + ds * d
-        xs = xs + 0.5 * ds * (d + slope(euler, i + 1))
+    """Heun steps of the flow in (x~, s) along `times` (decreasing noise): 2 evaluations each."""
+    points = list(zip(times.tolist(), *(v.tolist() for v in sde.alpha_sigma(times.double()))))
+    for here, there in zip(points[:-1], points[1:], strict=True):
+        xs = heun_step(score_fn, xs, here, there)
     return xs
 
 
