@@ -17,6 +17,11 @@ from tasks import validate
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# sample the newest training run (64 samples, fast on its shipped table: no fit)
+SAMPLE_64 = ("mode=sample", "sampler=fast", "sampler.grid=null", "sampler.n_samples=64",
+             "logger.mode=disabled")  # fmt: skip
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -193,14 +198,7 @@ def test_lookup_prefers_finished_runs_and_all_non_finite_samples_exit_2(tmp_path
     assert status["status"] == "failed"
     # only the failed run: it is used and said so; its samples are all non-finite (lr=1e9
     # diverged), so the run ends with one line naming the checkpoint and its run, writing nothing
-    r = run_py(
-        "mode=sample",
-        "sampler=fast",
-        "sampler.grid=null",
-        "sampler.n_samples=64",
-        "logger.mode=disabled",
-        cwd=tmp_path,
-    )
+    r = run_py(*SAMPLE_64, cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "newest failed one: step" in r.stdout and "of 50 planned" in r.stdout
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
@@ -227,13 +225,6 @@ def test_lookup_prefers_finished_runs_and_all_non_finite_samples_exit_2(tmp_path
     assert json.loads((tmp_path / "outputs/train/failed/train.json").read_text())["status"] == (
         "failed"
     )
-    r = run_py(
-        "mode=sample",
-        "sampler=fast",
-        "sampler.grid=null",
-        "sampler.n_samples=64",
-        "logger.mode=disabled",
-        cwd=tmp_path,
-    )
+    r = run_py(*SAMPLE_64, cwd=tmp_path)
     assert r.returncode == 0 and "newest finished" in r.stdout, r.stdout[-2000:]
     assert "train/finished/" in r.stdout, r.stdout[-2000:]
