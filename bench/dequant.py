@@ -28,13 +28,16 @@ def main() -> None:
     p.add_argument("--ckpt", required=True, help="data:checkpoint pairs, comma-separated")
     p.add_argument("--points", default="digits:100,mnist:50")
     p.add_argument("--k", default="1,4")
-    p.add_argument("--network", default="mnist:model.ch=16")
+    p.add_argument("--network", default="mnist:model=unet,mnist:model.ch=16")
     p.add_argument("--outputs-root", default="bench_out/dequant")
     a = p.parse_args()
     root = Path(a.outputs_root).resolve()
     ckpts = dict(kv.split(":", 1) for kv in a.ckpt.split(","))
     points = dict(kv.split(":") for kv in a.points.split(","))
-    network = dict(kv.split(":", 1) for kv in a.network.split(",") if kv)
+    network: dict[str, list[str]] = {}
+    for kv in filter(None, a.network.split(",")):  # data:override, repeatable per data set
+        name, override = kv.split(":", 1)
+        network.setdefault(name, []).append(override)
     print("| data | dequantisation | K | bits/dim | evaluations / point | s |")
     print("|---|---|---|---|---|---|")
     for data, ckpt in ckpts.items():
@@ -50,7 +53,7 @@ def main() -> None:
                         "mode=nll", f"data={data}", f"ckpt={ckpt}",
                         f"likelihood.n_points={points.get(data, 100)}", "likelihood.batch_size=50",
                         f"likelihood.dequantization={kind}", f"likelihood.importance_samples={k}",
-                        *([network[data]] if data in network else []),
+                        *network.get(data, []),
                     ]  # fmt: skip
                     s = run(root / data, out, overrides)
                     seconds = time.perf_counter() - start
