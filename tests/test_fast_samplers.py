@@ -903,6 +903,7 @@ def test_grid_auto_fits_once_per_checkpoint_and_is_never_worse_than_the_default(
              "sampler.task=inpaint", "sampler.n_samples=50")  # fmt: skip
 
 
+@pytest.mark.slow  # one refit of an entry, ~10 s; the default run checks a table file below
 def test_refit_writes_a_table_of_the_users_that_fast_then_samples_with(tmp_path):
     """`tasks.schedules refit --out` refits an entry by its recipe into the user's file (never
     the package's: its bytes are unchanged, and naming it as --out is refused), keeps the other
@@ -952,6 +953,40 @@ def test_refit_writes_a_table_of_the_users_that_fast_then_samples_with(tmp_path)
     bad = json.loads(out.read_text())
     bad["entries"]["ve/13"]["positions"] = bad["entries"]["ve/13"]["positions"][:-2] + [1.0]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(UserError, match=r"entry 've/13' is malformed"):
+        run_mode(tmp_path, "b", "mode=sample", "model=exact", "sde=ve", "sampler=fast",
+                 "sampler.steps=13", f"sampler.grid={tmp_path / 'bad.json'}")  # fmt: skip
+
+
+def test_a_table_file_replaces_the_shipped_one(tmp_path):
+    """sampler.grid=<a table of fast's format> (what a refit writes): fast runs that table's
+    entry, exactly its solver on its positions; an entry it does not change samples as the
+    shipped table does; a malformed entry is one line from run.py. (The slow
+    test_refit_writes_a_table_of_the_users_that_fast_then_samples_with samples from run.py with
+    a refitted table.)"""
+    from samplers.fast import TABLE_FILE, entry
+    from samplers.grids import schedule_times
+    from tasks import UserError
+
+    table = json.loads(TABLE_FILE.read_text())
+    mine = table["entries"]["ve/13"]
+    mine["positions"] = np.linspace(0, 1, 14).tolist()  # uniform in lambda
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(table))
+    sde = make_sde("ve")
+    score = exact_score(sde, gmm8())
+    x_T = sde.prior_sampling((50, 2), generator=torch.Generator().manual_seed(2)).double()
+    x, nfe = samplers.sample(sde, score, x_T.shape, "fast", 13, x_T=x_T.clone(), grid=str(path))
+    assert entry(sde, 13, path)["positions"] == mine["positions"] and nfe == 14
+    times = schedule_times(sde, mine["positions"], 1e-3)
+    y = samplers.SAMPLERS[mine["solver"]](sde, score, x_T.clone(), steps=13, grid=times,
+                                         **mine["options"])  # fmt: skip
+    torch.testing.assert_close(x, samplers.tweedie_denoise(sde, score, y, 1e-3), rtol=0, atol=0)
+    shipped, _ = samplers.sample(sde, score, x_T.shape, "fast", 12, x_T=x_T.clone())
+    other, _ = samplers.sample(sde, score, x_T.shape, "fast", 12, x_T=x_T.clone(), grid=str(path))
+    torch.testing.assert_close(other, shipped, rtol=0, atol=0)
+    mine["positions"] = mine["positions"][:-2] + [1.0]
+    (tmp_path / "bad.json").write_text(json.dumps(table))
     with pytest.raises(UserError, match=r"entry 've/13' is malformed"):
         run_mode(tmp_path, "b", "mode=sample", "model=exact", "sde=ve", "sampler=fast",
                  "sampler.steps=13", f"sampler.grid={tmp_path / 'bad.json'}")  # fmt: skip
