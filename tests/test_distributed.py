@@ -174,6 +174,7 @@ def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow  # 8 s of torchrun; the default run keeps test_ranks_agree_after_every_step
 def test_gather_and_share_move_every_value_in_bounded_pieces(tmp_path):
     """gather_to_main: shares of different sizes (tensors, an empty one, JSON-like values)
     reach rank 0 whole; share_from_main: rank 0's value, or its error, on every rank; no
@@ -197,6 +198,7 @@ def test_gather_and_share_move_every_value_in_bounded_pieces(tmp_path):
         assert len(g["sizes"]) > 50 and max(g["sizes"]) <= CHUNK  # 8 kB in pieces of 100 B
 
 
+@pytest.mark.slow  # 12 s of torchrun; the default run keeps test_ranks_agree_after_every_step
 def test_sample_on_machines_sharing_no_files_equals_one_process(tiny_run, tmp_path):
     """Rank 1 has no checkpoint and no access to rank 0's folder: it receives the checkpoint and
     the schedule fitted by rank 0 (sampler.grid=fit) and sends its samples (2 of the 5 batches,
@@ -292,6 +294,7 @@ def _rank_of(pid: int) -> int:
     return int(next(v for v in env if v.startswith(b"RANK=")).split(b"=")[1])
 
 
+@pytest.mark.slow  # 13 s of torchrun; the default run keeps test_ranks_agree_after_every_step
 def test_a_killed_rank_ends_the_other_with_one_line_and_cleans_up(tmp_path):
     """SIGKILL to rank 0: rank 1 prints one line naming the lost process and resume=true, the run
     exits non-zero, and rank 1 removes its temporary Hydra folder as it leaves, which a rank that
@@ -332,6 +335,7 @@ def _workers(proc: subprocess.Popen, needle: str) -> list[int]:
     return sorted(int(p) for p in found if int(p) != proc.pid)
 
 
+@pytest.mark.slow  # 14 s of torchrun; the default run keeps test_ranks_agree_after_every_step
 def test_torchrun_training_shares_rank_0s_run_folder(tmp_path):
     """Plain torchrun training through run.py: world size 2, one run folder (rank 0's) shared by
     the ranks, both ranks' RNG states in the checkpoint. (The slow test below also interrupts
