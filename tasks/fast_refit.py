@@ -39,7 +39,7 @@ from sde_lib import SDE, VESDE, VPSDE, ScoreFn, subVPSDE
 from sde_lib.io import atomic_write_text
 
 log = logging.getLogger(__name__)
-REFIT_SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
+KIND_SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}  # the SDE of each kind, as shipped
 
 
 def gap_constrained_fit(
@@ -234,7 +234,7 @@ def refit(
     seed, n = int(cal.get("seed", 0)), int(cal.get("exact_points", 1000))
     n_images, n_gap = int(cal.get("image_draws", 128)), int(cal.get("gap_draws", 4000))
     eps = float(cal.get("eps", 1e-3))
-    sdes = {kind: cls() for kind, cls in REFIT_SDES.items()}
+    sdes = {kind: cls() for kind, cls in KIND_SDES.items()}
     trained: dict[str, list[tuple[ScoreFn, torch.Tensor]]] = {}  # kind -> [(model, prior draws)]
     for kind, loaded in (images or {}).items():
         if kind not in KINDS:

@@ -27,15 +27,14 @@ from samplers.api import fit_schedule
 from samplers.fast import TABLE_FILE, load_table
 from samplers.grids import save_schedule
 from samplers.optimise_grid import FITTABLE
-from sde_lib import VESDE, VPSDE, subVPSDE
 from sde_lib.errors import UserError
 from training import checkpoint as ckpt
 
 from .common import load_score_model
+from .fast_refit import KIND_SDES as EXACT_SDES
 from .fast_refit import refit
 
 log = logging.getLogger(__name__)
-EXACT_SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
 EXACT_LAWS = {"gmm8": gmm8, "mix5d": mixture5d}
 
 
