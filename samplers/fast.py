@@ -19,6 +19,7 @@ learned schedule counts as VP. docs/fast-sampling.md has the measurements behind
 
 from __future__ import annotations
 
+import copy
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -62,10 +63,23 @@ def is_table(grid) -> bool:
         return False
 
 
-@lru_cache(maxsize=8)
 def load_table(path: str | Path = TABLE_FILE) -> dict[str, dict]:
     """The entries of a table file, checked: {"kind/steps": entry}. ValueError names the first
-    malformed entry."""
+    malformed entry. The caller owns the result: editing it changes no later read."""
+    return copy.deepcopy(_read_table(*_file_key(path)))
+
+
+def _file_key(path: str | Path) -> tuple[str, int]:
+    """A table is parsed once per content: its path and modification time key the cache, so a
+    file rewritten by a refit is read afresh."""
+    try:
+        return str(path), Path(path).stat().st_mtime_ns
+    except OSError:
+        return str(path), -1
+
+
+@lru_cache(maxsize=8)
+def _read_table(path: str, mtime_ns: int) -> dict[str, dict]:
     try:
         entries = json.loads(Path(path).read_text())["entries"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
@@ -97,9 +111,9 @@ def entry(sde: SDE, steps: int, table: str | Path = TABLE_FILE) -> dict:
     nearest entry's solver, with lower-order final steps (the stable choice without a
     measurement), on the time-quadratic grid."""
     kind = sde_kind(sde)
-    entries = load_table(table)
+    entries = _read_table(*_file_key(table))
     if f"{kind}/{steps}" in entries:
-        return entries[f"{kind}/{steps}"]
+        return copy.deepcopy(entries[f"{kind}/{steps}"])
     counts = sorted(int(k.split("/")[1]) for k in entries if k.startswith(f"{kind}/"))
     if not counts:
         raise ValueError(f"{table} has no entry for a {kind} SDE")

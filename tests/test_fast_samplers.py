@@ -990,3 +990,36 @@ def test_a_table_file_replaces_the_shipped_one(tmp_path):
     with pytest.raises(UserError, match=r"entry 've/13' is malformed"):
         run_mode(tmp_path, "b", "mode=sample", "model=exact", "sde=ve", "sampler=fast",
                  "sampler.steps=13", f"sampler.grid={tmp_path / 'bad.json'}")  # fmt: skip
+
+
+def test_a_table_read_is_the_callers_and_a_rewritten_file_is_read_afresh(tmp_path):
+    """load_table and entry parse a file once, but hand out copies: a caller who edits what it
+    got changes nothing for the next caller; and a table file rewritten in place (a refit into
+    the same --out) is read anew, not served from the cache."""
+    import os
+
+    from samplers.fast import TABLE_FILE, entry, load_table
+
+    sde = make_sde("vp")
+    first = load_table()
+    first["vp/9"]["options"]["poisoned"] = True
+    first["vp/9"]["positions"] = None
+    e = entry(sde, 9)
+    e["options"]["poisoned"] = True
+    assert "poisoned" not in load_table()["vp/9"]["options"]
+    assert "poisoned" not in entry(sde, 9)["options"]
+    assert (
+        entry(sde, 9)["positions"]
+        == json.loads(TABLE_FILE.read_text())["entries"]["vp/9"]["positions"]
+    )
+
+    mine = tmp_path / "mine.json"
+    table = json.loads(TABLE_FILE.read_text())
+    mine.write_text(json.dumps(table))
+    assert entry(sde, 9, mine)["solver"] == table["entries"]["vp/9"]["solver"]
+    other = "ipndm" if table["entries"]["vp/9"]["solver"] == "unipc" else "unipc"
+    table["entries"]["vp/9"]["solver"], table["entries"]["vp/9"]["options"] = other, {}
+    mine.write_text(json.dumps(table))
+    stat = mine.stat()  # a rewrite within the clock's resolution still moves the key
+    os.utime(mine, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert entry(sde, 9, mine)["solver"] == other
