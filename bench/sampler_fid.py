@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from recipes import compose, sample, train  # noqa: E402
 
+from sde_lib.io import file_sha256  # noqa: E402
+
 ODE = ("fast", "unipc", "dpm_solver3", "heun")
 CHURN = ["sampler.S_churn=40", "sampler.S_tmin=0.05", "sampler.S_tmax=50", "sampler.S_noise=1.003"]
 
@@ -150,8 +152,11 @@ def main() -> None:
             print(f"| {name} | {nfe} | {r['nfe']} | {r['fid_train']:.2f} | {r['fid_test']:.2f} | "
                   f"{r['seconds']:.0f} |")  # fmt: skip
         fits = sorted((root / "schedules").glob("fast_*.json"))
+        sha = file_sha256(Path(ckpt))
         for path in fits:
             rec = json.loads(path.read_text())
+            if rec.get("checkpoint_sha256") != sha:  # another data set's model
+                continue
             auto = rec.get("auto", {})
             print(f"\ngrid=auto {path.name}: {auto.get('choice')} (squared error to the model's "
                   f"flow: fitted {auto.get('mse_fitted', float('nan')):.3g}, shipped "
