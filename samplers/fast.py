@@ -70,8 +70,8 @@ def load_table(path: str | Path = TABLE_FILE) -> dict[str, dict]:
 
 
 def _file_key(path: str | Path) -> tuple[str, int]:
-    """A table is parsed once per content: its path and modification time key the cache, so a
-    file rewritten by a refit is read afresh."""
+    """The cache key of a table file: its path and modification time, so that a file rewritten
+    in place (a refit into the same --out) is parsed again."""
     try:
         return str(path), Path(path).stat().st_mtime_ns
     except OSError:
@@ -153,7 +153,7 @@ def sample_fast(
     n = steps
     if denoise and grid is None and "final_step" in e:
         e, n = e["final_step"], steps + 1
-    name, options = (e["solver"], dict(e["options"])) if solver == "auto" else (solver, {})
+    name, options = (e["solver"], e["options"]) if solver == "auto" else (solver, {})
     if grid is None:
         positions = e["positions"]
         grid = "quadratic" if positions is None else schedule_times(sde, positions, eps)
