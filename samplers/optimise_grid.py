@@ -14,7 +14,10 @@ same `steps`. The fit, for a score model, a solver, an NFE budget and a calibrat
    the batch's variance;
 3. the interior times, as positions in lambda, are then refined by pattern search on the mean
    squared distance of the chosen solver's denoised output to the reference's, starting from the
-   better of the DP grid and the fixed grids.
+   better of the DP grid and the fixed grids. A trial that moves the k-th time leaves the
+   solver's steps before it unchanged, so the score evaluations of the best run so far are
+   replayed while a trial's inputs equal them bit for bit: a sweep pays for the evaluations from
+   the k-th on, about half of them, and finds the same schedule as evaluating every call.
 
 steps = nfe - 1 with the final denoising (nfe with --no-denoise). Scores may be any model; the
 command line (tasks/schedules.py) fits a trained checkpoint (--checkpoint PATH) or the exact score
@@ -63,6 +66,34 @@ def reference(
         if (i + 1) % substeps == 0:
             states.append(x)
     return ts, torch.stack(states)
+
+
+class _Replay:
+    """score_fn, answering a call from the kept run's record where the call's (x, t) equals, bit
+    for bit, the kept run's call at the same position; otherwise by evaluating it."""
+
+    def __init__(self, score_fn: ScoreFn):
+        self.score_fn = score_fn
+        self.kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.evaluated = 0
+        self.replayed = 0
+
+    def begin(self) -> None:
+        self.calls = []
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        i = len(self.calls)
+        if i < len(self.kept):
+            kx, kt, out = self.kept[i]
+            if torch.equal(kt, t) and torch.equal(kx, x):
+                self.calls.append(self.kept[i])
+                self.replayed += 1
+                return out.clone()  # the solver may update its score in place
+        out = self.score_fn(x, t)
+        self.calls.append((x.clone(), t.clone(), out.clone()))
+        self.evaluated += 1
+        return out
 
 
 def dp_grid(
@@ -157,9 +188,12 @@ def optimise_grid(
             for f, (_, st) in zip(scores_fns, refs, strict=True)
         ]
 
+        replays = [_Replay(f) for f in scores_fns]
+
         def errors(times: torch.Tensor) -> list[float]:
             out = []
-            for f, x, target in zip(scores_fns, batches, targets, strict=True):
+            for f, x, target in zip(replays, batches, targets, strict=True):
+                f.begin()
                 y = sampler(sde, f, x.clone(), steps=steps, eps=eps, grid=times, **options)
                 y = tweedie_denoise(sde, f, y, eps) if denoise else y
                 out.append((y - target).double().square().flatten(1).sum(1).mean().item())
@@ -185,8 +219,14 @@ def optimise_grid(
         ts, states = refs[0]
         starts = {"dp": dp_grid(sde, scores_fns[0], ts, states, steps)}
         starts.update({g: get_grid(g, sde, steps, eps) for g in GRIDS})
-        scores = {k: loss(v) for k, v in starts.items()}
+        scores, records = {}, {}
+        for key, times in starts.items():
+            scores[key] = loss(times)
+            records[key] = [f.calls for f in replays]
         name = min(scores, key=scores.get)
+        for f, calls in zip(replays, records.pop(name), strict=True):
+            f.kept = calls
+        del records
         u = lambda_positions(sde, starts[name], eps)
 
         def times_of(u: list[float]) -> torch.Tensor:
@@ -206,6 +246,8 @@ def optimise_grid(
                         value = loss(times_of(cand))
                         if value < best:
                             best, u = value, cand
+                            for f in replays:
+                                f.kept = f.calls
                         else:
                             break
             delta /= 2
@@ -216,7 +258,15 @@ def optimise_grid(
                 for x, target in zip(batches, targets, strict=True)
             ]
             others[key] = sum(wi * e for wi, e in zip(w, errs, strict=True))
-    info = {"start": name, "mse_start": scores, "mse": best, "positions": u, "weights": w}
+    info = {
+        "start": name,
+        "mse_start": scores,
+        "mse": best,
+        "positions": u,
+        "weights": w,
+        "evaluations": sum(f.evaluated for f in replays),
+        "replayed": sum(f.replayed for f in replays),
+    }
     if compare:
         info["mse_compare"] = others
     return times_of(u), info
