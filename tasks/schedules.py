@@ -31,8 +31,7 @@ from sde_lib.errors import UserError
 from training import checkpoint as ckpt
 
 from .common import load_score_model
-from .fast_refit import KIND_SDES as EXACT_SDES
-from .fast_refit import refit
+from .fast_refit import KIND_SDES, refit
 
 log = logging.getLogger(__name__)
 EXACT_LAWS = {"gmm8": gmm8, "mix5d": mixture5d}
@@ -40,7 +39,7 @@ EXACT_LAWS = {"gmm8": gmm8, "mix5d": mixture5d}
 
 def exact_model(sde_name: str, data: str):
     """(sde, exact mixture score, data shape, record fields) of a closed-form law."""
-    sde = EXACT_SDES[sde_name]()
+    sde = KIND_SDES[sde_name]()
     law = EXACT_LAWS[data]()
     return sde, MixtureScore(sde, law), (law.dim,), {"data": data}
 
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     )
     f.add_argument(
         "--sde",
-        choices=tuple(EXACT_SDES),
+        choices=tuple(KIND_SDES),
         default=None,
         help="exact mixture score: the SDE (default vp)",
     )
