@@ -190,6 +190,10 @@ def optimise_grid(
 
         replays = [_Replay(f) for f in scores_fns]
 
+        def keep_last_run() -> None:
+            for f in replays:
+                f.kept = f.calls
+
         def errors(times: torch.Tensor) -> list[float]:
             out = []
             for f, x, target in zip(replays, batches, targets, strict=True):
@@ -219,14 +223,13 @@ def optimise_grid(
         ts, states = refs[0]
         starts = {"dp": dp_grid(sde, scores_fns[0], ts, states, steps)}
         starts.update({g: get_grid(g, sde, steps, eps) for g in GRIDS})
-        scores, records = {}, {}
+        scores: dict[str, float] = {}
         for key, times in starts.items():
-            scores[key] = loss(times)
-            records[key] = [f.calls for f in replays]
+            value = loss(times)
+            if value < min(scores.values(), default=float("inf")):
+                keep_last_run()
+            scores[key] = value
         name = min(scores, key=scores.get)
-        for f, calls in zip(replays, records.pop(name), strict=True):
-            f.kept = calls
-        del records
         u = lambda_positions(sde, starts[name], eps)
 
         def times_of(u: list[float]) -> torch.Tensor:
@@ -246,8 +249,7 @@ def optimise_grid(
                         value = loss(times_of(cand))
                         if value < best:
                             best, u = value, cand
-                            for f in replays:
-                                f.kept = f.calls
+                            keep_last_run()
                         else:
                             break
             delta /= 2
